@@ -1,0 +1,396 @@
+//! Turns the file shape into a [`Config`], collecting every problem with the
+//! field it belongs to, so one `check` run shows all that is wrong.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::file::{FileConfig, FileSite};
+use super::{
+    Config, ConfigError, Limits, Listener, Node, NodeId, Problem, ProxyVersion, Site, SiteId,
+    SiteRoute, Timeouts, canonical,
+};
+use crate::names::{NameTable, Pattern};
+
+struct Builder {
+    problems: Vec<Problem>,
+}
+
+impl Builder {
+    fn problem(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn addr(&mut self, field: &str, raw: &str) -> Option<SocketAddr> {
+        match raw.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(field, format!("{raw:?} is not a socket address (IP:port)"));
+                None
+            }
+        }
+    }
+
+    fn ip(&mut self, field: &str, raw: &str) -> Option<IpAddr> {
+        match raw.parse::<IpAddr>() {
+            Ok(ip) => Some(canonical(ip)),
+            Err(_) => {
+                self.problem(field, format!("{raw:?} is not an IP address"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, field: &str, raw: Option<&str>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.problem(field, "must be greater than zero");
+                default
+            }
+            Err(e) => {
+                self.problem(field, format!("{raw:?} is not a duration like \"5s\": {e}"));
+                default
+            }
+        }
+    }
+}
+
+pub(super) fn build(text: &str, source: &str, node: Option<&str>) -> Result<Config, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
+        source_name: source.to_string(),
+        problems: vec![Problem {
+            field: toml_position(text, &e),
+            message: e.message().trim().to_string(),
+        }],
+    })?;
+    let mut b = Builder {
+        problems: Vec::new(),
+    };
+    let config = convert(&mut b, file, source, node);
+    match config {
+        Some(config) if b.problems.is_empty() => Ok(config),
+        _ => Err(ConfigError {
+            source_name: source.to_string(),
+            problems: b.problems,
+        }),
+    }
+}
+
+/// Locates a syntax or shape error as `line L, column C`: serde's message
+/// names the field (`unknown field `x``), the position says where it is.
+fn toml_position(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return "(document)".into();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}")
+}
+
+fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) -> Option<Config> {
+    let (nodes, node_addresses) = nodes(b, &file);
+    let node_ids: HashMap<&str, NodeId> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), NodeId(i)))
+        .collect();
+
+    let this_name = node.unwrap_or(&file.this_node);
+    let field = if node.is_some() {
+        "--node"
+    } else {
+        "this_node"
+    };
+    let this_node = node_ids.get(this_name).copied();
+    if this_node.is_none() {
+        let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        b.problem(
+            field,
+            format!("{this_name:?} is not among [[nodes]] (known: {known:?})"),
+        );
+    }
+
+    let (sites, names, site_ids) = sites(b, &file.sites, &node_ids);
+    let site_ref = |b: &mut Builder, field: &str, raw: &str| -> Option<SiteId> {
+        let found = Pattern::parse(raw).and_then(|p| site_ids.get(&p).copied());
+        if found.is_none() {
+            b.problem(
+                field,
+                format!("{raw:?} is not a name of any [[sites]] entry"),
+            );
+        }
+        found
+    };
+    let default_site = file
+        .default_site
+        .as_deref()
+        .and_then(|raw| site_ref(b, "default_site", raw));
+
+    let trusted_proxies = file
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, raw)| b.ip(&format!("trusted_proxies[{i}]"), raw))
+        .collect();
+
+    let timeouts = Timeouts {
+        hello: b.duration(
+            "timeouts.hello",
+            file.timeouts.hello.as_deref(),
+            Timeouts::default().hello,
+        ),
+        connect: b.duration(
+            "timeouts.connect",
+            file.timeouts.connect.as_deref(),
+            Timeouts::default().connect,
+        ),
+        idle: b.duration(
+            "timeouts.idle",
+            file.timeouts.idle.as_deref(),
+            Timeouts::default().idle,
+        ),
+        drain: b.duration(
+            "timeouts.drain",
+            file.timeouts.drain.as_deref(),
+            Timeouts::default().drain,
+        ),
+    };
+    let defaults = Limits::default();
+    let limits = Limits {
+        backlog: file.limits.backlog.unwrap_or(defaults.backlog),
+        max_connections: file
+            .limits
+            .max_connections
+            .unwrap_or(defaults.max_connections),
+    };
+    if limits.max_connections == 0 {
+        b.problem("limits.max_connections", "must be at least 1");
+    }
+    if file.workers == Some(0) {
+        b.problem("workers", "must be at least 1");
+    }
+
+    let this_node = this_node?;
+    let mut listeners = vec![Listener {
+        bind: nodes[this_node.0].tls_bind,
+        default_site: None,
+    }];
+    for (i, l) in file.listeners.iter().enumerate() {
+        let field = format!("listeners[{i}]");
+        if let Some(only) = &l.node {
+            match node_ids.get(only.as_str()) {
+                Some(id) if *id != this_node => continue,
+                Some(_) => {}
+                None => b.problem(format!("{field}.node"), format!("unknown node {only:?}")),
+            }
+        }
+        let bind = b.addr(&format!("{field}.bind"), &l.bind);
+        let default_site = l
+            .default_site
+            .as_deref()
+            .and_then(|raw| site_ref(b, &format!("{field}.default_site"), raw));
+        if let Some(bind) = bind {
+            if listeners.iter().any(|other| other.bind == bind) {
+                b.problem(
+                    format!("{field}.bind"),
+                    format!("{bind} is bound twice on this node"),
+                );
+            }
+            listeners.push(Listener { bind, default_site });
+        }
+    }
+
+    Some(Config {
+        source: source.to_string(),
+        this_node,
+        nodes,
+        sites,
+        names,
+        default_site,
+        listeners,
+        trusted_proxies,
+        node_addresses,
+        timeouts,
+        limits,
+        workers: file.workers,
+    })
+}
+
+fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashSet<IpAddr>) {
+    let mut nodes = Vec::new();
+    let mut addresses = HashSet::new();
+    let mut seen = HashSet::new();
+    if file.nodes.is_empty() {
+        b.problem("nodes", "at least one [[nodes]] entry is needed");
+    }
+    for (i, n) in file.nodes.iter().enumerate() {
+        let field = format!("nodes[{i}]");
+        if !seen.insert(n.name.as_str()) {
+            b.problem(
+                format!("{field}.name"),
+                format!("node {:?} is defined twice", n.name),
+            );
+        }
+        let tls = b.addr(&format!("{field}.tls"), &n.tls);
+        let http = b.addr(&format!("{field}.http"), &n.http);
+        let tls_bind = match &n.tls_bind {
+            Some(raw) => b.addr(&format!("{field}.tls_bind"), raw),
+            None => tls,
+        };
+        let http_bind = match &n.http_bind {
+            Some(raw) => b.addr(&format!("{field}.http_bind"), raw),
+            None => http,
+        };
+        for (j, raw) in n.addresses.iter().enumerate() {
+            if let Some(ip) = b.ip(&format!("{field}.addresses[{j}]"), raw) {
+                addresses.insert(ip);
+            }
+        }
+        if let (Some(tls), Some(http), Some(tls_bind), Some(http_bind)) =
+            (tls, http, tls_bind, http_bind)
+        {
+            for ip in [tls.ip(), http.ip()] {
+                if !ip.is_unspecified() {
+                    addresses.insert(canonical(ip));
+                }
+            }
+            nodes.push(Node {
+                name: n.name.clone(),
+                tls,
+                http,
+                tls_bind,
+                http_bind,
+            });
+        }
+    }
+    (nodes, addresses)
+}
+
+type SiteTables = (Vec<Site>, NameTable<SiteId>, HashMap<Pattern, SiteId>);
+
+fn sites(b: &mut Builder, file: &[FileSite], node_ids: &HashMap<&str, NodeId>) -> SiteTables {
+    let mut sites = Vec::new();
+    let mut names = NameTable::default();
+    let mut by_pattern: HashMap<Pattern, SiteId> = HashMap::new();
+    for (i, s) in file.iter().enumerate() {
+        let field = format!("sites[{i}]");
+        let id = SiteId(sites.len());
+        let mut patterns = Vec::new();
+        if s.names.is_empty() {
+            b.problem(format!("{field}.names"), "a site needs at least one name");
+        }
+        for (j, raw) in s.names.iter().enumerate() {
+            let Some(pattern) = Pattern::parse(raw) else {
+                b.problem(
+                    format!("{field}.names[{j}]"),
+                    format!("{raw:?} is not a host name or *.wildcard"),
+                );
+                continue;
+            };
+            if let Some(other) = by_pattern.get(&pattern) {
+                b.problem(
+                    format!("{field}.names[{j}]"),
+                    format!("{raw:?} is already a name of sites[{}]", other.0),
+                );
+                continue;
+            }
+            by_pattern.insert(pattern.clone(), id);
+            patterns.push(pattern);
+        }
+        let route = site_route(b, &field, s, node_ids);
+        let proxy_protocol = match s.proxy_protocol.as_deref() {
+            None | Some("none") => None,
+            Some("v1") => Some(ProxyVersion::V1),
+            Some("v2") => Some(ProxyVersion::V2),
+            Some(other) => {
+                b.problem(
+                    format!("{field}.proxy_protocol"),
+                    format!("{other:?} is not one of \"v1\", \"v2\", \"none\""),
+                );
+                None
+            }
+        };
+        if let (Some(route), Some(first)) = (route, patterns.first()) {
+            for pattern in &patterns {
+                names.insert(pattern.clone(), id);
+            }
+            sites.push(Site {
+                label: first.to_string(),
+                names: patterns,
+                route,
+                proxy_protocol,
+            });
+        }
+    }
+    (sites, names, by_pattern)
+}
+
+fn site_route(
+    b: &mut Builder,
+    field: &str,
+    s: &FileSite,
+    node_ids: &HashMap<&str, NodeId>,
+) -> Option<SiteRoute> {
+    match (s.held_by.is_empty(), &s.passthrough) {
+        (false, None) => {
+            let mut holders = Vec::new();
+            for (j, name) in s.held_by.iter().enumerate() {
+                match node_ids.get(name.as_str()) {
+                    Some(id) if holders.contains(id) => b.problem(
+                        format!("{field}.held_by[{j}]"),
+                        format!("node {name:?} is listed twice"),
+                    ),
+                    Some(id) => holders.push(*id),
+                    None => b.problem(
+                        format!("{field}.held_by[{j}]"),
+                        format!("unknown node {name:?}: not among [[nodes]]"),
+                    ),
+                }
+            }
+            let upstream = match &s.upstream {
+                Some(raw) => b.addr(&format!("{field}.upstream"), raw),
+                None => {
+                    b.problem(
+                        format!("{field}.upstream"),
+                        "a site with held_by needs an upstream (IP:port of the plaintext service)",
+                    );
+                    None
+                }
+            };
+            Some(SiteRoute::Held {
+                holders,
+                upstream: upstream?,
+            })
+        }
+        (true, Some(raw)) => {
+            if s.upstream.is_some() {
+                b.problem(
+                    format!("{field}.upstream"),
+                    "upstream applies only to sites with held_by; a passthrough backend gets raw TLS",
+                );
+            }
+            let backend = b.addr(&format!("{field}.passthrough"), raw)?;
+            Some(SiteRoute::Passthrough { backend })
+        }
+        (false, Some(_)) => {
+            b.problem(
+                field.to_string(),
+                "a site has either held_by (nodes terminate TLS) or passthrough, not both",
+            );
+            None
+        }
+        (true, None) => {
+            b.problem(
+                field.to_string(),
+                "a site needs held_by (nodes that terminate TLS) or passthrough (a TLS backend)",
+            );
+            None
+        }
+    }
+}

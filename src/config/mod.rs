@@ -1,0 +1,245 @@
+//! Configuration: one TOML file can describe the whole fleet; each node picks
+//! itself out with `this_node` (or `--node`). The file is parsed into the
+//! types below once; nothing downstream re-checks it.
+
+mod build;
+mod file;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::names::{NameTable, Pattern};
+
+/// The default config, shipped in the binary for `cargo run`.
+pub const EMBEDDED: &str = include_str!("../../config/sni-router.toml");
+pub const EMBEDDED_PATH: &str = "config/sni-router.toml";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub usize);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteId(pub usize);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where this config came from, for messages.
+    pub source: String,
+    pub this_node: NodeId,
+    pub nodes: Vec<Node>,
+    pub sites: Vec<Site>,
+    pub names: NameTable<SiteId>,
+    pub default_site: Option<SiteId>,
+    /// This node's TLS listeners: its own `tls` address first, then extras.
+    pub listeners: Vec<Listener>,
+    /// Addresses besides nodes allowed to send a PROXY header.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Every address a node may connect from; see [`Config::is_node_address`].
+    node_addresses: HashSet<IpAddr>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    /// Where peers splice TLS to.
+    pub tls: SocketAddr,
+    pub http: SocketAddr,
+    /// What this node binds, when it differs from the advertised address.
+    pub tls_bind: SocketAddr,
+    pub http_bind: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// The first name: how logs and metrics refer to the site.
+    pub label: String,
+    pub names: Vec<Pattern>,
+    pub route: SiteRoute,
+    /// What we send to passthrough backends and upstreams.
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SiteRoute {
+    /// Nodes terminate TLS and send plaintext to `upstream`.
+    Held {
+        holders: Vec<NodeId>,
+        upstream: SocketAddr,
+    },
+    /// Raw TLS goes to a backend that has its own certificate.
+    Passthrough { backend: SocketAddr },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub bind: SocketAddr,
+    pub default_site: Option<SiteId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub hello: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+    /// Grace period for in-flight connections at shutdown.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            hello: Duration::from_secs(5),
+            connect: Duration::from_secs(3),
+            idle: Duration::from_secs(300),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub backlog: u32,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            backlog: 1024,
+            max_connections: 20_000,
+        }
+    }
+}
+
+/// Everything wrong with a config file, each problem naming its field.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn render(&self) -> String {
+        let lines: Vec<String> = self
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}: {}", self.source_name, p.field, p.message))
+            .collect();
+        lines.join("\n")
+    }
+}
+
+impl Config {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path, node: Option<&str>) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source.clone(),
+            problems: vec![Problem {
+                field: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::parse(&text, &source, node)
+    }
+
+    /// Parses config text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str, node: Option<&str>) -> Result<Config, ConfigError> {
+        build::build(text, source, node)
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.0]
+    }
+
+    pub fn site(&self, id: SiteId) -> &Site {
+        &self.sites[id.0]
+    }
+
+    pub fn this(&self) -> &Node {
+        self.node(self.this_node)
+    }
+
+    /// Whether a connection from `ip` comes from a node of the fleet: such
+    /// connections may carry PROXY headers and are never spliced onward.
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        self.node_addresses.contains(&canonical(ip))
+    }
+
+    /// Whether `ip` may send a PROXY header.
+    pub fn may_send_proxy(&self, ip: IpAddr) -> bool {
+        self.is_node_address(ip) || self.trusted_proxies.contains(&canonical(ip))
+    }
+
+    /// Whether this node is among a held site's holders.
+    pub fn holds(&self, site: SiteId) -> bool {
+        match &self.site(site).route {
+            SiteRoute::Held { holders, .. } => holders.contains(&self.this_node),
+            SiteRoute::Passthrough { .. } => false,
+        }
+    }
+
+    /// The route table of this node, one line per name, for `check` and logs.
+    pub fn route_table(&self) -> String {
+        let mut out = String::new();
+        let this = &self.this().name;
+        out.push_str(&format!("node {this} ({})\n", self.source));
+        for listener in &self.listeners {
+            let default = listener
+                .default_site
+                .or(self.default_site)
+                .map(|s| self.site(s).label.clone())
+                .unwrap_or_else(|| "reject".into());
+            out.push_str(&format!(
+                "  listen {} (no SNI -> {default})\n",
+                listener.bind
+            ));
+        }
+        for site in &self.sites {
+            let action = match &site.route {
+                SiteRoute::Held { holders, upstream } if holders.contains(&self.this_node) => {
+                    format!(
+                        "terminate -> {upstream} (when certificate valid, else splice to peers)"
+                    )
+                }
+                SiteRoute::Held { holders, .. } => {
+                    let names: Vec<String> = holders
+                        .iter()
+                        .map(|h| format!("{}@{}", self.node(*h).name, self.node(*h).tls))
+                        .collect();
+                    format!("splice -> {}", names.join(", "))
+                }
+                SiteRoute::Passthrough { backend } => format!("passthrough -> {backend}"),
+            };
+            for name in &site.names {
+                out.push_str(&format!("  {name:<32} {action}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// IPv4-mapped IPv6 addresses compare as their IPv4 form.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}

@@ -1,0 +1,82 @@
+//! Outbound connections: a deadline on every connect, an optional source
+//! address (so peers recognise node-to-node traffic), and failover across
+//! an ordered list of targets.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0} timed out after {1:?}")]
+    Timeout(SocketAddr, Duration),
+    #[error("connect to {0}: {1}")]
+    Io(SocketAddr, io::Error),
+    #[error("no target to connect to")]
+    NoTarget,
+}
+
+impl ConnectError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::Timeout(..) => "connect_timeout",
+            ConnectError::Io(..) => "connect_error",
+            ConnectError::NoTarget => "no_target",
+        }
+    }
+}
+
+/// Connects to `target` within `timeout`, from `source` when that address
+/// is local (it may not be, e.g. a public address behind 1:1 NAT).
+pub async fn connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let attempt = async {
+        let socket = socket_from(target, source)?;
+        let stream = socket.connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, io::Error>(stream)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(ConnectError::Io(target, e)),
+        Err(_) => Err(ConnectError::Timeout(target, timeout)),
+    }
+}
+
+fn socket_from(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket> {
+    let fresh = || match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let socket = fresh()?;
+    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == target.is_ipv4() && !ip.is_unspecified()) {
+        if socket.bind(SocketAddr::new(ip, 0)).is_ok() {
+            return Ok(socket);
+        }
+        return fresh();
+    }
+    Ok(socket)
+}
+
+/// Tries `targets` in order; returns the first connection and the index of
+/// the target it reached, with the failures before it.
+pub async fn connect_first(
+    targets: &[SocketAddr],
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> (Result<(TcpStream, usize), ConnectError>, Vec<ConnectError>) {
+    let mut failures = Vec::new();
+    for (i, target) in targets.iter().enumerate() {
+        match connect(*target, source, timeout).await {
+            Ok(stream) => return (Ok((stream, i)), failures),
+            Err(e) => failures.push(e),
+        }
+    }
+    let last = failures.pop().unwrap_or(ConnectError::NoTarget);
+    (Err(last), failures)
+}

@@ -1,0 +1,29 @@
+//! sni-router: a layer-4 SNI router for a fleet of edge nodes.
+//!
+//! # Layout, in the order a connection flows
+//!
+//! ```text
+//! config ──► server: bind (socket2), accept under a limit, reload, drain
+//!              │
+//!              ▼  port 443
+//!            tls::peek ── PROXY header (trusted peers only) + ClientHello bytes
+//!              │            └─ tls::client_hello: pure, bounded parser
+//!              ▼
+//!            tls::route::decide ── pure: terminate | splice | passthrough | reject
+//!              │
+//!              ├─ splice / passthrough: connect (deadline, failover)
+//!              │    └─ replay PROXY header + peeked bytes, then splice::join
+//!              └─ reject: unrecognized_name alert, close
+//! ```
+//!
+//! `names` holds the exact/wildcard lookup shared by config and routing;
+//! `proxy_protocol` encodes and decodes PROXY v1/v2; `splice` is the one
+//! place two streams are joined.
+
+pub mod config;
+pub mod connect;
+pub mod names;
+pub mod proxy_protocol;
+pub mod server;
+pub mod splice;
+pub mod tls;

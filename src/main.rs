@@ -1,0 +1,107 @@
+//! Command line: `run` (the default) and `check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sni_router::config::{self, Config};
+use sni_router::server::{self, ConfigSource};
+
+#[derive(Parser)]
+#[command(version, about = "Layer-4 SNI router for a fleet of edge nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Log format; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the router (the default).
+    Run(ConfigArgs),
+    /// Validate a config and print this node's route table.
+    Check(ConfigArgs),
+}
+
+#[derive(Args, Default)]
+struct ConfigArgs {
+    /// Config file; without it, config/sni-router.toml if present, else the embedded default.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Which [[nodes]] entry this host is (overrides `this_node`).
+    #[arg(long)]
+    node: Option<String>,
+}
+
+impl ConfigArgs {
+    fn source(&self) -> ConfigSource {
+        let default = PathBuf::from(config::EMBEDDED_PATH);
+        let path = self
+            .config
+            .clone()
+            .or_else(|| default.exists().then_some(default));
+        ConfigSource {
+            path,
+            node: self.node.clone(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command.unwrap_or(Command::Run(ConfigArgs::default())) {
+        Command::Run(args) => run(args),
+        Command::Check(args) => check(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check(args: ConfigArgs) -> anyhow::Result<()> {
+    let config = args.source().load()?;
+    print!("{}", config.route_table());
+    Ok(())
+}
+
+fn run(args: ConfigArgs) -> anyhow::Result<()> {
+    let source = args.source();
+    let config: Config = source.load()?;
+    eprint!("{}", config.route_table());
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = config.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(server::serve(source, config))?;
+    Ok(())
+}

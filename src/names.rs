@@ -1,0 +1,137 @@
+//! Server-name lookup: exact names and `*.` wildcards, as TLS clients match.
+//!
+//! Ties: an exact name beats any wildcard; among wildcards the longest suffix
+//! wins. A wildcard covers exactly one label, like a certificate's does
+//! (`*.example.org` matches `a.example.org`, not `a.b.example.org`), so the
+//! lookup is two hash probes, whatever the number of names.
+
+use std::collections::HashMap;
+
+/// Maps normalized names (see [`crate::tls::client_hello::normalize_name`]) to values.
+#[derive(Debug, Clone)]
+pub struct NameTable<T> {
+    exact: HashMap<String, T>,
+    /// Keyed by the suffix after `*.`.
+    wildcard: HashMap<String, T>,
+}
+
+impl<T> Default for NameTable<T> {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+}
+
+/// A name as written in config: exact, or `*.` plus a suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Pattern {
+    Exact(String),
+    Wildcard(String),
+}
+
+impl Pattern {
+    /// Parses a config name; `None` if it is not a valid host name or wildcard.
+    pub fn parse(raw: &str) -> Option<Pattern> {
+        use crate::tls::client_hello::normalize_name;
+        match raw.strip_prefix("*.") {
+            Some(suffix) => normalize_name(suffix.as_bytes()).map(Pattern::Wildcard),
+            None => normalize_name(raw.as_bytes()).map(Pattern::Exact),
+        }
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        matches!(self, Pattern::Wildcard(_))
+    }
+
+    /// Whether a normalized name falls under this pattern.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Pattern::Exact(exact) => exact == name,
+            Pattern::Wildcard(suffix) => {
+                name.split_once('.').is_some_and(|(_, rest)| rest == suffix)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Exact(name) => f.write_str(name),
+            Pattern::Wildcard(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+impl<T> NameTable<T> {
+    /// Inserts a pattern; returns the previous value if it was already present.
+    pub fn insert(&mut self, pattern: Pattern, value: T) -> Option<T> {
+        match pattern {
+            Pattern::Exact(name) => self.exact.insert(name, value),
+            Pattern::Wildcard(suffix) => self.wildcard.insert(suffix, value),
+        }
+    }
+
+    /// Looks up a normalized name.
+    pub fn get(&self, name: &str) -> Option<&T> {
+        if let Some(value) = self.exact.get(name) {
+            return Some(value);
+        }
+        let (_, parent) = name.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(patterns: &[(&str, u32)]) -> NameTable<u32> {
+        let mut table = NameTable::default();
+        for (raw, value) in patterns {
+            table.insert(Pattern::parse(raw).unwrap(), *value);
+        }
+        table
+    }
+
+    #[test]
+    fn exact_beats_wildcard_and_longest_wildcard_wins() {
+        let t = table(&[
+            ("*.example.org", 1),
+            ("a.example.org", 2),
+            ("*.b.example.org", 3),
+        ]);
+        assert_eq!(t.get("a.example.org"), Some(&2));
+        assert_eq!(t.get("z.example.org"), Some(&1));
+        assert_eq!(t.get("x.b.example.org"), Some(&3));
+        assert_eq!(t.get("b.example.org"), Some(&1));
+        assert_eq!(t.get("example.org"), None);
+    }
+
+    #[test]
+    fn wildcard_covers_one_label() {
+        let t = table(&[("*.example.org", 1)]);
+        assert_eq!(t.get("x.y.example.org"), None);
+        let p = Pattern::parse("*.Example.org.").unwrap();
+        assert!(p.matches("w.example.org"));
+        assert!(!p.matches("a.w.example.org"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        assert_eq!(Pattern::parse("*"), None);
+        assert_eq!(Pattern::parse("a.*.org"), None);
+        assert_eq!(Pattern::parse("exa mple.org"), None);
+        assert_eq!(Pattern::parse(""), None);
+    }
+}

@@ -1,0 +1,294 @@
+//! Listeners and the process lifecycle: bind with socket2, accept under a
+//! connection limit, swap config on reload, drain on shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+
+/// Where the config comes from, so a reload reads the same place.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// `None`: the embedded default, which cannot change.
+    pub path: Option<PathBuf>,
+    pub node: Option<String>,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match &self.path {
+            Some(path) => Config::load(path, self.node.as_deref()),
+            None => Config::parse(
+                crate::config::EMBEDDED,
+                crate::config::EMBEDDED_PATH,
+                self.node.as_deref(),
+            ),
+        }
+    }
+}
+
+/// Counters the tests and the status page read; Prometheus metrics are
+/// recorded alongside.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub finished: AtomicU64,
+    pub rejected: AtomicU64,
+    pub reloads: AtomicU64,
+}
+
+impl Stats {
+    pub fn finished(&self, decision: &str) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+        if decision == "reject" {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// State every connection task can reach.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub stats: Stats,
+}
+
+/// Controls a running server from another task (signals, tests).
+#[derive(Clone)]
+pub struct Handle {
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+}
+
+impl Handle {
+    /// Swaps in a new config; live connections keep the one they started with.
+    pub fn reload(&self, config: Config) {
+        let old = self.shared.config.load();
+        let old_binds: Vec<SocketAddr> = old.listeners.iter().map(|l| l.bind).collect();
+        let new_binds: Vec<SocketAddr> = config.listeners.iter().map(|l| l.bind).collect();
+        if old_binds != new_binds {
+            tracing::warn!(
+                ?old_binds,
+                ?new_binds,
+                "listener addresses changed: they take effect at restart"
+            );
+        }
+        tracing::info!(source = %config.source, sites = config.sites.len(), "config reloaded");
+        self.shared.config.store(Arc::new(config));
+        self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stops accepting and starts the drain.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+pub struct Server {
+    handle: Handle,
+    listeners: Vec<TcpListener>,
+}
+
+impl Server {
+    /// Binds every TLS listener of this node.
+    pub fn bind(config: Config) -> Result<Server, BindError> {
+        let mut listeners = Vec::new();
+        for listener in &config.listeners {
+            let bound = bind_listener(listener.bind, config.limits.backlog).map_err(|source| {
+                BindError {
+                    addr: listener.bind,
+                    source,
+                }
+            })?;
+            listeners.push(bound);
+        }
+        let shared = Arc::new(Shared {
+            config: ArcSwap::from_pointee(config),
+            stats: Stats::default(),
+        });
+        Ok(Server {
+            handle: Handle {
+                shared,
+                shutdown: CancellationToken::new(),
+            },
+            listeners,
+        })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// The addresses actually bound, in `config.listeners` order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts until shutdown, then waits up to the drain period for
+    /// in-flight connections.
+    pub async fn run(self) {
+        let Server { handle, listeners } = self;
+        let config = handle.shared.config.load_full();
+        let limit = Arc::new(Semaphore::new(config.limits.max_connections));
+        let tracker = TaskTracker::new();
+        let mut accept_loops = Vec::new();
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let ctx = AcceptLoop {
+                index,
+                listener,
+                handle: handle.clone(),
+                limit: limit.clone(),
+                tracker: tracker.clone(),
+            };
+            accept_loops.push(tokio::spawn(ctx.run()));
+        }
+        handle.shutdown.cancelled().await;
+        for accept_loop in &accept_loops {
+            accept_loop.abort();
+        }
+        tracker.close();
+        let drain = handle.shared.config.load().timeouts.drain;
+        tracing::info!(
+            in_flight = tracker.len(),
+            ?drain,
+            "shutting down: draining connections"
+        );
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                left = tracker.len(),
+                "drain period over: closing remaining connections"
+            );
+        }
+    }
+}
+
+struct AcceptLoop {
+    index: usize,
+    listener: TcpListener,
+    handle: Handle,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl AcceptLoop {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            // Waiting for a permit before accepting leaves excess clients in
+            // the kernel backlog instead of holding them here.
+            let Ok(permit) = self.limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => {
+                    backoff = Duration::from_millis(5);
+                    accepted
+                }
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: back off rather than spin.
+                    tracing::error!(error = %e, ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let local = stream.local_addr().unwrap_or_else(|_| unspecified());
+            let _ = stream.set_nodelay(true);
+            let shared = self.handle.shared.clone();
+            shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            let config = shared.config.load_full();
+            let index = self.index;
+            self.tracker.spawn(async move {
+                crate::tls::handler::handle(shared, config, index, stream, peer, local).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// A listening socket with the options an edge process wants.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    // Lets a new process bind beside an old one during a restart.
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // Explicit, so behaviour does not depend on the host's bindv6only.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP.
+pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let server = Server::bind(config)?;
+    for addr in server.local_addrs() {
+        tracing::info!(%addr, "listening for TLS");
+    }
+    let handle = server.handle();
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let running = tokio::spawn(server.run());
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match source.load() {
+                Ok(config) => handle.reload(config),
+                Err(e) => tracing::error!("reload failed, keeping the running config:\n{e}"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    handle.shutdown();
+    let _ = running.await;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("installing signal handler: {0}")]
+    Signal(#[from] io::Error),
+}

@@ -1,0 +1,372 @@
+//! Pure, bounded ClientHello reassembly and parsing.
+//!
+//! A ClientHello may arrive in any number of TCP segments and may be split
+//! across several TLS records (legal, and real once post-quantum key shares
+//! make hellos ~2 KB). [`parse`] is called on everything read so far and says
+//! Complete, Incomplete or Invalid; it never reads past [`MAX_HELLO_BYTES`].
+
+use std::borrow::Cow;
+
+use tls_parser::{
+    SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions,
+    parse_tls_message_handshake,
+};
+
+/// Largest handshake message we reassemble. Real hellos, even with ML-KEM
+/// key shares and many extensions, stay well under this; anything larger is
+/// a resource attack.
+pub const MAX_HANDSHAKE_LEN: usize = 16 * 1024;
+
+/// A ClientHello spread over more records than this is hostile: each record
+/// costs a header and a parse step, and no client fragments that finely.
+pub const MAX_RECORDS: usize = 32;
+
+/// The byte cap for the whole hello phase: handshake plus record headers.
+pub const MAX_HELLO_BYTES: usize = MAX_HANDSHAKE_LEN + MAX_RECORDS * RECORD_HEADER_LEN;
+
+const RECORD_HEADER_LEN: usize = 5;
+const HANDSHAKE_HEADER_LEN: usize = 4;
+const CONTENT_TYPE_HANDSHAKE: u8 = 22;
+const HANDSHAKE_CLIENT_HELLO: u8 = 1;
+/// TLS records carry at most 2^14 bytes of plaintext (RFC 8446 5.1).
+const MAX_RECORD_LEN: usize = 16 * 1024;
+/// DNS names are at most 253 characters without the trailing dot.
+const MAX_NAME_LEN: usize = 253;
+
+/// What the router needs from a ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The server name, lowercased, trailing dot stripped; `None` without SNI.
+    pub sni: Option<String>,
+    /// ALPN protocols offered, in client order.
+    pub alpn: Vec<Vec<u8>>,
+    /// Bytes of the input that carry the hello (all its records).
+    pub len: usize,
+}
+
+/// The outcome of looking at the bytes read so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parse {
+    Complete(ClientHello),
+    Incomplete,
+    Invalid(Invalid),
+}
+
+/// Why bytes are not a ClientHello we accept. `kind()` gives a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("not a TLS handshake record")]
+    NotTls,
+    #[error("first handshake message is not a ClientHello")]
+    NotClientHello,
+    #[error("ClientHello exceeds the size cap")]
+    TooLarge,
+    #[error("malformed ClientHello")]
+    Malformed,
+    #[error("server name is not a valid DNS name")]
+    BadServerName,
+}
+
+impl Invalid {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Invalid::NotTls => "not_tls",
+            Invalid::NotClientHello => "not_client_hello",
+            Invalid::TooLarge => "too_large",
+            Invalid::Malformed => "malformed",
+            Invalid::BadServerName => "bad_server_name",
+        }
+    }
+}
+
+/// Parses the ClientHello at the start of `buf`.
+pub fn parse(buf: &[u8]) -> Parse {
+    match reassemble(buf) {
+        Ok(Some((handshake, len))) => match extract(&handshake) {
+            Ok((sni, alpn)) => Parse::Complete(ClientHello { sni, alpn, len }),
+            Err(e) => Parse::Invalid(e),
+        },
+        Ok(None) => Parse::Incomplete,
+        Err(e) => Parse::Invalid(e),
+    }
+}
+
+/// Collects the fragments of the first handshake message from consecutive
+/// records. Returns the message and how many input bytes its records span,
+/// or `None` while more bytes are needed.
+fn reassemble(buf: &[u8]) -> Result<Option<(Cow<'_, [u8]>, usize)>, Invalid> {
+    let mut fragments: Vec<&[u8]> = Vec::new();
+    let mut have = 0usize;
+    let mut pos = 0usize;
+    loop {
+        let Some(header) = buf.get(pos..pos + RECORD_HEADER_LEN) else {
+            check_partial_header(buf.get(pos..).unwrap_or_default())?;
+            return Ok(None);
+        };
+        let record_len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if header[0] != CONTENT_TYPE_HANDSHAKE || header[1] != 3 {
+            return Err(if fragments.is_empty() {
+                Invalid::NotTls
+            } else {
+                Invalid::Malformed
+            });
+        }
+        if record_len == 0 || record_len > MAX_RECORD_LEN {
+            return Err(Invalid::Malformed);
+        }
+        if fragments.len() == MAX_RECORDS {
+            return Err(Invalid::TooLarge);
+        }
+        let body_start = pos + RECORD_HEADER_LEN;
+        let Some(body) = buf.get(body_start..body_start + record_len) else {
+            // Judge the handshake header early so a huge announced length
+            // fails now instead of after the client sends it all.
+            let partial = buf.get(body_start..).unwrap_or_default();
+            check_handshake_header(&fragments, partial)?;
+            return Ok(None);
+        };
+        fragments.push(body);
+        have += record_len;
+        pos = body_start + record_len;
+        if let Some(total) = check_handshake_header(&fragments, &[])? {
+            if have >= total {
+                let message = join_prefix(&fragments, total);
+                return Ok(Some((message, pos)));
+            }
+        }
+    }
+}
+
+/// Rejects early what can never become a TLS record header.
+fn check_partial_header(partial: &[u8]) -> Result<(), Invalid> {
+    match partial {
+        [] => Ok(()),
+        [t, ..] if *t != CONTENT_TYPE_HANDSHAKE => Err(Invalid::NotTls),
+        [_, major, ..] if *major != 3 => Err(Invalid::NotTls),
+        _ => Ok(()),
+    }
+}
+
+/// Once the 4-byte handshake header is available, returns the message's full
+/// length (header included), after checking type and size.
+fn check_handshake_header(fragments: &[&[u8]], extra: &[u8]) -> Result<Option<usize>, Invalid> {
+    let mut header = [0u8; HANDSHAKE_HEADER_LEN];
+    let mut n = 0;
+    for byte in fragments.iter().copied().flatten().chain(extra) {
+        if n == HANDSHAKE_HEADER_LEN {
+            break;
+        }
+        header[n] = *byte;
+        n += 1;
+    }
+    if n >= 1 && header[0] != HANDSHAKE_CLIENT_HELLO {
+        return Err(Invalid::NotClientHello);
+    }
+    if n < HANDSHAKE_HEADER_LEN {
+        return Ok(None);
+    }
+    let body_len =
+        usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3]);
+    if body_len > MAX_HANDSHAKE_LEN {
+        return Err(Invalid::TooLarge);
+    }
+    Ok(Some(HANDSHAKE_HEADER_LEN + body_len))
+}
+
+/// The first `len` bytes of the fragments, borrowed when one record holds them.
+fn join_prefix<'a>(fragments: &[&'a [u8]], len: usize) -> Cow<'a, [u8]> {
+    if let [only] = fragments {
+        return Cow::Borrowed(&only[..len.min(only.len())]);
+    }
+    let mut joined: Vec<u8> = fragments.concat();
+    joined.truncate(len);
+    Cow::Owned(joined)
+}
+
+type Extracted = (Option<String>, Vec<Vec<u8>>);
+
+/// Reads SNI and ALPN out of one complete ClientHello handshake message.
+fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
+    let hello = match parse_tls_message_handshake(message) {
+        Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => hello,
+        _ => return Err(Invalid::Malformed),
+    };
+    let Some(ext) = hello.ext else {
+        return Ok((None, Vec::new()));
+    };
+    let extensions = match parse_tls_extensions(ext) {
+        Ok((rest, extensions)) if rest.is_empty() => extensions,
+        _ => return Err(Invalid::Malformed),
+    };
+    let mut sni = None;
+    let mut alpn = Vec::new();
+    for extension in extensions {
+        match extension {
+            TlsExtension::SNI(entries) => {
+                let host = entries
+                    .iter()
+                    .find(|(kind, _)| *kind == SNIType::HostName)
+                    .map(|(_, name)| *name);
+                if let Some(host) = host {
+                    sni = Some(normalize_name(host).ok_or(Invalid::BadServerName)?);
+                }
+            }
+            TlsExtension::ALPN(protocols) => {
+                alpn = protocols.iter().map(|p| p.to_vec()).collect();
+            }
+            _ => {}
+        }
+    }
+    Ok((sni, alpn))
+}
+
+/// Lowercases a server name and strips one trailing dot, accepting only what
+/// a DNS host name can hold. Shared with config so both sides compare alike.
+pub fn normalize_name(raw: &[u8]) -> Option<String> {
+    let raw = raw.strip_suffix(b".").unwrap_or(raw);
+    if raw.is_empty() || raw.len() > MAX_NAME_LEN {
+        return None;
+    }
+    let valid_label = |label: &[u8]| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    };
+    if !raw.split(|b| *b == b'.').all(valid_label) {
+        return None;
+    }
+    Some(String::from_utf8_lossy(raw).to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUSTLS_HELLO: &[u8] = include_bytes!("../../tests/data/hello-rustls-mlkem.bin");
+
+    fn complete(buf: &[u8]) -> ClientHello {
+        match parse(buf) {
+            Parse::Complete(hello) => hello,
+            other => panic!("expected a complete hello, got {other:?}"),
+        }
+    }
+
+    /// Re-frames a single-record hello into `n` records of similar size.
+    pub(crate) fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
+        let body = &hello[RECORD_HEADER_LEN..];
+        let chunk = body.len().div_ceil(n);
+        let mut out = Vec::new();
+        for part in body.chunks(chunk) {
+            out.extend_from_slice(&hello[..3]);
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[test]
+    fn real_capture_yields_sni_and_alpn() {
+        let hello = complete(RUSTLS_HELLO);
+        assert_eq!(hello.sni.as_deref(), Some("pass.test"));
+        assert_eq!(hello.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(hello.len, RUSTLS_HELLO.len());
+        assert!(
+            RUSTLS_HELLO.len() > 1200,
+            "capture should carry an ML-KEM share"
+        );
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete() {
+        for end in 0..RUSTLS_HELLO.len() {
+            assert_eq!(
+                parse(&RUSTLS_HELLO[..end]),
+                Parse::Incomplete,
+                "prefix {end}"
+            );
+        }
+    }
+
+    #[test]
+    fn multi_record_hello_matches_single_record() {
+        let single = complete(RUSTLS_HELLO);
+        for n in [2, 3, 7, MAX_RECORDS] {
+            let split = split_records(RUSTLS_HELLO, n);
+            let hello = complete(&split);
+            assert_eq!(hello.sni, single.sni);
+            assert_eq!(hello.alpn, single.alpn);
+            assert_eq!(hello.len, split.len());
+            for end in 0..split.len() {
+                assert_eq!(
+                    parse(&split[..end]),
+                    Parse::Incomplete,
+                    "{n} records, prefix {end}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_records_is_too_large() {
+        let split = split_records(RUSTLS_HELLO, MAX_RECORDS * 2);
+        assert_eq!(parse(&split), Parse::Invalid(Invalid::TooLarge));
+    }
+
+    #[test]
+    fn trailing_bytes_are_not_part_of_the_hello() {
+        let mut buf = RUSTLS_HELLO.to_vec();
+        buf.extend_from_slice(&[0x14, 3, 3, 0, 1, 1]);
+        assert_eq!(complete(&buf).len, RUSTLS_HELLO.len());
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_hello() {
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\n"),
+            Parse::Invalid(Invalid::NotTls)
+        );
+        assert_eq!(parse(&[0x80, 0x2e, 0x01]), Parse::Invalid(Invalid::NotTls));
+        assert_eq!(parse(&[0x16, 0x02]), Parse::Invalid(Invalid::NotTls));
+        assert_eq!(
+            parse(&[0x16, 3, 1, 0, 4, 2, 0, 0, 0]),
+            Parse::Invalid(Invalid::NotClientHello)
+        );
+        assert_eq!(
+            parse(&[0x16, 3, 1, 0, 0]),
+            Parse::Invalid(Invalid::Malformed)
+        );
+        assert_eq!(
+            parse(&[0x16, 3, 1, 0x40, 0x01]),
+            Parse::Invalid(Invalid::Malformed)
+        );
+        // A huge announced handshake fails before its bytes arrive.
+        assert_eq!(
+            parse(&[0x16, 3, 1, 0x40, 0, 1, 0x01, 0, 0]),
+            Parse::Invalid(Invalid::TooLarge)
+        );
+    }
+
+    #[test]
+    fn garbage_inside_a_record_is_malformed() {
+        let mut buf = RUSTLS_HELLO.to_vec();
+        // Corrupt the extensions length so the extension block cannot parse.
+        for byte in buf.iter_mut().skip(120).take(40) {
+            *byte = 0xff;
+        }
+        assert!(matches!(parse(&buf), Parse::Invalid(_)));
+    }
+
+    #[test]
+    fn names_normalize() {
+        assert_eq!(
+            normalize_name(b"WWW.Example.ORG.").as_deref(),
+            Some("www.example.org")
+        );
+        assert_eq!(normalize_name(b"a..b"), None);
+        assert_eq!(normalize_name(b"."), None);
+        assert_eq!(normalize_name(b"bad name"), None);
+        assert_eq!(normalize_name(&[b'a'; 64]), None);
+    }
+}

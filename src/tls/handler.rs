@@ -1,0 +1,204 @@
+//! One connection on a TLS listener: read the preamble, decide, act, and log
+//! one line when it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::peek::{self, HelloError};
+use super::route::{self, Decision, Peer};
+use crate::config::{Config, ProxyVersion};
+use crate::connect::{self, ConnectError};
+use crate::proxy_protocol;
+use crate::server::Shared;
+use crate::splice::{self, Transfer};
+
+/// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
+/// why we close instead of leaving it to guess.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x70];
+
+/// Everything the finished-connection log line reports.
+struct Outcome {
+    sni: Option<String>,
+    decision: &'static str,
+    reason: String,
+    target: Option<SocketAddr>,
+    transfer: Option<Transfer>,
+}
+
+impl Outcome {
+    fn new(decision: &'static str, reason: impl Into<String>) -> Self {
+        Outcome {
+            sni: None,
+            decision,
+            reason: reason.into(),
+            target: None,
+            transfer: None,
+        }
+    }
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+    listener: usize,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let started = Instant::now();
+    let outcome = route_connection(&config, listener, &mut stream, peer, local).await;
+    let (up, down, end) = match &outcome.transfer {
+        Some(t) => (t.to_target, t.to_client, t.end.to_string()),
+        None => (0, 0, outcome.reason.clone()),
+    };
+    shared.stats.finished(outcome.decision);
+    tracing::info!(
+        target: "sni_router::conn",
+        client = %peer,
+        sni = outcome.sni.as_deref().unwrap_or("-"),
+        decision = outcome.decision,
+        target = %outcome.target.map_or_else(|| "-".to_string(), |t| t.to_string()),
+        bytes_up = up,
+        bytes_down = down,
+        duration_ms = started.elapsed().as_millis() as u64,
+        end = %end,
+        "connection finished"
+    );
+}
+
+async fn route_connection(
+    config: &Config,
+    listener: usize,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Outcome {
+    let from_node = config.is_node_address(peer.ip());
+    let allow_proxy = config.may_send_proxy(peer.ip());
+    let preamble = match peek::read_preamble(stream, allow_proxy, config.timeouts.hello).await {
+        Ok(preamble) => preamble,
+        Err(e) => return hello_failed(e),
+    };
+    // The original client: from a trusted PROXY header, else the socket peer.
+    let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
+    let destination = preamble
+        .proxied
+        .and_then(|p| p.destination)
+        .unwrap_or(local);
+    let sni = preamble.hello.sni.clone();
+    let decision = route::decide(
+        config,
+        listener,
+        sni.as_deref(),
+        Peer {
+            client: client.ip(),
+            from_node,
+        },
+        // Termination is built on top of this data path; until a certificate
+        // store answers, every held name is served by splicing to peers.
+        |_, _| false,
+    );
+    let mut outcome = match decision {
+        Decision::Reject(reject) => {
+            if reject == route::Reject::LoopGuard {
+                tracing::warn!(
+                    client = %client, via = %peer, sni = sni.as_deref().unwrap_or("-"),
+                    "config conflict: a node spliced a name here that this node cannot terminate"
+                );
+            }
+            if sni.is_some() {
+                let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+            }
+            Outcome::new("reject", reject.kind())
+        }
+        Decision::Passthrough { site, backend } => {
+            let header = config
+                .site(site)
+                .proxy_protocol
+                .map(|v| proxy_protocol::encode(v, client, destination));
+            forward(
+                config,
+                stream,
+                &[backend],
+                None,
+                header,
+                &preamble.bytes,
+                "passthrough",
+            )
+            .await
+        }
+        Decision::Splice { holders, .. } => {
+            let targets: Vec<SocketAddr> = holders.iter().map(|h| config.node(*h).tls).collect();
+            // Node-to-node splices always carry PROXY v2: the terminating
+            // node needs the client address, and the loop guard its source.
+            let header = proxy_protocol::encode(ProxyVersion::V2, client, destination);
+            let source = Some(config.this().tls.ip());
+            forward(
+                config,
+                stream,
+                &targets,
+                source,
+                Some(header),
+                &preamble.bytes,
+                "splice",
+            )
+            .await
+        }
+        Decision::Terminate { .. } => Outcome::new("reject", "termination unavailable"),
+    };
+    outcome.sni = sni;
+    outcome
+}
+
+fn hello_failed(e: HelloError) -> Outcome {
+    let mut outcome = Outcome::new("reject", e.kind());
+    outcome.reason = format!("{}: {e}", e.kind());
+    outcome
+}
+
+/// Connects to the first reachable target, replays the header and the
+/// peeked bytes, then joins the two streams.
+async fn forward(
+    config: &Config,
+    client: &mut TcpStream,
+    targets: &[SocketAddr],
+    source: Option<std::net::IpAddr>,
+    header: Option<Vec<u8>>,
+    replay: &[u8],
+    decision: &'static str,
+) -> Outcome {
+    let (connected, failures) =
+        connect::connect_first(targets, source, config.timeouts.connect).await;
+    for failure in &failures {
+        tracing::warn!(error = %failure, "target unreachable, failing over to the next");
+    }
+    let (mut upstream, index) = match connected {
+        Ok(pair) => pair,
+        Err(e) => return connect_failed(decision, e),
+    };
+    let target = targets.get(index).copied();
+    let mut prefix = header.unwrap_or_default();
+    prefix.extend_from_slice(replay);
+    if let Err(e) = upstream.write_all(&prefix).await {
+        let mut outcome = Outcome::new(decision, format!("target_error (replaying hello: {e})"));
+        outcome.target = target;
+        return outcome;
+    }
+    let mut transfer = splice::join(client, upstream, config.timeouts.idle).await;
+    transfer.to_target += replay.len() as u64;
+    Outcome {
+        sni: None,
+        decision,
+        reason: transfer.end.kind().to_string(),
+        target,
+        transfer: Some(transfer),
+    }
+}
+
+fn connect_failed(decision: &'static str, e: ConnectError) -> Outcome {
+    Outcome::new(decision, format!("{}: {e}", e.kind()))
+}

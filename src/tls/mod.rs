@@ -1,0 +1,7 @@
+//! Port 443: read the ClientHello without decrypting, decide, then splice
+//! (or, for names this node holds, terminate).
+
+pub mod client_hello;
+pub mod handler;
+pub mod peek;
+pub mod route;

@@ -1,0 +1,310 @@
+//! The routing decision for a TLS connection: pure, no I/O.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+
+use crate::config::{Config, NodeId, SiteId, SiteRoute};
+
+/// What to do with a connection whose ClientHello has been read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// This node holds the site and a valid certificate for the name.
+    Terminate {
+        site: SiteId,
+    },
+    /// Another node holds the site: try these in order.
+    Splice {
+        site: SiteId,
+        holders: Vec<NodeId>,
+    },
+    /// Raw TLS to a backend with its own certificate.
+    Passthrough {
+        site: SiteId,
+        backend: SocketAddr,
+    },
+    Reject(Reject),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// No SNI and no default site for the listener.
+    NoSni,
+    /// A name in no site: we are never an open proxy.
+    UnknownName,
+    /// Held here, no valid certificate, and no other holder to splice to.
+    NoHolder,
+    /// Came from a node, and we cannot terminate it: splicing on could loop.
+    LoopGuard,
+}
+
+impl Decision {
+    /// A bounded label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Decision::Terminate { .. } => "terminate",
+            Decision::Splice { .. } => "splice",
+            Decision::Passthrough { .. } => "passthrough",
+            Decision::Reject(_) => "reject",
+        }
+    }
+
+    pub fn site(&self) -> Option<SiteId> {
+        match self {
+            Decision::Terminate { site }
+            | Decision::Splice { site, .. }
+            | Decision::Passthrough { site, .. } => Some(*site),
+            Decision::Reject(_) => None,
+        }
+    }
+}
+
+impl Reject {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Reject::NoSni => "no_sni",
+            Reject::UnknownName => "unknown_name",
+            Reject::NoHolder => "no_holder",
+            Reject::LoopGuard => "loop_guard",
+        }
+    }
+}
+
+/// Who is asking, as far as routing cares.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The original client (from a trusted PROXY header, else the socket peer).
+    pub client: IpAddr,
+    /// The socket peer is a node of the fleet.
+    pub from_node: bool,
+}
+
+/// Decides a connection's route.
+///
+/// `listener` indexes `config.listeners`; `can_terminate(site, name)` says
+/// whether this node has a certificate valid now for `name`.
+///
+/// Ties: exact name beats wildcard (see [`crate::names`]); without SNI the
+/// listener's default site beats the global one.
+pub fn decide(
+    config: &Config,
+    listener: usize,
+    sni: Option<&str>,
+    peer: Peer,
+    can_terminate: impl Fn(SiteId, &str) -> bool,
+) -> Decision {
+    let site = match sni {
+        Some(name) => match config.names.get(name) {
+            Some(site) => *site,
+            None => return Decision::Reject(Reject::UnknownName),
+        },
+        None => {
+            let listener_default = config.listeners.get(listener).and_then(|l| l.default_site);
+            match listener_default.or(config.default_site) {
+                Some(site) => site,
+                None => return Decision::Reject(Reject::NoSni),
+            }
+        }
+    };
+    let name = sni.unwrap_or(&config.site(site).label);
+    match &config.site(site).route {
+        SiteRoute::Passthrough { backend } => Decision::Passthrough {
+            site,
+            backend: *backend,
+        },
+        SiteRoute::Held { holders, .. } => {
+            if holders.contains(&config.this_node) && can_terminate(site, name) {
+                return Decision::Terminate { site };
+            }
+            if peer.from_node {
+                return Decision::Reject(Reject::LoopGuard);
+            }
+            let others: Vec<NodeId> = holders
+                .iter()
+                .copied()
+                .filter(|h| *h != config.this_node)
+                .collect();
+            if others.is_empty() {
+                return Decision::Reject(Reject::NoHolder);
+            }
+            Decision::Splice {
+                site,
+                holders: rendezvous(config, others, peer.client),
+            }
+        }
+    }
+}
+
+/// Orders holders by rendezvous hashing on the client address: each client
+/// sticks to one holder, clients spread evenly, and losing a holder moves
+/// only that holder's clients.
+fn rendezvous(config: &Config, mut holders: Vec<NodeId>, client: IpAddr) -> Vec<NodeId> {
+    let score = |node: &NodeId| {
+        // DefaultHasher::new() has fixed keys: the order is the same on every
+        // node and across restarts of the same build.
+        let mut h = DefaultHasher::new();
+        client.hash(&mut h);
+        config.node(*node).name.hash(&mut h);
+        h.finish()
+    };
+    holders.sort_by_cached_key(|n| std::cmp::Reverse(score(n)));
+    holders
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLEET: &str = r#"
+        this_node = "a"
+        default_site = "pass.test"
+        [[nodes]]
+        name = "a"
+        tls = "127.0.0.2:443"
+        http = "127.0.0.2:80"
+        [[nodes]]
+        name = "b"
+        tls = "127.0.0.3:443"
+        http = "127.0.0.3:80"
+        [[nodes]]
+        name = "c"
+        tls = "127.0.0.4:443"
+        http = "127.0.0.4:80"
+        [[sites]]
+        names = ["shared.test", "*.shared.test"]
+        held_by = ["a", "b", "c"]
+        upstream = "127.0.0.1:9000"
+        [[sites]]
+        names = ["www.shared.test"]
+        held_by = ["b", "c"]
+        upstream = "127.0.0.1:9001"
+        [[sites]]
+        names = ["pass.test"]
+        passthrough = "127.0.0.1:9443"
+        [[sites]]
+        names = ["solo.test"]
+        held_by = ["a"]
+        upstream = "127.0.0.1:9002"
+        [[listeners]]
+        bind = "127.0.0.2:8443"
+        default_site = "www.shared.test"
+    "#;
+
+    fn config() -> Config {
+        Config::parse(FLEET, "test", None).unwrap()
+    }
+
+    fn client() -> Peer {
+        Peer {
+            client: "192.0.2.7".parse().unwrap(),
+            from_node: false,
+        }
+    }
+
+    fn node_peer() -> Peer {
+        Peer {
+            client: "192.0.2.7".parse().unwrap(),
+            from_node: true,
+        }
+    }
+
+    #[test]
+    fn held_with_certificate_terminates() {
+        let c = config();
+        let d = decide(&c, 0, Some("x.shared.test"), client(), |_, _| true);
+        assert_eq!(d, Decision::Terminate { site: SiteId(0) });
+    }
+
+    #[test]
+    fn held_without_certificate_splices_to_other_holders() {
+        let c = config();
+        match decide(&c, 0, Some("shared.test"), client(), |_, _| false) {
+            Decision::Splice { site, mut holders } => {
+                assert_eq!(site, SiteId(0));
+                holders.sort();
+                assert_eq!(holders, vec![NodeId(1), NodeId(2)]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exact_name_beats_wildcard() {
+        let c = config();
+        let d = decide(&c, 0, Some("www.shared.test"), client(), |_, _| true);
+        assert_eq!(d.site(), Some(SiteId(1)));
+        assert_eq!(d.kind(), "splice");
+    }
+
+    #[test]
+    fn passthrough_and_unknown() {
+        let c = config();
+        let d = decide(&c, 0, Some("pass.test"), client(), |_, _| true);
+        assert_eq!(
+            d,
+            Decision::Passthrough {
+                site: SiteId(2),
+                backend: "127.0.0.1:9443".parse().unwrap()
+            }
+        );
+        let d = decide(&c, 0, Some("nope.test"), client(), |_, _| true);
+        assert_eq!(d, Decision::Reject(Reject::UnknownName));
+    }
+
+    #[test]
+    fn no_sni_uses_listener_then_global_default() {
+        let c = config();
+        assert_eq!(
+            decide(&c, 1, None, client(), |_, _| false).site(),
+            Some(SiteId(1))
+        );
+        assert_eq!(
+            decide(&c, 0, None, client(), |_, _| false).site(),
+            Some(SiteId(2))
+        );
+        let mut c = c;
+        c.default_site = None;
+        assert_eq!(
+            decide(&c, 0, None, client(), |_, _| false),
+            Decision::Reject(Reject::NoSni)
+        );
+    }
+
+    #[test]
+    fn loop_guard_never_splices_a_node_connection_onward() {
+        let c = config();
+        let d = decide(&c, 0, Some("www.shared.test"), node_peer(), |_, _| true);
+        assert_eq!(d, Decision::Reject(Reject::LoopGuard));
+        let d = decide(&c, 0, Some("shared.test"), node_peer(), |_, _| true);
+        assert_eq!(d, Decision::Terminate { site: SiteId(0) });
+        let d = decide(&c, 0, Some("shared.test"), node_peer(), |_, _| false);
+        assert_eq!(d, Decision::Reject(Reject::LoopGuard));
+    }
+
+    #[test]
+    fn sole_holder_without_certificate_rejects() {
+        let c = config();
+        let d = decide(&c, 0, Some("solo.test"), client(), |_, _| false);
+        assert_eq!(d, Decision::Reject(Reject::NoHolder));
+    }
+
+    #[test]
+    fn rendezvous_is_stable_and_spreads() {
+        let c = config();
+        let mut first = std::collections::HashMap::new();
+        for i in 0..200u8 {
+            let peer = Peer {
+                client: IpAddr::from([198, 51, 100, i]),
+                from_node: false,
+            };
+            let a = decide(&c, 0, Some("www.shared.test"), peer, |_, _| false);
+            let b = decide(&c, 0, Some("www.shared.test"), peer, |_, _| false);
+            assert_eq!(a, b);
+            if let Decision::Splice { holders, .. } = a {
+                *first.entry(holders[0]).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(first.len(), 2);
+        assert!(first.values().all(|n| *n > 50), "{first:?}");
+    }
+}
