@@ -4,6 +4,8 @@
 
 mod build;
 mod file;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};

@@ -1,0 +1,324 @@
+//! Test harness: routers started in-process on 127.0.0.x, a test CA, and
+//! small real backends. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sni_router::config::Config;
+use sni_router::server::{Handle, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bound for any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The rustls ClientHello captured by `examples/capture_hello.rs` (SNI `pass.test`).
+pub const HELLO: &[u8] = include_bytes!("../data/hello-rustls-mlkem.bin");
+
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "sni_router=debug".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A port free on `ip` right now (bound and released).
+pub fn free_addr(ip: &str) -> SocketAddr {
+    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind a free port");
+    listener.local_addr().expect("local addr")
+}
+
+/// A router running in this process.
+pub struct Router {
+    pub handle: Handle,
+    pub addrs: Vec<SocketAddr>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Router {
+    pub async fn start(toml: &str) -> Router {
+        Router::start_node(toml, None).await
+    }
+
+    pub async fn start_node(toml: &str, node: Option<&str>) -> Router {
+        init_tracing();
+        let config = Config::parse(toml, "test.toml", node).unwrap_or_else(|e| panic!("{e}"));
+        let server = Server::bind(config).expect("bind router");
+        let addrs = server.local_addrs();
+        let handle = server.handle();
+        let task = tokio::spawn(server.run());
+        Router {
+            handle,
+            addrs,
+            task,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.handle
+            .shared
+            .stats
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn rejected(&self) -> u64 {
+        self.handle
+            .shared
+            .stats
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Shuts down and waits for the drain to finish.
+    pub async fn stop(self) {
+        self.handle.shutdown();
+        let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+}
+
+/// A CA made with rcgen; issues leaf certificates for test names.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+pub struct Leaf {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "sni-router test CA");
+        let key = KeyPair::generate().expect("CA key");
+        TestCa {
+            issuer: CertifiedIssuer::self_signed(params, key).expect("CA cert"),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn leaf(&self, names: &[&str]) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = CertificateParams::new(names).expect("leaf params");
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
+        Leaf {
+            chain: vec![cert.der().clone(), self.issuer.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            chain_pem: format!("{}{}", cert.pem(), self.issuer.pem()),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    pub fn client_config(&self, alpn: &[&str], sni: bool) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).expect("add root");
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        config.enable_sni = sni;
+        Arc::new(config)
+    }
+}
+
+/// What a backend saw on one connection.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub peer: Option<SocketAddr>,
+    pub bytes: Vec<u8>,
+    pub sni: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// A backend that records connections; what it answers depends on the kind.
+#[derive(Clone)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Backend {
+    pub fn connections(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn first(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Polls until `n` connections have been recorded.
+    pub async fn wait_for(&self, n: usize) -> Vec<Seen> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let seen = self.seen.lock().unwrap().clone();
+            if seen.len() >= n || tokio::time::Instant::now() > deadline {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Reads each connection to EOF (bounded) and records the bytes.
+    pub async fn recorder(ip: &str) -> Backend {
+        Backend::spawn(ip, |mut stream, seen: Seen| async move {
+            let mut seen = seen;
+            let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut seen.bytes)).await;
+            seen
+        })
+        .await
+    }
+
+    /// A TLS server for `names` that answers one HTTP-ish request.
+    pub async fn tls(ip: &str, ca: &TestCa, names: &[&str]) -> Backend {
+        let leaf = ca.leaf(names);
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(leaf.chain, leaf.key)
+            .expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Backend::spawn(ip, move |stream, mut seen: Seen| {
+            let acceptor = acceptor.clone();
+            async move {
+                let Ok(Ok(mut tls)) = tokio::time::timeout(WAIT, acceptor.accept(stream)).await
+                else {
+                    return seen;
+                };
+                let (_, conn) = tls.get_ref();
+                seen.sni = conn.server_name().map(str::to_string);
+                seen.alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+                let mut buf = vec![0u8; 4096];
+                if let Ok(Ok(n)) = tokio::time::timeout(WAIT, tls.read(&mut buf)).await {
+                    seen.bytes = buf[..n].to_vec();
+                }
+                let body = "hello from backend\n";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+                seen
+            }
+        })
+        .await
+    }
+
+    async fn spawn<F, Fut>(ip: &str, serve: F) -> Backend
+    where
+        F: Fn(TcpStream, Seen) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Seen> + Send,
+    {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
+        let backend = Backend {
+            addr: listener.local_addr().expect("addr"),
+            seen: Arc::default(),
+        };
+        let seen = backend.seen.clone();
+        let serve = Arc::new(serve);
+        tokio::spawn(async move {
+            while let Ok((stream, peer)) = listener.accept().await {
+                let seen = seen.clone();
+                let serve = serve.clone();
+                tokio::spawn(async move {
+                    let start = Seen {
+                        peer: Some(peer),
+                        ..Seen::default()
+                    };
+                    let done = serve(stream, start).await;
+                    seen.lock().unwrap().push(done);
+                });
+            }
+        });
+        backend
+    }
+}
+
+/// A TLS client through the router: returns the response text and ALPN.
+pub async fn tls_request(
+    router: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> std::io::Result<(String, Option<Vec<u8>>)> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let server_name = ServerName::try_from(name.to_string()).expect("server name");
+    let work = async {
+        let tcp = TcpStream::connect(router).await?;
+        let mut tls = connector.connect(server_name, tcp).await?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+        let mut response = String::new();
+        tls.read_to_string(&mut response).await?;
+        Ok((response, alpn))
+    };
+    tokio::time::timeout(WAIT, work)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("tls request timed out")))
+}
+
+/// Reads until EOF (bounded); returns what arrived and whether EOF was seen.
+pub async fn read_until_eof(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    match tokio::time::timeout(WAIT, stream.read_to_end(&mut got)).await {
+        Ok(Ok(_)) => (got, true),
+        Ok(Err(_)) => (got, true),
+        Err(_) => (got, false),
+    }
+}
+
+/// Whether a command is on PATH. Outside CI a missing client skips its
+/// test; in CI (`CI` set) it fails, since `.ci/run` installs them all.
+pub fn have(command: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found && std::env::var_os("CI").is_some() {
+        panic!("{command} is not installed; .ci/run should have installed it");
+    }
+    found
+}
+
+/// Config text for a fleet: `nodes` as (name, tls address); `this` picks
+/// the node; `rest` adds sites, listeners, timeouts.
+pub fn fleet_toml(this: &str, nodes: &[(&str, SocketAddr)], top: &str, rest: &str) -> String {
+    let mut out = format!("this_node = \"{this}\"\n{top}\n");
+    for (name, tls) in nodes {
+        let http = SocketAddr::new(tls.ip(), 1);
+        out.push_str(&format!(
+            "[[nodes]]\nname = \"{name}\"\ntls = \"{tls}\"\nhttp = \"{http}\"\n"
+        ));
+    }
+    out.push_str(rest);
+    out
+}
