@@ -20,6 +20,12 @@
 //! `proxy_protocol` encodes and decodes PROXY v1/v2; `splice` is the one
 //! place two streams are joined.
 
+// Nothing that handles network bytes may panic; tests may.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod config;
 pub mod connect;
 pub mod names;

@@ -165,8 +165,10 @@ impl Server {
             accept_loops.push(tokio::spawn(ctx.run()));
         }
         handle.shutdown.cancelled().await;
-        for accept_loop in &accept_loops {
-            accept_loop.abort();
+        // Each loop returns on shutdown and drops its listener, so new
+        // connections are refused from here on.
+        for accept_loop in accept_loops {
+            let _ = accept_loop.await;
         }
         tracker.close();
         let drain = handle.shared.config.load().timeouts.drain;
@@ -198,10 +200,16 @@ impl AcceptLoop {
         loop {
             // Waiting for a permit before accepting leaves excess clients in
             // the kernel backlog instead of holding them here.
-            let Ok(permit) = self.limit.clone().acquire_owned().await else {
-                return;
+            let permit = tokio::select! {
+                permit = self.limit.clone().acquire_owned() => permit,
+                () = self.handle.shutdown.cancelled() => return,
             };
-            let (stream, peer) = match self.listener.accept().await {
+            let Ok(permit) = permit else { return };
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = self.handle.shutdown.cancelled() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => {
                     backoff = Duration::from_millis(5);
                     accepted

@@ -224,11 +224,7 @@ async fn unknown_name_gets_an_alert_and_causes_no_outbound_connection() {
         "{err}"
     );
     let mut raw = TcpStream::connect(router.addr()).await.unwrap();
-    let other = HELLO.to_vec();
-    // Same hello, another name of the same length: still unknown.
-    let at = other.windows(9).position(|w| w == b"pass.test").unwrap();
-    let mut other = other;
-    other[at..at + 9].copy_from_slice(b"evil.test");
+    let other = hello_for("evil.test");
     raw.write_all(&other).await.unwrap();
     let (reply, eof) = read_until_eof(&mut raw).await;
     assert!(eof);
@@ -280,9 +276,7 @@ async fn splice_to_holder_fails_over_and_sends_proxy_v2() {
         })
         .collect();
     let router = Router::start(&fleet_toml("a", &nodes, "", sites)).await;
-    let mut hello = HELLO.to_vec();
-    let at = hello.windows(9).position(|w| w == b"pass.test").unwrap();
-    hello[at..at + 9].copy_from_slice(b"held.test");
+    let hello = hello_for("held.test");
     let mut client = TcpStream::connect(router.addr()).await.unwrap();
     let client_addr = client.local_addr().unwrap();
     client.write_all(&hello).await.unwrap();
@@ -321,9 +315,7 @@ async fn conflicting_configs_fail_fast_instead_of_bouncing() {
         "[[sites]]\nnames = [\"held.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:9\"\n",
     ))
     .await;
-    let mut hello = HELLO.to_vec();
-    let at = hello.windows(9).position(|w| w == b"pass.test").unwrap();
-    hello[at..at + 9].copy_from_slice(b"held.test");
+    let hello = hello_for("held.test");
     let started = Instant::now();
     let mut client = TcpStream::connect(a.addr()).await.unwrap();
     client.write_all(&hello).await.unwrap();
@@ -452,4 +444,16 @@ async fn proxy_header_from_a_trusted_proxy_sets_the_client_address() {
     let seen = backend.wait_for(1).await;
     let text = String::from_utf8_lossy(&seen[0].bytes);
     assert!(text.starts_with("PROXY TCP4 203.0.113.9 "), "{text}");
+}
+
+#[tokio::test]
+async fn ipv6_listener_routes_like_ipv4() {
+    let backend = Backend::recorder("127.0.0.1").await;
+    let v6 = free_addr("::1");
+    let rest = format!("[[listeners]]\nbind = \"{v6}\"\n");
+    let router = single_node(backend.addr, "", &rest).await;
+    let mut client = TcpStream::connect(router.addrs[1]).await.unwrap();
+    client.write_all(HELLO).await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(backend.wait_for(1).await[0].bytes, HELLO);
 }

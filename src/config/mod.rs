@@ -231,7 +231,7 @@ impl Config {
                 SiteRoute::Passthrough { backend } => format!("passthrough -> {backend}"),
             };
             for name in &site.names {
-                out.push_str(&format!("  {name:<32} {action}\n"));
+                out.push_str(&format!("  {:<32} {action}\n", name.to_string()));
             }
         }
         out

@@ -91,10 +91,13 @@ pub fn parse(buf: &[u8]) -> Parse {
     }
 }
 
+/// A whole handshake message and how many input bytes its records span.
+type Reassembled<'a> = (Cow<'a, [u8]>, usize);
+
 /// Collects the fragments of the first handshake message from consecutive
 /// records. Returns the message and how many input bytes its records span,
 /// or `None` while more bytes are needed.
-fn reassemble(buf: &[u8]) -> Result<Option<(Cow<'_, [u8]>, usize)>, Invalid> {
+fn reassemble(buf: &[u8]) -> Result<Option<Reassembled<'_>>, Invalid> {
     let mut fragments: Vec<&[u8]> = Vec::new();
     let mut have = 0usize;
     let mut pos = 0usize;
@@ -128,11 +131,11 @@ fn reassemble(buf: &[u8]) -> Result<Option<(Cow<'_, [u8]>, usize)>, Invalid> {
         fragments.push(body);
         have += record_len;
         pos = body_start + record_len;
-        if let Some(total) = check_handshake_header(&fragments, &[])? {
-            if have >= total {
-                let message = join_prefix(&fragments, total);
-                return Ok(Some((message, pos)));
-            }
+        if let Some(total) = check_handshake_header(&fragments, &[])?
+            && have >= total
+        {
+            let message = join_prefix(&fragments, total);
+            return Ok(Some((message, pos)));
         }
     }
 }
@@ -195,7 +198,7 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
         return Ok((None, Vec::new()));
     };
     let extensions = match parse_tls_extensions(ext) {
-        Ok((rest, extensions)) if rest.is_empty() => extensions,
+        Ok(([], extensions)) => extensions,
         _ => return Err(Invalid::Malformed),
     };
     let mut sni = None;

@@ -197,6 +197,22 @@ impl Backend {
         .await
     }
 
+    /// Echoes every byte back until EOF, recording what it echoed.
+    pub async fn echo(ip: &str) -> Backend {
+        Backend::spawn(ip, |stream, mut seen: Seen| async move {
+            let (mut reader, mut writer) = stream.into_split();
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(Ok(n)) = tokio::time::timeout(WAIT * 3, reader.read(&mut buf)).await {
+                if n == 0 || writer.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                seen.bytes.extend_from_slice(&buf[..n]);
+            }
+            seen
+        })
+        .await
+    }
+
     /// A TLS server for `names` that answers one HTTP-ish request.
     pub async fn tls(ip: &str, ca: &TestCa, names: &[&str]) -> Backend {
         let leaf = ca.leaf(names);
@@ -321,4 +337,17 @@ pub fn fleet_toml(this: &str, nodes: &[(&str, SocketAddr)], top: &str, rest: &st
     }
     out.push_str(rest);
     out
+}
+
+/// The captured hello with its 9-byte name `pass.test` swapped for another
+/// name of the same length.
+pub fn hello_for(name: &str) -> Vec<u8> {
+    assert_eq!(name.len(), 9, "the name must keep the hello's length");
+    let mut hello = HELLO.to_vec();
+    let at = hello
+        .windows(9)
+        .position(|w| w == b"pass.test")
+        .expect("name in capture");
+    hello[at..at + 9].copy_from_slice(name.as_bytes());
+    hello
 }

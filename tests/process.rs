@@ -1,0 +1,263 @@
+//! The built binary: `check`, SIGHUP reload and SIGTERM drain.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sni-router");
+
+/// The binary as a child process; killed on drop so no test leaks one.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn start(config: &Path, dir: &Path) -> Process {
+        let log = dir.join("router.log");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start sni-router");
+        Process { child, log }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the log to contain `text`.
+    async fn wait_log(&self, text: &str, times: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.log().matches(text).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not logged {times}x:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "router did not exit:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "router never listened on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn site(name: &str, backend: SocketAddr) -> String {
+    format!("[[sites]]\nnames = [\"{name}\"]\npassthrough = \"{backend}\"\n")
+}
+
+/// Sends `chunk` and reads its echo: proves the stream is alive and in order.
+async fn echo_round(stream: &mut TcpStream, chunk: &[u8]) {
+    stream.write_all(chunk).await.unwrap();
+    let mut back = vec![0u8; chunk.len()];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, chunk);
+}
+
+#[test]
+fn check_prints_the_route_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    let node = free_addr("127.0.0.2");
+    std::fs::write(
+        &config,
+        fleet_toml("a", &[("a", node)], "", &site("pass.test", node)),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("pass.test") && table.contains("passthrough ->"),
+        "{table}"
+    );
+}
+
+#[test]
+fn check_rejects_bad_configs_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    let node = free_addr("127.0.0.2");
+    let bad = fleet_toml(
+        "a",
+        &[("a", node)],
+        "",
+        "[[sites]]\nnames = [\"x.test\"]\nheld_by = [\"ghost\"]\nupstream = \"nowhere\"\n",
+    );
+    std::fs::write(&config, bad).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = config.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{file}: sites[0].held_by[0]: unknown node \"ghost\""
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}: sites[0].upstream: \"nowhere\" is not a socket address"
+        )),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--node", "zz", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node: \"zz\" is not among [[nodes]]"));
+}
+
+#[tokio::test]
+async fn sighup_reloads_while_a_connection_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    let node = free_addr("127.0.0.2");
+    let echo = Backend::echo("127.0.0.1").await;
+    let fresh = Backend::recorder("127.0.0.1").await;
+    let nodes = [("a", node)];
+    std::fs::write(
+        &config,
+        fleet_toml("a", &nodes, "", &site("pass.test", echo.addr)),
+    )
+    .unwrap();
+    let router = Process::start(&config, dir.path());
+    wait_listening(node).await;
+
+    let mut stream = TcpStream::connect(node).await.unwrap();
+    echo_round(&mut stream, HELLO).await;
+    echo_round(&mut stream, b"before reload").await;
+
+    // A new site appears: new connections see it, the live one is untouched.
+    let both = format!(
+        "{}{}",
+        site("pass.test", echo.addr),
+        site("next.test", fresh.addr)
+    );
+    std::fs::write(&config, fleet_toml("a", &nodes, "", &both)).unwrap();
+    router.signal("HUP");
+    router.wait_log("config reloaded", 1).await;
+    echo_round(&mut stream, b"during reload").await;
+    let mut next = TcpStream::connect(node).await.unwrap();
+    next.write_all(&hello_for("next.test")).await.unwrap();
+    next.shutdown().await.unwrap();
+    assert_eq!(fresh.wait_for(1).await.len(), 1);
+
+    // A broken config is refused and the running one kept.
+    std::fs::write(&config, "this_node = 42").unwrap();
+    router.signal("HUP");
+    router
+        .wait_log("reload failed, keeping the running config", 1)
+        .await;
+    echo_round(&mut stream, b"after a bad reload").await;
+    let mut again = TcpStream::connect(node).await.unwrap();
+    again.write_all(&hello_for("next.test")).await.unwrap();
+    again.shutdown().await.unwrap();
+    assert_eq!(fresh.wait_for(2).await.len(), 2);
+    stream.shutdown().await.unwrap();
+    let (_, eof) = read_until_eof(&mut stream).await;
+    assert!(eof);
+    let seen = echo.wait_for(1).await;
+    let sent = [
+        HELLO,
+        b"before reload",
+        b"during reload",
+        b"after a bad reload",
+    ]
+    .concat();
+    assert_eq!(seen[0].bytes, sent, "no byte lost or reordered");
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    let node = free_addr("127.0.0.2");
+    let echo = Backend::echo("127.0.0.1").await;
+    let text = fleet_toml(
+        "a",
+        &[("a", node)],
+        "[timeouts]\ndrain = \"5s\"",
+        &site("pass.test", echo.addr),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut router = Process::start(&config, dir.path());
+    wait_listening(node).await;
+    let mut stream = TcpStream::connect(node).await.unwrap();
+    echo_round(&mut stream, HELLO).await;
+
+    router.signal("TERM");
+    router.wait_log("draining connections", 1).await;
+    assert!(
+        TcpStream::connect(node).await.is_err(),
+        "no new connections while draining"
+    );
+    echo_round(&mut stream, b"still served while draining").await;
+    stream.shutdown().await.unwrap();
+    let (_, eof) = read_until_eof(&mut stream).await;
+    assert!(eof);
+    let status = router.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", router.log());
+    let log = router.log();
+    assert!(log.contains("connection finished"), "{log}");
+    assert!(!log.contains("drain period over"), "{log}");
+}
