@@ -27,9 +27,11 @@
 )]
 
 pub mod config;
-pub mod connect;
 pub mod names;
-pub mod proxy_protocol;
 pub mod server;
-pub mod splice;
 pub mod tls;
+pub mod proxy_protocol;
+pub mod connect;
+pub mod splice;
+pub mod certs;
+pub mod probe;

@@ -30,6 +30,26 @@ enum Command {
     Run(ConfigArgs),
     /// Validate a config and print this node's route table.
     Check(ConfigArgs),
+    /// TLS-handshake with a server, print the chain it presents, optionally save it.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// HOST:PORT to connect to.
+    target: String,
+    /// Server name to send (SNI) and verify the chain for.
+    #[arg(long)]
+    sni: String,
+    /// Write the presented chain to DIR/chain.pem.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Verify against the roots in this PEM file instead of the system roots.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Args, Default)]
@@ -62,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run(ConfigArgs::default())) {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
+        Command::Probe(args) => probe(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,4 +125,25 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(server::serve(source, config))?;
     Ok(())
+}
+
+fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let target = tokio::net::lookup_host(&args.target)
+            .await
+            .with_context(|| format!("resolving {}", args.target))?
+            .next()
+            .with_context(|| format!("{} has no address", args.target))?;
+        let report = sni_router::probe::probe(target, &args.sni, args.ca.as_deref(), args.timeout).await?;
+        print!("{}", sni_router::probe::render(&report, std::time::SystemTime::now()));
+        if let Some(dir) = &args.out {
+            let path = sni_router::probe::write_chain(dir, &report.chain)?;
+            println!("chain written to {}", path.display());
+        }
+        Ok(())
+    })
 }

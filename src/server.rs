@@ -15,7 +15,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::certs::store::CertStore;
+use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
+use crate::tls::terminate::{Contexts, Resumption};
+use tokio::sync::Notify;
 
 /// Where the config comes from, so a reload reads the same place.
 #[derive(Debug, Clone)]
@@ -46,6 +50,8 @@ pub struct Stats {
     pub finished: AtomicU64,
     pub rejected: AtomicU64,
     pub reloads: AtomicU64,
+    /// Held sites spliced to a peer for want of a valid certificate here.
+    pub fallbacks: AtomicU64,
 }
 
 impl Stats {
@@ -57,11 +63,34 @@ impl Stats {
     }
 }
 
+/// A config with everything built from it; swapped whole on reload so a
+/// connection never mixes two versions.
+#[derive(Debug)]
+pub struct Live {
+    pub config: Config,
+    pub tls: Contexts,
+}
+
 /// State every connection task can reach.
 #[derive(Debug)]
 pub struct Shared {
-    pub config: ArcSwap<Config>,
+    pub live: ArcSwap<Live>,
+    pub certs: Arc<CertStore>,
     pub stats: Stats,
+    resumption: Resumption,
+    /// Wakes the certificate watcher after a reload.
+    reloaded: Notify,
+}
+
+impl Shared {
+    fn build(&self, config: Config) -> Result<Live, rustls::Error> {
+        let tls = Contexts::build(&config, &self.certs, &self.resumption)?;
+        Ok(Live { config, tls })
+    }
+
+    pub fn config(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
 }
 
 /// Controls a running server from another task (signals, tests).
@@ -74,8 +103,16 @@ pub struct Handle {
 impl Handle {
     /// Swaps in a new config; live connections keep the one they started with.
     pub fn reload(&self, config: Config) {
-        let old = self.shared.config.load();
-        let old_binds: Vec<SocketAddr> = old.listeners.iter().map(|l| l.bind).collect();
+        let live = match self.shared.build(config) {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed building TLS contexts, keeping the running config");
+                return;
+            }
+        };
+        let config = &live.config;
+        let old = self.shared.live.load();
+        let old_binds: Vec<SocketAddr> = old.config.listeners.iter().map(|l| l.bind).collect();
         let new_binds: Vec<SocketAddr> = config.listeners.iter().map(|l| l.bind).collect();
         if old_binds != new_binds {
             tracing::warn!(
@@ -85,8 +122,9 @@ impl Handle {
             );
         }
         tracing::info!(source = %config.source, sites = config.sites.len(), "config reloaded");
-        self.shared.config.store(Arc::new(config));
+        self.shared.live.store(Arc::new(live));
         self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        self.shared.reloaded.notify_one();
     }
 
     /// Stops accepting and starts the drain.
@@ -106,11 +144,12 @@ pub struct BindError {
 pub struct Server {
     handle: Handle,
     listeners: Vec<TcpListener>,
+    certs: FileWatch,
 }
 
 impl Server {
-    /// Binds every TLS listener of this node.
-    pub fn bind(config: Config) -> Result<Server, BindError> {
+    /// Loads certificates and binds every TLS listener of this node.
+    pub fn bind(config: Config) -> Result<Server, ServeError> {
         let mut listeners = Vec::new();
         for listener in &config.listeners {
             let bound = bind_listener(listener.bind, config.limits.backlog).map_err(|source| {
@@ -121,9 +160,17 @@ impl Server {
             })?;
             listeners.push(bound);
         }
+        let certs = Arc::new(CertStore::default());
+        let mut watch = FileWatch::default();
+        watch.sync(&config, &certs);
+        let resumption = Resumption::new()?;
+        let tls = Contexts::build(&config, &certs, &resumption)?;
         let shared = Arc::new(Shared {
-            config: ArcSwap::from_pointee(config),
+            live: ArcSwap::from_pointee(Live { config, tls }),
+            certs,
             stats: Stats::default(),
+            resumption,
+            reloaded: Notify::new(),
         });
         Ok(Server {
             handle: Handle {
@@ -131,6 +178,7 @@ impl Server {
                 shutdown: CancellationToken::new(),
             },
             listeners,
+            certs: watch,
         })
     }
 
@@ -149,9 +197,14 @@ impl Server {
     /// Accepts until shutdown, then waits up to the drain period for
     /// in-flight connections.
     pub async fn run(self) {
-        let Server { handle, listeners } = self;
-        let config = handle.shared.config.load_full();
-        let limit = Arc::new(Semaphore::new(config.limits.max_connections));
+        let Server {
+            handle,
+            listeners,
+            certs,
+        } = self;
+        let live = handle.shared.config();
+        let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
+        let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -170,8 +223,9 @@ impl Server {
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
+        watcher.abort();
         tracker.close();
-        let drain = handle.shared.config.load().timeouts.drain;
+        let drain = handle.shared.config().config.timeouts.drain;
         tracing::info!(
             in_flight = tracker.len(),
             ?drain,
@@ -227,13 +281,26 @@ impl AcceptLoop {
             let _ = stream.set_nodelay(true);
             let shared = self.handle.shared.clone();
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let config = shared.config.load_full();
+            let live = shared.config();
             let index = self.index;
             self.tracker.spawn(async move {
-                crate::tls::handler::handle(shared, config, index, stream, peer, local).await;
+                crate::tls::handler::handle(shared, live, index, stream, peer, local).await;
                 drop(permit);
             });
         }
+    }
+}
+
+/// Re-checks certificate files every `certs.poll`, and at once after a reload.
+async fn watch_certificates(handle: Handle, mut watch: FileWatch) {
+    loop {
+        let poll = handle.shared.config().config.cert_poll;
+        tokio::select! {
+            () = tokio::time::sleep(poll) => {}
+            () = handle.shared.reloaded.notified() => {}
+        }
+        let live = handle.shared.config();
+        watch.sync(&live.config, &handle.shared.certs);
     }
 }
 
@@ -297,6 +364,8 @@ pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeErro
 pub enum ServeError {
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("building TLS contexts: {0}")]
+    Tls(#[from] rustls::Error),
     #[error("installing signal handler: {0}")]
     Signal(#[from] io::Error),
 }

@@ -3,12 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use super::file::{FileConfig, FileSite};
 use super::{
-    Config, ConfigError, Limits, Listener, Node, NodeId, Problem, ProxyVersion, Site, SiteId,
-    SiteRoute, Timeouts, canonical,
+    CertFiles, Config, ConfigError, Limits, Listener, Node, NodeId, Problem, ProxyVersion, Site,
+    SiteId, SiteRoute, Timeouts, canonical,
 };
 use crate::names::{NameTable, Pattern};
 
@@ -116,7 +117,8 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         );
     }
 
-    let (sites, names, site_ids) = sites(b, &file.sites, &node_ids);
+    let base = Path::new(source).parent().unwrap_or(Path::new("."));
+    let (sites, names, site_ids) = sites(b, &file.sites, &node_ids, base);
     let site_ref = |b: &mut Builder, field: &str, raw: &str| -> Option<SiteId> {
         let found = Pattern::parse(raw).and_then(|p| site_ids.get(&p).copied());
         if found.is_none() {
@@ -139,28 +141,16 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         .filter_map(|(i, raw)| b.ip(&format!("trusted_proxies[{i}]"), raw))
         .collect();
 
+    let t = &file.timeouts;
+    let d = Timeouts::default();
     let timeouts = Timeouts {
-        hello: b.duration(
-            "timeouts.hello",
-            file.timeouts.hello.as_deref(),
-            Timeouts::default().hello,
-        ),
-        connect: b.duration(
-            "timeouts.connect",
-            file.timeouts.connect.as_deref(),
-            Timeouts::default().connect,
-        ),
-        idle: b.duration(
-            "timeouts.idle",
-            file.timeouts.idle.as_deref(),
-            Timeouts::default().idle,
-        ),
-        drain: b.duration(
-            "timeouts.drain",
-            file.timeouts.drain.as_deref(),
-            Timeouts::default().drain,
-        ),
+        hello: b.duration("timeouts.hello", t.hello.as_deref(), d.hello),
+        connect: b.duration("timeouts.connect", t.connect.as_deref(), d.connect),
+        idle: b.duration("timeouts.idle", t.idle.as_deref(), d.idle),
+        drain: b.duration("timeouts.drain", t.drain.as_deref(), d.drain),
+        handshake: b.duration("timeouts.handshake", t.handshake.as_deref(), d.handshake),
     };
+    let cert_poll = b.duration("certs.poll", file.certs.poll.as_deref(), Duration::from_secs(5));
     let defaults = Limits::default();
     let limits = Limits {
         backlog: file.limits.backlog.unwrap_or(defaults.backlog),
@@ -219,6 +209,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         timeouts,
         limits,
         workers: file.workers,
+        cert_poll,
     })
 }
 
@@ -274,7 +265,12 @@ fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashSet<IpAddr>) {
 
 type SiteTables = (Vec<Site>, NameTable<SiteId>, HashMap<Pattern, SiteId>);
 
-fn sites(b: &mut Builder, file: &[FileSite], node_ids: &HashMap<&str, NodeId>) -> SiteTables {
+fn sites(
+    b: &mut Builder,
+    file: &[FileSite],
+    node_ids: &HashMap<&str, NodeId>,
+    base: &Path,
+) -> SiteTables {
     let mut sites = Vec::new();
     let mut names = NameTable::default();
     let mut by_pattern: HashMap<Pattern, SiteId> = HashMap::new();
@@ -303,7 +299,7 @@ fn sites(b: &mut Builder, file: &[FileSite], node_ids: &HashMap<&str, NodeId>) -
             by_pattern.insert(pattern.clone(), id);
             patterns.push(pattern);
         }
-        let route = site_route(b, &field, s, node_ids);
+        let route = site_route(b, &field, s, node_ids, base);
         let proxy_protocol = match s.proxy_protocol.as_deref() {
             None | Some("none") => None,
             Some("v1") => Some(ProxyVersion::V1),
@@ -336,7 +332,22 @@ fn site_route(
     field: &str,
     s: &FileSite,
     node_ids: &HashMap<&str, NodeId>,
+    base: &Path,
 ) -> Option<SiteRoute> {
+    if s.held_by.is_empty() {
+        for (set, key) in [
+            (s.cert_file.is_some(), "cert_file"),
+            (s.key_file.is_some(), "key_file"),
+            (s.alpn.is_some(), "alpn"),
+        ] {
+            if set {
+                b.problem(
+                    format!("{field}.{key}"),
+                    "applies only to sites with held_by (terminated here)",
+                );
+            }
+        }
+    }
     match (s.held_by.is_empty(), &s.passthrough) {
         (false, None) => {
             let mut holders = Vec::new();
@@ -363,9 +374,27 @@ fn site_route(
                     None
                 }
             };
+            let cert_files = match (&s.cert_file, &s.key_file) {
+                (Some(cert), Some(key)) => Some(CertFiles {
+                    cert: base.join(cert),
+                    key: base.join(key),
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    b.problem(format!("{field}.key_file"), "cert_file needs a key_file");
+                    None
+                }
+                (None, Some(_)) => {
+                    b.problem(format!("{field}.cert_file"), "key_file needs a cert_file");
+                    None
+                }
+            };
+            let alpn = alpn(b, field, s.alpn.as_deref());
             Some(SiteRoute::Held {
                 holders,
                 upstream: upstream?,
+                cert_files,
+                alpn,
             })
         }
         (true, Some(raw)) => {
@@ -393,4 +422,24 @@ fn site_route(
             None
         }
     }
+}
+
+/// ALPN protocols offered after termination; `acme-tls/1` is reserved for
+/// ACME's TLS-ALPN-01 challenge.
+fn alpn(b: &mut Builder, field: &str, raw: Option<&[String]>) -> Vec<Vec<u8>> {
+    let Some(raw) = raw else {
+        return vec![b"http/1.1".to_vec()];
+    };
+    let mut out = Vec::new();
+    for (i, protocol) in raw.iter().enumerate() {
+        let field = format!("{field}.alpn[{i}]");
+        if protocol.is_empty() || protocol.len() > 255 {
+            b.problem(field, "an ALPN protocol is 1 to 255 bytes");
+        } else if protocol == "acme-tls/1" {
+            b.problem(field, "\"acme-tls/1\" is reserved for ACME challenges");
+        } else {
+            out.push(protocol.as_bytes().to_vec());
+        }
+    }
+    out
 }

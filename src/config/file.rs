@@ -15,6 +15,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: FileLimits,
     #[serde(default)]
+    pub certs: FileCerts,
+    #[serde(default)]
     pub nodes: Vec<FileNode>,
     #[serde(default)]
     pub sites: Vec<FileSite>,
@@ -29,6 +31,13 @@ pub struct FileTimeouts {
     pub connect: Option<String>,
     pub idle: Option<String>,
     pub drain: Option<String>,
+    pub handshake: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCerts {
+    pub poll: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +68,9 @@ pub struct FileSite {
     pub upstream: Option<String>,
     pub passthrough: Option<String>,
     pub proxy_protocol: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub alpn: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

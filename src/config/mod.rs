@@ -9,7 +9,7 @@ mod tests;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::names::{NameTable, Pattern};
@@ -42,6 +42,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub workers: Option<usize>,
+    /// How often certificate files are checked for changes.
+    pub cert_poll: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -71,9 +73,19 @@ pub enum SiteRoute {
     Held {
         holders: Vec<NodeId>,
         upstream: SocketAddr,
+        /// PEM files; without them the certificate comes from ACME.
+        cert_files: Option<CertFiles>,
+        /// ALPN protocols offered after termination, in preference order.
+        alpn: Vec<Vec<u8>>,
     },
     /// Raw TLS goes to a backend that has its own certificate.
     Passthrough { backend: SocketAddr },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +107,8 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Grace period for in-flight connections at shutdown.
     pub drain: Duration,
+    /// A TLS handshake we terminate must finish within this.
+    pub handshake: Duration,
 }
 
 impl Default for Timeouts {
@@ -104,6 +118,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(3),
             idle: Duration::from_secs(300),
             drain: Duration::from_secs(30),
+            handshake: Duration::from_secs(10),
         }
     }
 }
@@ -216,7 +231,9 @@ impl Config {
         }
         for site in &self.sites {
             let action = match &site.route {
-                SiteRoute::Held { holders, upstream } if holders.contains(&self.this_node) => {
+                SiteRoute::Held {
+                    holders, upstream, ..
+                } if holders.contains(&self.this_node) => {
                     format!(
                         "terminate -> {upstream} (when certificate valid, else splice to peers)"
                     )

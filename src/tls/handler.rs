@@ -3,17 +3,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::peek::{self, HelloError};
 use super::route::{self, Decision, Peer};
+use super::terminate::{self, Ends};
 use crate::config::{Config, ProxyVersion};
 use crate::connect::{self, ConnectError};
 use crate::proxy_protocol;
-use crate::server::Shared;
+use crate::server::{Live, Shared};
 use crate::splice::{self, Transfer};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
@@ -22,6 +24,8 @@ const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x
 
 /// Everything the finished-connection log line reports.
 struct Outcome {
+    /// The original client, when a trusted PROXY header named one.
+    client: Option<SocketAddr>,
     sni: Option<String>,
     decision: &'static str,
     reason: String,
@@ -32,6 +36,7 @@ struct Outcome {
 impl Outcome {
     fn new(decision: &'static str, reason: impl Into<String>) -> Self {
         Outcome {
+            client: None,
             sni: None,
             decision,
             reason: reason.into(),
@@ -43,14 +48,14 @@ impl Outcome {
 
 pub async fn handle(
     shared: Arc<Shared>,
-    config: Arc<Config>,
+    live: Arc<Live>,
     listener: usize,
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
 ) {
     let started = Instant::now();
-    let outcome = route_connection(&config, listener, &mut stream, peer, local).await;
+    let outcome = route_connection(&shared, &live, listener, &mut stream, peer, local).await;
     let (up, down, end) = match &outcome.transfer {
         Some(t) => (t.to_target, t.to_client, t.end.to_string()),
         None => (0, 0, outcome.reason.clone()),
@@ -58,7 +63,8 @@ pub async fn handle(
     shared.stats.finished(outcome.decision);
     tracing::info!(
         target: "sni_router::conn",
-        client = %peer,
+        client = %outcome.client.unwrap_or(peer),
+        via = %peer,
         sni = outcome.sni.as_deref().unwrap_or("-"),
         decision = outcome.decision,
         target = %outcome.target.map_or_else(|| "-".to_string(), |t| t.to_string()),
@@ -71,12 +77,14 @@ pub async fn handle(
 }
 
 async fn route_connection(
-    config: &Config,
+    shared: &Shared,
+    live: &Live,
     listener: usize,
     stream: &mut TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Outcome {
+    let config = &live.config;
     let from_node = config.is_node_address(peer.ip());
     let allow_proxy = config.may_send_proxy(peer.ip());
     let preamble = match peek::read_preamble(stream, allow_proxy, config.timeouts.hello).await {
@@ -98,9 +106,10 @@ async fn route_connection(
             client: client.ip(),
             from_node,
         },
-        // Termination is built on top of this data path; until a certificate
-        // store answers, every held name is served by splicing to peers.
-        |_, _| false,
+        |site, name| {
+            let name = preamble.hello.sni.as_deref().or(Some(name));
+            shared.certs.valid_for(&config.site(site).label, name, SystemTime::now()).is_some()
+        },
     );
     let mut outcome = match decision {
         Decision::Reject(reject) => {
@@ -131,7 +140,14 @@ async fn route_connection(
             )
             .await
         }
-        Decision::Splice { holders, .. } => {
+        Decision::Splice { site, holders } => {
+            if config.holds(site) {
+                shared.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    site = %config.site(site).label, client = %client,
+                    "no valid certificate here for a held site: splicing to another holder"
+                );
+            }
             let targets: Vec<SocketAddr> = holders.iter().map(|h| config.node(*h).tls).collect();
             // Node-to-node splices always carry PROXY v2: the terminating
             // node needs the client address, and the loop guard its source.
@@ -148,9 +164,24 @@ async fn route_connection(
             )
             .await
         }
-        Decision::Terminate { .. } => Outcome::new("reject", "termination unavailable"),
+        Decision::Terminate { site } => {
+            let ends = Ends {
+                client,
+                destination,
+            };
+            match terminate::serve(config, &live.tls, site, stream, preamble.bytes, ends).await {
+                Ok((upstream, transfer)) => Outcome {
+                    reason: transfer.end.kind().to_string(),
+                    target: Some(upstream),
+                    transfer: Some(transfer),
+                    ..Outcome::new("terminate", "")
+                },
+                Err(e) => Outcome::new("terminate", format!("{}: {e}", e.kind())),
+            }
+        }
     };
     outcome.sni = sni;
+    outcome.client = Some(client);
     outcome
 }
 
@@ -191,11 +222,10 @@ async fn forward(
     let mut transfer = splice::join(client, upstream, config.timeouts.idle).await;
     transfer.to_target += replay.len() as u64;
     Outcome {
-        sni: None,
-        decision,
         reason: transfer.end.kind().to_string(),
         target,
         transfer: Some(transfer),
+        ..Outcome::new(decision, "")
     }
 }
 

@@ -5,3 +5,5 @@ pub mod client_hello;
 pub mod handler;
 pub mod peek;
 pub mod route;
+pub mod prefixed;
+pub mod terminate;

@@ -1,0 +1,131 @@
+//! Certificates on disk: PEM chain + key in, parsed facts out.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+/// A usable certificate: the key rustls serves and what we know of it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub key: Arc<CertifiedKey>,
+    pub info: CertInfo,
+}
+
+/// Facts read from an end-entity certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// DNS names from the subjectAltName extension, lowercased.
+    pub dns_names: Vec<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl CertInfo {
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+
+    /// Whether the certificate covers `name` the way a TLS client checks it:
+    /// an exact SAN, or a `*.` SAN for exactly one more label.
+    pub fn covers(&self, name: &str) -> bool {
+        self.dns_names.iter().any(|san| match san.strip_prefix("*.") {
+            Some(suffix) => name.split_once('.').is_some_and(|(_, rest)| rest == suffix),
+            None => san == name,
+        })
+    }
+
+    /// Whole days until expiry (negative once expired).
+    pub fn days_left(&self, now: SystemTime) -> i64 {
+        match self.not_after.duration_since(now) {
+            Ok(left) => (left.as_secs() / 86_400) as i64,
+            Err(past) => -((past.duration().as_secs() / 86_400) as i64) - 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: no PEM certificate found")]
+    NoCertificate(String),
+    #[error("{0}: no usable PEM private key found ({1})")]
+    NoKey(String, String),
+    #[error("{0}: {1}")]
+    Rejected(String, rustls::Error),
+    #[error("{0}: cannot parse certificate: {1}")]
+    Parse(String, String),
+}
+
+/// Reads a PEM chain (leaf first) and its key: RSA, ECDSA or Ed25519.
+pub fn load_files(cert_file: &Path, key_file: &Path) -> Result<Loaded, CertError> {
+    let chain = std::fs::read(cert_file).map_err(|e| CertError::Read(cert_file.into(), e))?;
+    let key = std::fs::read(key_file).map_err(|e| CertError::Read(key_file.into(), e))?;
+    from_pem(&chain, &key, &cert_file.display().to_string())
+}
+
+/// Parses a PEM chain and key; `source` names them in errors.
+pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], source: &str) -> Result<Loaded, CertError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| CertError::Parse(source.into(), e.to_string()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(CertError::NoCertificate(source.into()));
+    };
+    let info = describe(leaf).map_err(|e| CertError::Parse(source.into(), e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| CertError::NoKey(source.into(), e.to_string()))?;
+    let certified = CertifiedKey::from_der(chain, key, &provider())
+        .map_err(|e| CertError::Rejected(source.into(), e))?;
+    Ok(Loaded {
+        key: Arc::new(certified),
+        info,
+    })
+}
+
+/// The crypto provider for every TLS context we build (see README: aws-lc-rs).
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
+/// Reads subject, issuer, SANs and validity from a DER certificate.
+pub fn describe(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| e.to_string())?;
+    let dns_names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let time = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            UNIX_EPOCH + Duration::from_secs(secs as u64)
+        } else {
+            UNIX_EPOCH
+        }
+    };
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        dns_names,
+        not_before: time(cert.validity().not_before),
+        not_after: time(cert.validity().not_after),
+    })
+}

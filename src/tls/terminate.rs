@@ -1,0 +1,150 @@
+//! Local TLS termination: one rustls context per held site, the handshake
+//! under a deadline over the replayed hello, then plaintext to the upstream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::{ServerConfig, version};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::prefixed::Prefixed;
+use crate::certs::disk::provider;
+use crate::certs::store::{CertStore, SiteResolver};
+use crate::config::{Config, SiteId, SiteRoute};
+use crate::connect::{self, ConnectError};
+use crate::proxy_protocol;
+use crate::splice::{self, Transfer};
+
+/// Session cache entries shared by every site: enough for the resumption
+/// of recent clients, bounded so a flood of new clients cannot grow it.
+const SESSION_CACHE_ENTRIES: usize = 4096;
+
+/// Resumption state that outlives config reloads.
+#[derive(Clone)]
+pub struct Resumption {
+    sessions: Arc<dyn StoresServerSessions>,
+    tickets: Arc<dyn ProducesTickets>,
+}
+
+impl std::fmt::Debug for Resumption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resumption")
+    }
+}
+
+impl Resumption {
+    pub fn new() -> Result<Self, rustls::Error> {
+        Ok(Resumption {
+            sessions: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
+            tickets: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+        })
+    }
+}
+
+/// rustls contexts for the sites this node holds.
+#[derive(Default)]
+pub struct Contexts {
+    by_site: HashMap<SiteId, TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Contexts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Contexts({} sites)", self.by_site.len())
+    }
+}
+
+impl Contexts {
+    pub fn build(config: &Config, store: &Arc<CertStore>, resumption: &Resumption) -> Result<Self, rustls::Error> {
+        let mut by_site = HashMap::new();
+        for (index, site) in config.sites.iter().enumerate() {
+            let id = SiteId(index);
+            let SiteRoute::Held { alpn, .. } = &site.route else { continue };
+            if !config.holds(id) {
+                continue;
+            }
+            // TLS 1.2 and 1.3 only: rustls implements nothing older.
+            let mut tls = ServerConfig::builder_with_provider(Arc::new(provider()))
+                .with_protocol_versions(&[&version::TLS13, &version::TLS12])?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(SiteResolver {
+                    store: store.clone(),
+                    site: site.label.clone(),
+                }));
+            tls.alpn_protocols = alpn.clone();
+            tls.session_storage = resumption.sessions.clone();
+            tls.ticketer = resumption.tickets.clone();
+            by_site.insert(id, TlsAcceptor::from(Arc::new(tls)));
+        }
+        Ok(Contexts { by_site })
+    }
+
+    fn get(&self, site: SiteId) -> Option<&TlsAcceptor> {
+        self.by_site.get(&site)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TerminateError {
+    #[error("no TLS context for this site")]
+    NoContext,
+    #[error("TLS handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("writing PROXY header to upstream: {0}")]
+    Upstream(std::io::Error),
+}
+
+impl TerminateError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TerminateError::NoContext => "no_context",
+            TerminateError::HandshakeTimeout(_) => "handshake_timeout",
+            TerminateError::Handshake(_) => "handshake_error",
+            TerminateError::Connect(e) => e.kind(),
+            TerminateError::Upstream(_) => "upstream_error",
+        }
+    }
+}
+
+/// Addresses of the connection being terminated.
+pub struct Ends {
+    /// The original client (from a node's PROXY header when spliced to us).
+    pub client: SocketAddr,
+    pub destination: SocketAddr,
+}
+
+/// Completes the handshake over the replayed hello, connects to the site's
+/// upstream and joins the two. Returns the upstream address and transfer.
+pub async fn serve(
+    config: &Config,
+    contexts: &Contexts,
+    site: SiteId,
+    stream: &mut TcpStream,
+    replay: Vec<u8>,
+    ends: Ends,
+) -> Result<(SocketAddr, Transfer), TerminateError> {
+    let acceptor = contexts.get(site).ok_or(TerminateError::NoContext)?;
+    let SiteRoute::Held { upstream, .. } = &config.site(site).route else {
+        return Err(TerminateError::NoContext);
+    };
+    let deadline = config.timeouts.handshake;
+    let tls = tokio::time::timeout(deadline, acceptor.accept(Prefixed::new(replay, stream)))
+        .await
+        .map_err(|_| TerminateError::HandshakeTimeout(deadline))?
+        .map_err(TerminateError::Handshake)?;
+    let mut target = connect::connect(*upstream, None, config.timeouts.connect).await?;
+    if let Some(version) = config.site(site).proxy_protocol {
+        let header = proxy_protocol::encode(version, ends.client, ends.destination);
+        target.write_all(&header).await.map_err(TerminateError::Upstream)?;
+    }
+    let transfer = splice::join(tls, target, config.timeouts.idle).await;
+    Ok((*upstream, transfer))
+}
