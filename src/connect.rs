@@ -1,6 +1,5 @@
 //! Outbound connections: a deadline on every connect, an optional source
-//! address (so peers recognise node-to-node traffic), and failover across
-//! an ordered list of targets.
+//! address (so peers recognise node-to-node traffic).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -14,8 +13,6 @@ pub enum ConnectError {
     Timeout(SocketAddr, Duration),
     #[error("connect to {0}: {1}")]
     Io(SocketAddr, io::Error),
-    #[error("no target to connect to")]
-    NoTarget,
 }
 
 impl ConnectError {
@@ -23,7 +20,6 @@ impl ConnectError {
         match self {
             ConnectError::Timeout(..) => "connect_timeout",
             ConnectError::Io(..) => "connect_error",
-            ConnectError::NoTarget => "no_target",
         }
     }
 }
@@ -61,22 +57,4 @@ fn socket_from(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSock
         return fresh();
     }
     Ok(socket)
-}
-
-/// Tries `targets` in order; returns the first connection and the index of
-/// the target it reached, with the failures before it.
-pub async fn connect_first(
-    targets: &[SocketAddr],
-    source: Option<IpAddr>,
-    timeout: Duration,
-) -> (Result<(TcpStream, usize), ConnectError>, Vec<ConnectError>) {
-    let mut failures = Vec::new();
-    for (i, target) in targets.iter().enumerate() {
-        match connect(*target, source, timeout).await {
-            Ok(stream) => return (Ok((stream, i)), failures),
-            Err(e) => failures.push(e),
-        }
-    }
-    let last = failures.pop().unwrap_or(ConnectError::NoTarget);
-    (Err(last), failures)
 }

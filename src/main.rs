@@ -138,8 +138,12 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("resolving {}", args.target))?
             .next()
             .with_context(|| format!("{} has no address", args.target))?;
-        let report = sni_router::probe::probe(target, &args.sni, args.ca.as_deref(), args.timeout).await?;
-        print!("{}", sni_router::probe::render(&report, std::time::SystemTime::now()));
+        let report =
+            sni_router::probe::probe(target, &args.sni, args.ca.as_deref(), args.timeout).await?;
+        print!(
+            "{}",
+            sni_router::probe::render(&report, std::time::SystemTime::now())
+        );
         if let Some(dir) = &args.out {
             let path = sni_router::probe::write_chain(dir, &report.chain)?;
             println!("chain written to {}", path.display());

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -46,7 +46,12 @@ pub struct Report {
 }
 
 /// Connects to `target`, handshakes for `sni`, and reports the chain.
-pub async fn probe(target: SocketAddr, sni: &str, ca: Option<&Path>, timeout: Duration) -> Result<Report, ProbeError> {
+pub async fn probe(
+    target: SocketAddr,
+    sni: &str,
+    ca: Option<&Path>,
+    timeout: Duration,
+) -> Result<Report, ProbeError> {
     let roots = roots(ca)?;
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider()))
         .build()
@@ -62,16 +67,29 @@ pub async fn probe(target: SocketAddr, sni: &str, ca: Option<&Path>, timeout: Du
         .with_custom_certificate_verifier(recorder.clone())
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let name = ServerName::try_from(sni.to_string()).map_err(|_| ProbeError::BadName(sni.into()))?;
+    let name =
+        ServerName::try_from(sni.to_string()).map_err(|_| ProbeError::BadName(sni.into()))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let work = async {
-        let tcp = TcpStream::connect(target).await.map_err(|e| ProbeError::Connect(target, e))?;
-        connector.connect(name, tcp).await.map_err(|e| ProbeError::Handshake(target, e))
+        let tcp = TcpStream::connect(target)
+            .await
+            .map_err(|e| ProbeError::Connect(target, e))?;
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ProbeError::Handshake(target, e))
     };
-    let tls = tokio::time::timeout(timeout, work).await.map_err(|_| ProbeError::Timeout(timeout))??;
+    let tls = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ProbeError::Timeout(timeout))??;
     let (_, conn) = tls.get_ref();
-    let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
-    let alpn = conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+    let version = conn
+        .protocol_version()
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_default();
+    let alpn = conn
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
     let (chain, verified) = recorder
         .seen
         .lock()
@@ -144,7 +162,10 @@ pub fn chain_pem(chain: &[CertificateDer<'_>]) -> String {
 }
 
 /// Writes `DIR/chain.pem`; returns its path.
-pub fn write_chain(dir: &Path, chain: &[CertificateDer<'_>]) -> Result<std::path::PathBuf, ProbeError> {
+pub fn write_chain(
+    dir: &Path,
+    chain: &[CertificateDer<'_>],
+) -> Result<std::path::PathBuf, ProbeError> {
     let path = dir.join("chain.pem");
     let shown = path.display().to_string();
     std::fs::create_dir_all(dir).map_err(|e| ProbeError::Write(shown.clone(), e))?;

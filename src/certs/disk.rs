@@ -35,10 +35,12 @@ impl CertInfo {
     /// Whether the certificate covers `name` the way a TLS client checks it:
     /// an exact SAN, or a `*.` SAN for exactly one more label.
     pub fn covers(&self, name: &str) -> bool {
-        self.dns_names.iter().any(|san| match san.strip_prefix("*.") {
-            Some(suffix) => name.split_once('.').is_some_and(|(_, rest)| rest == suffix),
-            None => san == name,
-        })
+        self.dns_names
+            .iter()
+            .any(|san| match san.strip_prefix("*.") {
+                Some(suffix) => name.split_once('.').is_some_and(|(_, rest)| rest == suffix),
+                None => san == name,
+            })
     }
 
     /// Whole days until expiry (negative once expired).
@@ -107,7 +109,9 @@ pub fn describe(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
                 .general_names
                 .iter()
                 .filter_map(|name| match name {
-                    x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+                    x509_parser::extensions::GeneralName::DNSName(dns) => {
+                        Some(dns.to_ascii_lowercase())
+                    }
                     _ => None,
                 })
                 .collect()

@@ -34,7 +34,12 @@ pub struct CertStore {
 impl CertStore {
     /// The certificate to serve for `name` of `site`, if one is valid now and
     /// covers the name. `name` is `None` for clients without SNI.
-    pub fn valid_for(&self, site: &str, name: Option<&str>, now: SystemTime) -> Option<Arc<CertifiedKey>> {
+    pub fn valid_for(
+        &self,
+        site: &str,
+        name: Option<&str>,
+        now: SystemTime,
+    ) -> Option<Arc<CertifiedKey>> {
         let sites = self.sites.load();
         let entry = sites.get(site)?;
         let info = &entry.loaded.info;
@@ -76,6 +81,7 @@ pub struct SiteResolver {
 impl ResolvesServerCert for SiteResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name().map(str::to_ascii_lowercase);
-        self.store.valid_for(&self.site, name.as_deref(), SystemTime::now())
+        self.store
+            .valid_for(&self.site, name.as_deref(), SystemTime::now())
     }
 }

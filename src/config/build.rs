@@ -150,7 +150,11 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         drain: b.duration("timeouts.drain", t.drain.as_deref(), d.drain),
         handshake: b.duration("timeouts.handshake", t.handshake.as_deref(), d.handshake),
     };
-    let cert_poll = b.duration("certs.poll", file.certs.poll.as_deref(), Duration::from_secs(5));
+    let cert_poll = b.duration(
+        "certs.poll",
+        file.certs.poll.as_deref(),
+        Duration::from_secs(5),
+    );
     let defaults = Limits::default();
     let limits = Limits {
         backlog: file.limits.backlog.unwrap_or(defaults.backlog),

@@ -9,14 +9,14 @@ use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::forward::{self, ForwardError, Forwarded};
 use super::peek::{self, HelloError};
 use super::route::{self, Decision, Peer};
 use super::terminate::{self, Ends};
-use crate::config::{Config, ProxyVersion};
-use crate::connect::{self, ConnectError};
+use crate::config::ProxyVersion;
 use crate::proxy_protocol;
 use crate::server::{Live, Shared};
-use crate::splice::{self, Transfer};
+use crate::splice::Transfer;
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
@@ -108,7 +108,10 @@ async fn route_connection(
         },
         |site, name| {
             let name = preamble.hello.sni.as_deref().or(Some(name));
-            shared.certs.valid_for(&config.site(site).label, name, SystemTime::now()).is_some()
+            shared
+                .certs
+                .valid_for(&config.site(site).label, name, SystemTime::now())
+                .is_some()
         },
     );
     let mut outcome = match decision {
@@ -119,7 +122,9 @@ async fn route_connection(
                     "config conflict: a node spliced a name here that this node cannot terminate"
                 );
             }
-            if sni.is_some() {
+            // A node that spliced to us learns of the refusal by a close
+            // with no reply, and fails over to its next holder.
+            if sni.is_some() && !from_node {
                 let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             }
             Outcome::new("reject", reject.kind())
@@ -129,16 +134,9 @@ async fn route_connection(
                 .site(site)
                 .proxy_protocol
                 .map(|v| proxy_protocol::encode(v, client, destination));
-            forward(
-                config,
-                stream,
-                &[backend],
-                None,
-                header,
-                &preamble.bytes,
-                "passthrough",
-            )
-            .await
+            let result =
+                forward::to_backend(config, stream, backend, header, &preamble.bytes).await;
+            forwarded("passthrough", result)
         }
         Decision::Splice { site, holders } => {
             if config.holds(site) {
@@ -153,16 +151,10 @@ async fn route_connection(
             // node needs the client address, and the loop guard its source.
             let header = proxy_protocol::encode(ProxyVersion::V2, client, destination);
             let source = Some(config.this().tls.ip());
-            forward(
-                config,
-                stream,
-                &targets,
-                source,
-                Some(header),
-                &preamble.bytes,
-                "splice",
-            )
-            .await
+            let result =
+                forward::to_holders(config, stream, &targets, source, header, &preamble.bytes)
+                    .await;
+            forwarded("splice", result)
         }
         Decision::Terminate { site } => {
             let ends = Ends {
@@ -191,44 +183,14 @@ fn hello_failed(e: HelloError) -> Outcome {
     outcome
 }
 
-/// Connects to the first reachable target, replays the header and the
-/// peeked bytes, then joins the two streams.
-async fn forward(
-    config: &Config,
-    client: &mut TcpStream,
-    targets: &[SocketAddr],
-    source: Option<std::net::IpAddr>,
-    header: Option<Vec<u8>>,
-    replay: &[u8],
-    decision: &'static str,
-) -> Outcome {
-    let (connected, failures) =
-        connect::connect_first(targets, source, config.timeouts.connect).await;
-    for failure in &failures {
-        tracing::warn!(error = %failure, "target unreachable, failing over to the next");
+fn forwarded(decision: &'static str, result: Result<Forwarded, ForwardError>) -> Outcome {
+    match result {
+        Ok(Forwarded { target, transfer }) => Outcome {
+            reason: transfer.end.kind().to_string(),
+            target: Some(target),
+            transfer: Some(transfer),
+            ..Outcome::new(decision, "")
+        },
+        Err(e) => Outcome::new(decision, format!("{}: {e}", e.kind())),
     }
-    let (mut upstream, index) = match connected {
-        Ok(pair) => pair,
-        Err(e) => return connect_failed(decision, e),
-    };
-    let target = targets.get(index).copied();
-    let mut prefix = header.unwrap_or_default();
-    prefix.extend_from_slice(replay);
-    if let Err(e) = upstream.write_all(&prefix).await {
-        let mut outcome = Outcome::new(decision, format!("target_error (replaying hello: {e})"));
-        outcome.target = target;
-        return outcome;
-    }
-    let mut transfer = splice::join(client, upstream, config.timeouts.idle).await;
-    transfer.to_target += replay.len() as u64;
-    Outcome {
-        reason: transfer.end.kind().to_string(),
-        target,
-        transfer: Some(transfer),
-        ..Outcome::new(decision, "")
-    }
-}
-
-fn connect_failed(decision: &'static str, e: ConnectError) -> Outcome {
-    Outcome::new(decision, format!("{}: {e}", e.kind()))
 }

@@ -2,6 +2,7 @@
 //! (or, for names this node holds, terminate).
 
 pub mod client_hello;
+pub mod forward;
 pub mod handler;
 pub mod peek;
 pub mod route;

@@ -59,11 +59,17 @@ impl std::fmt::Debug for Contexts {
 }
 
 impl Contexts {
-    pub fn build(config: &Config, store: &Arc<CertStore>, resumption: &Resumption) -> Result<Self, rustls::Error> {
+    pub fn build(
+        config: &Config,
+        store: &Arc<CertStore>,
+        resumption: &Resumption,
+    ) -> Result<Self, rustls::Error> {
         let mut by_site = HashMap::new();
         for (index, site) in config.sites.iter().enumerate() {
             let id = SiteId(index);
-            let SiteRoute::Held { alpn, .. } = &site.route else { continue };
+            let SiteRoute::Held { alpn, .. } = &site.route else {
+                continue;
+            };
             if !config.holds(id) {
                 continue;
             }
@@ -143,7 +149,10 @@ pub async fn serve(
     let mut target = connect::connect(*upstream, None, config.timeouts.connect).await?;
     if let Some(version) = config.site(site).proxy_protocol {
         let header = proxy_protocol::encode(version, ends.client, ends.destination);
-        target.write_all(&header).await.map_err(TerminateError::Upstream)?;
+        target
+            .write_all(&header)
+            .await
+            .map_err(TerminateError::Upstream)?;
     }
     let transfer = splice::join(tls, target, config.timeouts.idle).await;
     Ok((*upstream, transfer))

@@ -121,9 +121,23 @@ impl TestCa {
     }
 
     pub fn leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_with(names, &rcgen::PKCS_ECDSA_P256_SHA256, None)
+    }
+
+    /// A leaf with a chosen key type and, optionally, (not_before, not_after).
+    pub fn leaf_with(
+        &self,
+        names: &[&str],
+        alg: &'static rcgen::SignatureAlgorithm,
+        validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+    ) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let params = CertificateParams::new(names).expect("leaf params");
-        let key = KeyPair::generate().expect("leaf key");
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        if let Some((not_before, not_after)) = validity {
+            params.not_before = not_before;
+            params.not_after = not_after;
+        }
+        let key = KeyPair::generate_for(alg).expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
         Leaf {
             chain: vec![cert.der().clone(), self.issuer.der().clone()],
@@ -143,6 +157,29 @@ impl TestCa {
         config.enable_sni = sni;
         Arc::new(config)
     }
+}
+
+impl Leaf {
+    /// Writes `NAME.crt` and `NAME.key` into `dir`; returns their paths as
+    /// config lines `cert_file = ...` / `key_file = ...`.
+    pub fn write(&self, dir: &std::path::Path, name: &str) -> String {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        write_atomic(&cert, self.chain_pem.as_bytes());
+        write_atomic(&key, self.key_pem.as_bytes());
+        format!(
+            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    }
+}
+
+/// Replaces a file the way certbot and lego do: write aside, then rename.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename into place");
 }
 
 /// What a backend saw on one connection.
@@ -213,6 +250,31 @@ impl Backend {
         .await
     }
 
+    /// A plaintext HTTP upstream: answers one request with what it saw
+    /// (the PROXY line, if any) in the body.
+    pub async fn http(ip: &str) -> Backend {
+        Backend::spawn(ip, |mut stream, mut seen: Seen| async move {
+            let mut buf = vec![0u8; 8192];
+            while !seen.bytes.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => seen.bytes.extend_from_slice(&buf[..n]),
+                    _ => return seen,
+                }
+            }
+            let text = String::from_utf8_lossy(&seen.bytes).into_owned();
+            let proxy = text.lines().find(|l| l.starts_with("PROXY")).unwrap_or("-");
+            let body = format!("upstream saw: {proxy}\n");
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            seen
+        })
+        .await
+    }
+
     /// A TLS server for `names` that answers one HTTP-ish request.
     pub async fn tls(ip: &str, ca: &TestCa, names: &[&str]) -> Backend {
         let leaf = ca.leaf(names);
@@ -277,6 +339,34 @@ impl Backend {
         });
         backend
     }
+}
+
+/// A TLS session through the router; also returns the client's local address.
+pub async fn tls_connect(
+    router: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> std::io::Result<(tokio_rustls::client::TlsStream<TcpStream>, SocketAddr)> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let server_name = ServerName::try_from(name.to_string()).expect("server name");
+    let work = async {
+        let tcp = TcpStream::connect(router).await?;
+        let local = tcp.local_addr()?;
+        Ok((connector.connect(server_name, tcp).await?, local))
+    };
+    tokio::time::timeout(WAIT, work)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("tls connect timed out")))
+}
+
+/// The leaf certificate a TLS session was given.
+pub fn peer_leaf(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u8> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default()
 }
 
 /// A TLS client through the router: returns the response text and ALPN.
