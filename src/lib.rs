@@ -11,14 +11,18 @@
 //!              ▼
 //!            tls::route::decide ── pure: terminate | splice | passthrough | reject
 //!              │
-//!              ├─ splice / passthrough: connect (deadline, failover)
-//!              │    └─ replay PROXY header + peeked bytes, then splice::join
+//!              ├─ terminate: tls::terminate (rustls over the replayed hello,
+//!              │    certificate from certs::store) -> upstream, splice::join
+//!              ├─ splice / passthrough: tls::forward (connect with deadline,
+//!              │    failover) -> replay PROXY header + peeked bytes, splice::join
 //!              └─ reject: unrecognized_name alert, close
+//!
+//! certs::watch (PEM files on disk) ──► certs::store ◄── read by every handshake
 //! ```
 //!
 //! `names` holds the exact/wildcard lookup shared by config and routing;
 //! `proxy_protocol` encodes and decodes PROXY v1/v2; `splice` is the one
-//! place two streams are joined.
+//! place two streams are joined; `probe` is the `sni-router probe` command.
 
 // Nothing that handles network bytes may panic; tests may.
 #![cfg_attr(
