@@ -297,7 +297,9 @@ async fn watch_certificates(handle: Handle, mut watch: FileWatch) {
         let poll = handle.shared.config().config.cert_poll;
         tokio::select! {
             () = tokio::time::sleep(poll) => {}
-            () = handle.shared.reloaded.notified() => {}
+            // A reload re-reads every file, changed or not: it is also how an
+            // operator retries after fixing, say, a key file's permissions.
+            () = handle.shared.reloaded.notified() => watch.forget(),
         }
         let live = handle.shared.config();
         watch.sync(&live.config, &handle.shared.certs);

@@ -24,6 +24,11 @@ fn stamp(path: &Path) -> Stamp {
 }
 
 impl FileWatch {
+    /// Makes the next `sync` re-read every file.
+    pub fn forget(&mut self) {
+        self.seen.clear();
+    }
+
     /// Loads what changed since the last call; drops certificates of sites
     /// that no longer have files here.
     pub fn sync(&mut self, config: &Config, store: &CertStore) {
