@@ -6,7 +6,7 @@
 //! config ──► server: bind (socket2), accept under a limit, reload, drain
 //!              │
 //!              ▼  port 443
-//!            tls::peek ── PROXY header (trusted peers only) + ClientHello bytes
+//!            preface ── PROXY header (trusted peers only) + ClientHello bytes
 //!              │            └─ tls::client_hello: pure, bounded parser
 //!              ▼
 //!            tls::route::decide ── pure: terminate | splice | passthrough | reject
@@ -33,7 +33,9 @@
 pub mod config;
 pub mod names;
 pub mod server;
+pub mod preface;
 pub mod tls;
+pub mod http;
 pub mod proxy_protocol;
 pub mod connect;
 pub mod splice;

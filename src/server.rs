@@ -18,6 +18,8 @@ use tokio_util::task::TaskTracker;
 use crate::certs::store::CertStore;
 use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
+use crate::http::challenge::ChallengeStore;
+use crate::http::guard::ForwardGuard;
 use crate::tls::terminate::{Contexts, Resumption};
 use tokio::sync::Notify;
 
@@ -52,6 +54,10 @@ pub struct Stats {
     pub reloads: AtomicU64,
     /// Held sites spliced to a peer for want of a valid certificate here.
     pub fallbacks: AtomicU64,
+    /// Requests read on the HTTP port.
+    pub http_requests: AtomicU64,
+    /// Challenge requests forwarded to holders.
+    pub http_forwarded: AtomicU64,
 }
 
 impl Stats {
@@ -69,6 +75,7 @@ impl Stats {
 pub struct Live {
     pub config: Config,
     pub tls: Contexts,
+    pub guard: ForwardGuard,
 }
 
 /// State every connection task can reach.
@@ -76,16 +83,28 @@ pub struct Live {
 pub struct Shared {
     pub live: ArcSwap<Live>,
     pub certs: Arc<CertStore>,
+    pub challenges: Arc<ChallengeStore>,
     pub stats: Stats,
     resumption: Resumption,
     /// Wakes the certificate watcher after a reload.
     reloaded: Notify,
 }
 
+impl Live {
+    fn build(
+        config: Config,
+        certs: &Arc<CertStore>,
+        resumption: &Resumption,
+    ) -> Result<Live, rustls::Error> {
+        let tls = Contexts::build(&config, certs, resumption)?;
+        let guard = ForwardGuard::new(config.http.forward_per_second);
+        Ok(Live { config, tls, guard })
+    }
+}
+
 impl Shared {
     fn build(&self, config: Config) -> Result<Live, rustls::Error> {
-        let tls = Contexts::build(&config, &self.certs, &self.resumption)?;
-        Ok(Live { config, tls })
+        Live::build(config, &self.certs, &self.resumption)
     }
 
     pub fn config(&self) -> Arc<Live> {
@@ -143,6 +162,7 @@ pub struct BindError {
 
 pub struct Server {
     handle: Handle,
+    /// TLS listeners in `config.listeners` order, then the HTTP listener.
     listeners: Vec<TcpListener>,
     certs: FileWatch,
 }
@@ -151,23 +171,21 @@ impl Server {
     /// Loads certificates and binds every TLS listener of this node.
     pub fn bind(config: Config) -> Result<Server, ServeError> {
         let mut listeners = Vec::new();
-        for listener in &config.listeners {
-            let bound = bind_listener(listener.bind, config.limits.backlog).map_err(|source| {
-                BindError {
-                    addr: listener.bind,
-                    source,
-                }
-            })?;
+        let http = config.this().http_bind;
+        for addr in config.listeners.iter().map(|l| l.bind).chain([http]) {
+            let bound = bind_listener(addr, config.limits.backlog)
+                .map_err(|source| BindError { addr, source })?;
             listeners.push(bound);
         }
         let certs = Arc::new(CertStore::default());
         let mut watch = FileWatch::default();
         watch.sync(&config, &certs);
         let resumption = Resumption::new()?;
-        let tls = Contexts::build(&config, &certs, &resumption)?;
+        let live = Live::build(config, &certs, &resumption)?;
         let shared = Arc::new(Shared {
-            live: ArcSwap::from_pointee(Live { config, tls }),
+            live: ArcSwap::from_pointee(live),
             certs,
+            challenges: Arc::default(),
             stats: Stats::default(),
             resumption,
             reloaded: Notify::new(),
@@ -186,7 +204,8 @@ impl Server {
         self.handle.clone()
     }
 
-    /// The addresses actually bound, in `config.listeners` order.
+    /// The addresses actually bound: TLS listeners in `config.listeners`
+    /// order, then the HTTP listener.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
@@ -207,9 +226,14 @@ impl Server {
         let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
+        let http = listeners.len().saturating_sub(1);
         for (index, listener) in listeners.into_iter().enumerate() {
             let ctx = AcceptLoop {
-                index,
+                port: if index == http {
+                    Port::Http
+                } else {
+                    Port::Tls(index)
+                },
                 listener,
                 handle: handle.clone(),
                 limit: limit.clone(),
@@ -240,8 +264,15 @@ impl Server {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Port {
+    /// Index into `config.listeners`.
+    Tls(usize),
+    Http,
+}
+
 struct AcceptLoop {
-    index: usize,
+    port: Port,
     listener: TcpListener,
     handle: Handle,
     limit: Arc<Semaphore>,
@@ -282,9 +313,16 @@ impl AcceptLoop {
             let shared = self.handle.shared.clone();
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let live = shared.config();
-            let index = self.index;
+            let port = self.port;
             self.tracker.spawn(async move {
-                crate::tls::handler::handle(shared, live, index, stream, peer, local).await;
+                match port {
+                    Port::Tls(index) => {
+                        crate::tls::handler::handle(shared, live, index, stream, peer, local).await
+                    }
+                    Port::Http => {
+                        crate::http::handler::handle(shared, live, stream, peer, local).await
+                    }
+                }
                 drop(permit);
             });
         }
@@ -340,7 +378,7 @@ pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeErro
     use tokio::signal::unix::{SignalKind, signal};
     let server = Server::bind(config)?;
     for addr in server.local_addrs() {
-        tracing::info!(%addr, "listening for TLS");
+        tracing::info!(%addr, "listening");
     }
     let handle = server.handle();
     let mut hup = signal(SignalKind::hangup())?;

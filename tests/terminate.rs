@@ -351,25 +351,6 @@ async fn a_stalled_handshake_is_cut_at_the_deadline() {
     assert_eq!(upstream.connections(), 0);
 }
 
-/// Runs a shell command with a time limit and returns its combined output.
-async fn sh(script: String) -> (bool, String) {
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .expect("sh");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn curl_and_openssl_verify_terminated_names_and_old_tls_is_refused() {
     if !have("curl") || !have("openssl") {

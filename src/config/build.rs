@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::file::{FileConfig, FileSite};
 use super::{
-    CertFiles, Config, ConfigError, Limits, Listener, Node, NodeId, Problem, ProxyVersion, Site,
-    SiteId, SiteRoute, Timeouts, canonical,
+    CertFiles, Config, ConfigError, Http, HttpMode, Limits, Listener, Node, NodeId, Problem,
+    ProxyVersion, Site, SiteId, SiteRoute, Timeouts, canonical,
 };
 use crate::names::{NameTable, Pattern};
 
@@ -117,8 +117,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         );
     }
 
-    let base = Path::new(source).parent().unwrap_or(Path::new("."));
-    let (sites, names, site_ids) = sites(b, &file.sites, &node_ids, base);
+    let (sites, names, site_ids) = sites(b, &file.sites, &node_ids, &base_dir(source));
     let site_ref = |b: &mut Builder, field: &str, raw: &str| -> Option<SiteId> {
         let found = Pattern::parse(raw).and_then(|p| site_ids.get(&p).copied());
         if found.is_none() {
@@ -149,6 +148,18 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         idle: b.duration("timeouts.idle", t.idle.as_deref(), d.idle),
         drain: b.duration("timeouts.drain", t.drain.as_deref(), d.drain),
         handshake: b.duration("timeouts.handshake", t.handshake.as_deref(), d.handshake),
+        http_head: b.duration("timeouts.http_head", t.http_head.as_deref(), d.http_head),
+    };
+    let h = &file.http;
+    let http = Http {
+        webroot: h.webroot.as_ref().map(|w| base_dir(source).join(w)),
+        forward: h.forward.unwrap_or(true),
+        forward_timeout: b.duration(
+            "http.forward_timeout",
+            h.forward_timeout.as_deref(),
+            Duration::from_secs(2),
+        ),
+        forward_per_second: h.forward_per_second.unwrap_or(20),
     };
     let cert_poll = b.duration(
         "certs.poll",
@@ -214,7 +225,16 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         limits,
         workers: file.workers,
         cert_poll,
+        http,
     })
+}
+
+/// Relative paths in a config file are relative to the file's directory.
+fn base_dir(source: &str) -> std::path::PathBuf {
+    Path::new(source)
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
 }
 
 fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashSet<IpAddr>) {
@@ -316,6 +336,24 @@ fn sites(
                 None
             }
         };
+        let http = match (s.http.as_deref(), &route) {
+            (None | Some("redirect"), _) => HttpMode::Redirect,
+            (Some("upstream"), Some(SiteRoute::Held { .. })) => HttpMode::Upstream,
+            (Some("upstream"), _) => {
+                b.problem(
+                    format!("{field}.http"),
+                    "\"upstream\" needs a site with held_by and upstream",
+                );
+                HttpMode::Redirect
+            }
+            (Some(other), _) => {
+                b.problem(
+                    format!("{field}.http"),
+                    format!("{other:?} is not one of \"redirect\", \"upstream\""),
+                );
+                HttpMode::Redirect
+            }
+        };
         if let (Some(route), Some(first)) = (route, patterns.first()) {
             for pattern in &patterns {
                 names.insert(pattern.clone(), id);
@@ -325,6 +363,7 @@ fn sites(
                 names: patterns,
                 route,
                 proxy_protocol,
+                http,
             });
         }
     }

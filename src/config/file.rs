@@ -17,6 +17,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub certs: FileCerts,
     #[serde(default)]
+    pub http: FileHttp,
+    #[serde(default)]
     pub nodes: Vec<FileNode>,
     #[serde(default)]
     pub sites: Vec<FileSite>,
@@ -32,6 +34,16 @@ pub struct FileTimeouts {
     pub idle: Option<String>,
     pub drain: Option<String>,
     pub handshake: Option<String>,
+    pub http_head: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttp {
+    pub webroot: Option<String>,
+    pub forward: Option<bool>,
+    pub forward_timeout: Option<String>,
+    pub forward_per_second: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +83,7 @@ pub struct FileSite {
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
     pub alpn: Option<Vec<String>>,
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

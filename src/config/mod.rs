@@ -44,6 +44,7 @@ pub struct Config {
     pub workers: Option<usize>,
     /// How often certificate files are checked for changes.
     pub cert_poll: Duration,
+    pub http: Http,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +66,27 @@ pub struct Site {
     pub route: SiteRoute,
     /// What we send to passthrough backends and upstreams.
     pub proxy_protocol: Option<ProxyVersion>,
+    /// What port 80 does with requests for this site (besides challenges).
+    pub http: HttpMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// 308 to the same URL on https.
+    Redirect,
+    /// Splice plain HTTP to the upstream (or to a holder node).
+    Upstream,
+}
+
+/// Port 80 settings.
+#[derive(Debug, Clone)]
+pub struct Http {
+    /// Serves `.well-known/acme-challenge/{token}` from here (certbot --webroot, lego --http.webroot).
+    pub webroot: Option<PathBuf>,
+    /// Ask holder nodes for tokens this node does not have.
+    pub forward: bool,
+    pub forward_timeout: Duration,
+    pub forward_per_second: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +131,8 @@ pub struct Timeouts {
     pub drain: Duration,
     /// A TLS handshake we terminate must finish within this.
     pub handshake: Duration,
+    /// A complete HTTP request head must arrive within this.
+    pub http_head: Duration,
 }
 
 impl Default for Timeouts {
@@ -119,6 +143,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(300),
             drain: Duration::from_secs(30),
             handshake: Duration::from_secs(10),
+            http_head: Duration::from_secs(5),
         }
     }
 }
@@ -203,6 +228,18 @@ impl Config {
     /// Whether `ip` may send a PROXY header.
     pub fn may_send_proxy(&self, ip: IpAddr) -> bool {
         self.is_node_address(ip) || self.trusted_proxies.contains(&canonical(ip))
+    }
+
+    /// Holders of a site other than this node.
+    pub fn other_holders(&self, site: SiteId) -> Vec<NodeId> {
+        match &self.site(site).route {
+            SiteRoute::Held { holders, .. } => holders
+                .iter()
+                .copied()
+                .filter(|h| *h != self.this_node)
+                .collect(),
+            SiteRoute::Passthrough { .. } => Vec::new(),
+        }
     }
 
     /// Whether this node is among a held site's holders.

@@ -1,5 +1,5 @@
-//! Raw TLS forwarding: to a passthrough backend, or to holder nodes with
-//! failover. Nothing has reached the client until a target answers, so the
+//! Raw forwarding of a connection whose first bytes were peeked: to a
+//! passthrough backend, a plain-HTTP upstream, or holder nodes with failover. Nothing has reached the client until a target answers, so the
 //! peeked bytes can be replayed to the next holder when one fails.
 
 use std::io;
@@ -53,27 +53,42 @@ impl ForwardError {
     }
 }
 
-/// Raw TLS to a backend that has its own certificate.
-pub async fn to_backend(
+/// Joins the client to the first of `targets` that accepts a connection,
+/// after sending it the optional header and the replayed bytes. Used for
+/// passthrough backends and plain HTTP, where the target may wait for more
+/// of the request before it answers.
+pub async fn to_first_reachable(
     config: &Config,
     client: &mut TcpStream,
-    backend: SocketAddr,
+    targets: &[SocketAddr],
+    source: Option<IpAddr>,
     header: Option<Vec<u8>>,
     replay: &[u8],
 ) -> Result<Forwarded, ForwardError> {
-    let mut target = connect::connect(backend, None, config.timeouts.connect).await?;
-    let mut prefix = header.unwrap_or_default();
-    prefix.extend_from_slice(replay);
-    target
-        .write_all(&prefix)
-        .await
-        .map_err(|e| ForwardError::Replay(backend, e))?;
-    let mut transfer = splice::join(client, target, config.timeouts.idle).await;
-    transfer.to_target += replay.len() as u64;
-    Ok(Forwarded {
-        target: backend,
-        transfer,
-    })
+    let mut last = None;
+    for target in targets {
+        match connect::connect(*target, source, config.timeouts.connect).await {
+            Ok(mut stream) => {
+                let mut prefix = header.unwrap_or_default();
+                prefix.extend_from_slice(replay);
+                stream
+                    .write_all(&prefix)
+                    .await
+                    .map_err(|e| ForwardError::Replay(*target, e))?;
+                let mut transfer = splice::join(client, stream, config.timeouts.idle).await;
+                transfer.to_target += replay.len() as u64;
+                return Ok(Forwarded {
+                    target: *target,
+                    transfer,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "target unreachable, trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.map_or(ForwardError::NoHolder(0), ForwardError::Connect))
 }
 
 /// Tries holders in order. A holder that cannot be reached, closes before

@@ -9,11 +9,12 @@ use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::client_hello::{ClientHello, Invalid};
 use super::forward::{self, ForwardError, Forwarded};
-use super::peek::{self, HelloError};
 use super::route::{self, Decision, Peer};
 use super::terminate::{self, Ends};
 use crate::config::ProxyVersion;
+use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
 use crate::server::{Live, Shared};
 use crate::splice::Transfer;
@@ -87,7 +88,8 @@ async fn route_connection(
     let config = &live.config;
     let from_node = config.is_node_address(peer.ip());
     let allow_proxy = config.may_send_proxy(peer.ip());
-    let preamble = match peek::read_preamble(stream, allow_proxy, config.timeouts.hello).await {
+    let read = preface::read::<ClientHello, _>(stream, allow_proxy, config.timeouts.hello).await;
+    let preamble = match read {
         Ok(preamble) => preamble,
         Err(e) => return hello_failed(e),
     };
@@ -97,7 +99,7 @@ async fn route_connection(
         .proxied
         .and_then(|p| p.destination)
         .unwrap_or(local);
-    let sni = preamble.hello.sni.clone();
+    let sni = preamble.parsed.sni.clone();
     let decision = route::decide(
         config,
         listener,
@@ -107,7 +109,7 @@ async fn route_connection(
             from_node,
         },
         |site, name| {
-            let name = preamble.hello.sni.as_deref().or(Some(name));
+            let name = preamble.parsed.sni.as_deref().or(Some(name));
             shared
                 .certs
                 .valid_for(&config.site(site).label, name, SystemTime::now())
@@ -134,8 +136,15 @@ async fn route_connection(
                 .site(site)
                 .proxy_protocol
                 .map(|v| proxy_protocol::encode(v, client, destination));
-            let result =
-                forward::to_backend(config, stream, backend, header, &preamble.bytes).await;
+            let result = forward::to_first_reachable(
+                config,
+                stream,
+                &[backend],
+                None,
+                header,
+                &preamble.bytes,
+            )
+            .await;
             forwarded("passthrough", result)
         }
         Decision::Splice { site, holders } => {
@@ -177,10 +186,9 @@ async fn route_connection(
     outcome
 }
 
-fn hello_failed(e: HelloError) -> Outcome {
-    let mut outcome = Outcome::new("reject", e.kind());
-    outcome.reason = format!("{}: {e}", e.kind());
-    outcome
+fn hello_failed(e: PrefaceError<Invalid>) -> Outcome {
+    let kind = e.kind(Invalid::kind);
+    Outcome::new("reject", format!("{kind}: ClientHello {e}"))
 }
 
 fn forwarded(decision: &'static str, result: Result<Forwarded, ForwardError>) -> Outcome {

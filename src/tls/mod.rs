@@ -4,7 +4,6 @@
 pub mod client_hello;
 pub mod forward;
 pub mod handler;
-pub mod peek;
 pub mod route;
 pub mod prefixed;
 pub mod terminate;

@@ -138,7 +138,7 @@ pub fn decide(
 /// Orders holders by rendezvous hashing on the client address: each client
 /// sticks to one holder, clients spread evenly, and losing a holder moves
 /// only that holder's clients.
-fn rendezvous(config: &Config, mut holders: Vec<NodeId>, client: IpAddr) -> Vec<NodeId> {
+pub(crate) fn rendezvous(config: &Config, mut holders: Vec<NodeId>, client: IpAddr) -> Vec<NodeId> {
     let score = |node: &NodeId| {
         // DefaultHasher::new() has fixed keys: the order is the same on every
         // node and across restarts of the same build.

@@ -68,6 +68,27 @@ impl Router {
         self.addrs[0]
     }
 
+    /// The HTTP (port 80) listener: always bound last.
+    pub fn http_addr(&self) -> SocketAddr {
+        *self.addrs.last().expect("an HTTP listener")
+    }
+
+    pub fn http_requests(&self) -> u64 {
+        self.handle
+            .shared
+            .stats
+            .http_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn http_forwarded(&self) -> u64 {
+        self.handle
+            .shared
+            .stats
+            .http_forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn accepted(&self) -> u64 {
         self.handle
             .shared
@@ -418,15 +439,59 @@ pub fn have(command: &str) -> bool {
 /// Config text for a fleet: `nodes` as (name, tls address); `this` picks
 /// the node; `rest` adds sites, listeners, timeouts.
 pub fn fleet_toml(this: &str, nodes: &[(&str, SocketAddr)], top: &str, rest: &str) -> String {
+    // Each node's HTTP port is a fresh one on the node's address.
+    let with_http: Vec<(&str, SocketAddr, SocketAddr)> = nodes
+        .iter()
+        .map(|(name, tls)| (*name, *tls, free_addr(&tls.ip().to_string())))
+        .collect();
+    fleet_toml_http(this, &with_http, top, rest)
+}
+
+/// Like [`fleet_toml`] with each node's (name, tls, http) addresses given.
+pub fn fleet_toml_http(
+    this: &str,
+    nodes: &[(&str, SocketAddr, SocketAddr)],
+    top: &str,
+    rest: &str,
+) -> String {
     let mut out = format!("this_node = \"{this}\"\n{top}\n");
-    for (name, tls) in nodes {
-        let http = SocketAddr::new(tls.ip(), 1);
+    for (name, tls, http) in nodes {
         out.push_str(&format!(
             "[[nodes]]\nname = \"{name}\"\ntls = \"{tls}\"\nhttp = \"{http}\"\n"
         ));
     }
     out.push_str(rest);
     out
+}
+
+/// A plain HTTP/1.1 request; returns status, the head as text, and the body.
+pub async fn http_get(
+    addr: SocketAddr,
+    host: &str,
+    target: &str,
+    extra: &str,
+) -> (u16, String, String) {
+    let work = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request =
+            format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n{extra}connection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(WAIT, work)
+        .await
+        .expect("http timed out")
+        .expect("http i/o");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
 }
 
 /// The captured hello with its 9-byte name `pass.test` swapped for another
@@ -440,4 +505,24 @@ pub fn hello_for(name: &str) -> Vec<u8> {
         .expect("name in capture");
     hello[at..at + 9].copy_from_slice(name.as_bytes());
     hello
+}
+
+/// Runs a shell command off the async runtime (the routers under test share
+/// it) and returns success and combined output. Commands bound their own time.
+pub async fn sh(script: String) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .expect("sh");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .expect("command thread")
 }

@@ -1,0 +1,271 @@
+//! One connection on the HTTP port: read the head, decide, answer (a
+//! challenge, a redirect, an error) or splice to an upstream, and log one
+//! line.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::ask;
+use super::request::{Head, Invalid};
+use super::route::{self, HttpDecision};
+use crate::config::{Config, ProxyVersion, SiteId, SiteRoute};
+use crate::preface::{self, PrefaceError};
+use crate::proxy_protocol;
+use crate::server::{Live, Shared};
+use crate::tls::forward;
+
+/// Largest webroot file served: a key authorization is ~90 bytes.
+const MAX_WEBROOT_FILE: u64 = 4096;
+
+/// What the log line reports.
+struct Outcome {
+    /// `challenge_local`, `redirect`, `bad_request`, ...: a closed set.
+    result: &'static str,
+    status: u16,
+    detail: String,
+}
+
+fn outcome(result: &'static str, status: u16) -> Outcome {
+    Outcome {
+        result,
+        status,
+        detail: String::new(),
+    }
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let started = Instant::now();
+    shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+    let (host, target, out) = serve(&shared, &live, &mut stream, peer, local).await;
+    tracing::info!(
+        target: "sni_router::http",
+        client = %peer,
+        host = host.as_deref().unwrap_or("-"),
+        path = target.as_deref().unwrap_or("-"),
+        result = out.result,
+        status = out.status,
+        detail = %out.detail,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "http request finished"
+    );
+}
+
+async fn serve(
+    shared: &Shared,
+    live: &Live,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> (Option<String>, Option<String>, Outcome) {
+    let config = &live.config;
+    let from_node = config.is_node_address(peer.ip());
+    let allow_proxy = config.may_send_proxy(peer.ip());
+    let preamble =
+        match preface::read::<Head, _>(stream, allow_proxy, config.timeouts.http_head).await {
+            Ok(preamble) => preamble,
+            Err(e) => return (None, None, head_failed(stream, e).await),
+        };
+    let head = &preamble.parsed;
+    let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
+    let destination = preamble
+        .proxied
+        .and_then(|p| p.destination)
+        .unwrap_or(local);
+    let out = match route::decide(config, head) {
+        HttpDecision::Challenge { token } => {
+            let (result, answer) = challenge(shared, live, head, &token, from_node).await;
+            match answer {
+                Some(key_authorization) => {
+                    respond(stream, 200, "", &key_authorization).await;
+                    outcome(result, 200)
+                }
+                None => {
+                    respond(stream, 404, "", "no such challenge\n").await;
+                    outcome(result, 404)
+                }
+            }
+        }
+        HttpDecision::BadToken => {
+            respond(stream, 404, "", "no such challenge\n").await;
+            outcome("bad_token", 404)
+        }
+        HttpDecision::Redirect { location } => {
+            respond(stream, 308, &format!("location: {location}\r\n"), "").await;
+            outcome("redirect", 308)
+        }
+        HttpDecision::NoHost => {
+            respond(stream, 400, "", "missing or invalid Host\n").await;
+            outcome("bad_request", 400)
+        }
+        HttpDecision::UnknownHost => {
+            respond(stream, 404, "", "unknown host\n").await;
+            outcome("unknown_host", 404)
+        }
+        HttpDecision::Upstream { site } => {
+            let ends = (client, destination);
+            to_upstream(config, site, stream, from_node, ends, &preamble.bytes).await
+        }
+    };
+    (head.host.clone(), Some(head.target.clone()), out)
+}
+
+async fn head_failed(stream: &mut TcpStream, e: PrefaceError<Invalid>) -> Outcome {
+    let status = match &e {
+        PrefaceError::Timeout(_) => 408,
+        PrefaceError::Invalid(Invalid::TooLarge) => 431,
+        PrefaceError::Invalid(Invalid::Malformed) | PrefaceError::BadProxyHeader => 400,
+        PrefaceError::Closed(_) | PrefaceError::Io(_) => 0,
+    };
+    if status != 0 {
+        respond(stream, status, "", "").await;
+    }
+    Outcome {
+        result: "bad_request",
+        status,
+        detail: format!("{}: request head {e}", e.kind(Invalid::kind)),
+    }
+}
+
+/// Finds a key authorization: this node's store, the shared-account answer,
+/// the webroot, then (unless the request was already forwarded by a node)
+/// the holders of the name.
+async fn challenge(
+    shared: &Shared,
+    live: &Live,
+    head: &Head,
+    token: &str,
+    from_node: bool,
+) -> (&'static str, Option<String>) {
+    let config = &live.config;
+    if let Some(found) = shared.challenges.get(token) {
+        return ("challenge_local", Some(found));
+    }
+    let site = head
+        .host
+        .as_deref()
+        .and_then(|h| config.names.get(h).copied());
+    if site.is_some()
+        && let Some(found) = shared.challenges.stateless(token)
+    {
+        return ("challenge_stateless", Some(found));
+    }
+    if let Some(found) = from_webroot(config, token).await {
+        return ("challenge_webroot", Some(found));
+    }
+    // One hop at most: a node's forwarded request is answered from local state.
+    if (head.forwarded && from_node) || !config.http.forward {
+        return ("challenge_miss", None);
+    }
+    let (Some(site), Some(host)) = (site, head.host.as_deref()) else {
+        return ("challenge_miss", None);
+    };
+    let holders: Vec<SocketAddr> = config
+        .other_holders(site)
+        .iter()
+        .map(|h| config.node(*h).http)
+        .collect();
+    if holders.is_empty() {
+        return ("challenge_miss", None);
+    }
+    if let Err(refusal) = live.guard.admit(host, token) {
+        tracing::debug!(?refusal, host, "challenge not forwarded");
+        return ("challenge_limited", None);
+    }
+    shared.stats.http_forwarded.fetch_add(1, Ordering::Relaxed);
+    let source = Some(config.this().http.ip());
+    match ask::ask_holders(&holders, source, host, token, config.http.forward_timeout).await {
+        Some(found) => ("challenge_forwarded", Some(found)),
+        None => {
+            live.guard.miss(host, token);
+            ("challenge_miss", None)
+        }
+    }
+}
+
+/// `webroot/.well-known/acme-challenge/{token}`; the token is base64url, so
+/// it cannot climb out of the directory.
+async fn from_webroot(config: &Config, token: &str) -> Option<String> {
+    let webroot = config.http.webroot.as_ref()?;
+    let path = webroot.join(".well-known/acme-challenge").join(token);
+    let file = tokio::fs::File::open(&path).await.ok()?;
+    let mut body = String::new();
+    file.take(MAX_WEBROOT_FILE)
+        .read_to_string(&mut body)
+        .await
+        .ok()?;
+    let body = body.trim();
+    (!body.is_empty()).then(|| body.to_string())
+}
+
+/// Plain HTTP to the site's upstream when held here, else to a holder node.
+async fn to_upstream(
+    config: &Config,
+    site: SiteId,
+    stream: &mut TcpStream,
+    from_node: bool,
+    (client, destination): (SocketAddr, SocketAddr),
+    replay: &[u8],
+) -> Outcome {
+    let SiteRoute::Held { upstream, .. } = &config.site(site).route else {
+        return outcome("bad_request", 404);
+    };
+    let (targets, source, header) = if config.holds(site) {
+        let header = config
+            .site(site)
+            .proxy_protocol
+            .map(|v| proxy_protocol::encode(v, client, destination));
+        (vec![*upstream], None, header)
+    } else if from_node {
+        respond(stream, 502, "", "config conflict: not a holder\n").await;
+        return outcome("loop_guard", 502);
+    } else {
+        let order = crate::tls::route::rendezvous(config, config.other_holders(site), client.ip());
+        let targets = order.iter().map(|h| config.node(*h).http).collect();
+        let header = proxy_protocol::encode(ProxyVersion::V2, client, destination);
+        (targets, Some(config.this().http.ip()), Some(header))
+    };
+    match forward::to_first_reachable(config, stream, &targets, source, header, replay).await {
+        Ok(done) => Outcome {
+            result: "upstream",
+            status: 0,
+            detail: format!("{} ({})", done.target, done.transfer.end),
+        },
+        Err(e) => {
+            respond(stream, 502, "", "upstream unreachable\n").await;
+            Outcome {
+                result: "upstream_error",
+                status: 502,
+                detail: e.to_string(),
+            }
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, headers: &str, body: &str) {
+    let reason = match status {
+        200 => "OK",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        _ => "Bad Gateway",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
