@@ -13,6 +13,8 @@ use sni_router::server::{Handle, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod pebble;
+
 /// Bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,217 @@
+//! A real ACME CA for tests: Pebble, with pebble-challtestsrv as its DNS so
+//! test names resolve to the 127.0.0.x we choose. Both are killed on drop.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{TestCa, WAIT, free_addr, sh};
+
+pub struct Pebble {
+    pub dir: tempfile::TempDir,
+    /// The ACME directory URL.
+    pub directory: String,
+    /// Trust for Pebble's own HTTPS (the `ca_file` of our ACME config).
+    pub ca_file: PathBuf,
+    /// Where Pebble's validator connects for HTTP-01 on every address.
+    pub http_port: u16,
+    pub listen: SocketAddr,
+    management: SocketAddr,
+    dns_management: SocketAddr,
+    pebble: Option<Child>,
+    challtest: Child,
+    config_file: PathBuf,
+}
+
+#[derive(Default)]
+pub struct Options {
+    /// Seconds each certificate is valid (`certificateValidityPeriod`).
+    pub validity: Option<u64>,
+    /// Require external account binding with these (kid, base64url HMAC key).
+    pub eab: Option<(String, String)>,
+}
+
+impl Pebble {
+    pub async fn start(options: Options) -> Pebble {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new();
+        let leaf = ca.leaf(&["localhost", "127.0.0.1"]);
+        let cert = dir.path().join("pebble.crt");
+        let key = dir.path().join("pebble.key");
+        std::fs::write(&cert, &leaf.chain_pem).expect("write cert");
+        std::fs::write(&key, &leaf.key_pem).expect("write key");
+        let ca_file = dir.path().join("pebble-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).expect("write ca");
+
+        let dns = free_udp("127.0.0.1");
+        let dns_management = free_addr("127.0.0.1");
+        let challtest = Command::new("pebble-challtestsrv")
+            .args([
+                "-management",
+                &dns_management.to_string(),
+                "-dns01",
+                &dns.to_string(),
+            ])
+            .args([
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pebble-challtestsrv");
+
+        let listen = free_addr("127.0.0.1");
+        let management = free_addr("127.0.0.1");
+        let http_port = free_addr("127.0.0.2").port();
+        let mut config = serde_json::json!({
+            "pebble": {
+                "listenAddress": listen.to_string(),
+                "managementListenAddress": management.to_string(),
+                "certificate": cert,
+                "privateKey": key,
+                "httpPort": http_port,
+                "tlsPort": free_addr("127.0.0.1").port(),
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": options.eab.is_some(),
+            }
+        });
+        if let Some(validity) = options.validity {
+            config["pebble"]["certificateValidityPeriod"] = validity.into();
+        }
+        if let Some((kid, key)) = &options.eab {
+            config["pebble"]["externalAccountMACKeys"] = serde_json::json!({ kid: key });
+        }
+        let config_file = dir.path().join("pebble.json");
+        std::fs::write(&config_file, config.to_string()).expect("write pebble config");
+        let mut pebble = Pebble {
+            directory: format!("https://{listen}/dir"),
+            dir,
+            ca_file,
+            http_port,
+            listen,
+            management,
+            dns_management,
+            pebble: None,
+            challtest,
+            config_file,
+        };
+        pebble.dns_ready(dns).await;
+        pebble.resume().await;
+        pebble
+    }
+
+    fn spawn_pebble(&self) -> Child {
+        let dns = self.dns_server();
+        Command::new("pebble")
+            .args([
+                "-config",
+                &self.config_file.display().to_string(),
+                "-dnsserver",
+                &dns,
+            ])
+            // Validate at once, every time, and accept every nonce: the tests
+            // are about the router, not Pebble's chaos.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("pebble.log")).expect("log"))
+            .spawn()
+            .expect("start pebble")
+    }
+
+    fn dns_server(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dns")).unwrap_or_default()
+    }
+
+    async fn dns_ready(&mut self, dns: SocketAddr) {
+        std::fs::write(self.dir.path().join("dns"), dns.to_string()).expect("write dns");
+        wait_tcp(self.dns_management).await;
+    }
+
+    /// Starts (again) the CA process and waits until it listens.
+    pub async fn resume(&mut self) {
+        if self.pebble.is_none() {
+            self.pebble = Some(self.spawn_pebble());
+        }
+        wait_tcp(self.listen).await;
+    }
+
+    /// Stops the CA process: the "CA down" case.
+    pub fn pause(&mut self) {
+        if let Some(mut child) = self.pebble.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Points `host` at `ip` in Pebble's DNS.
+    pub async fn add_a(&self, host: &str, ip: &str) {
+        let body = serde_json::json!({ "host": format!("{host}."), "addresses": [ip] }).to_string();
+        let request = format!(
+            "POST /add-a HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = TcpStream::connect(self.dns_management)
+            .await
+            .expect("challtestsrv");
+        stream.write_all(request.as_bytes()).await.expect("add-a");
+        let mut response = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+            .await
+            .expect("add-a timeout")
+            .ok();
+        assert!(response.starts_with("HTTP/1.1 200"), "add-a: {response}");
+    }
+
+    /// The root that signs issued certificates (PEM).
+    pub async fn issuing_root(&self) -> String {
+        let (ok, out) = sh(format!(
+            "curl -sS --max-time 10 --cacert {} https://{}/roots/0",
+            self.ca_file.display(),
+            self.management
+        ))
+        .await;
+        assert!(ok && out.contains("BEGIN CERTIFICATE"), "roots: {out}");
+        out
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        self.pause();
+        let _ = self.challtest.kill();
+        let _ = self.challtest.wait();
+    }
+}
+
+fn free_udp(ip: &str) -> SocketAddr {
+    let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
+    socket.local_addr().expect("udp addr")
+}
+
+async fn wait_tcp(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{addr} never listened");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
