@@ -40,4 +40,5 @@ pub mod proxy_protocol;
 pub mod connect;
 pub mod splice;
 pub mod certs;
+pub mod acme;
 pub mod probe;

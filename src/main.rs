@@ -108,6 +108,12 @@ fn init_logging(format: LogFormat) {
 fn check(args: ConfigArgs) -> anyhow::Result<()> {
     let config = args.source().load()?;
     print!("{}", config.route_table());
+    for warning in &config.warnings {
+        println!(
+            "warning: {}: {}: {}",
+            config.source, warning.field, warning.message
+        );
+    }
     Ok(())
 }
 
@@ -115,6 +121,9 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let source = args.source();
     let config: Config = source.load()?;
     eprint!("{}", config.route_table());
+    for warning in &config.warnings {
+        tracing::warn!(field = %warning.field, "{}", warning.message);
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = config.workers {
         runtime.worker_threads(workers);

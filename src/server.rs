@@ -21,7 +21,7 @@ use crate::config::{Config, ConfigError};
 use crate::http::challenge::ChallengeStore;
 use crate::http::guard::ForwardGuard;
 use crate::tls::terminate::{Contexts, Resumption};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 /// Where the config comes from, so a reload reads the same place.
 #[derive(Debug, Clone)]
@@ -58,6 +58,9 @@ pub struct Stats {
     pub http_requests: AtomicU64,
     /// Challenge requests forwarded to holders.
     pub http_forwarded: AtomicU64,
+    /// ACME orders that ended in an installed certificate, and failures.
+    pub acme_issued: AtomicU64,
+    pub acme_failed: AtomicU64,
 }
 
 impl Stats {
@@ -86,8 +89,8 @@ pub struct Shared {
     pub challenges: Arc<ChallengeStore>,
     pub stats: Stats,
     resumption: Resumption,
-    /// Wakes the certificate watcher after a reload.
-    reloaded: Notify,
+    /// Bumped on every reload; background tasks watch it.
+    pub reloaded: watch::Sender<u64>,
 }
 
 impl Live {
@@ -143,7 +146,9 @@ impl Handle {
         tracing::info!(source = %config.source, sites = config.sites.len(), "config reloaded");
         self.shared.live.store(Arc::new(live));
         self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
-        self.shared.reloaded.notify_one();
+        self.shared
+            .reloaded
+            .send_modify(|generation| *generation += 1);
     }
 
     /// Stops accepting and starts the drain.
@@ -188,7 +193,7 @@ impl Server {
             challenges: Arc::default(),
             stats: Stats::default(),
             resumption,
-            reloaded: Notify::new(),
+            reloaded: watch::Sender::new(0),
         });
         Ok(Server {
             handle: Handle {
@@ -224,6 +229,7 @@ impl Server {
         let live = handle.shared.config();
         let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
         let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
+        let acme = tokio::spawn(crate::acme::Manager::new(handle.shared.clone()).run());
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
         let http = listeners.len().saturating_sub(1);
@@ -248,6 +254,7 @@ impl Server {
             let _ = accept_loop.await;
         }
         watcher.abort();
+        acme.abort();
         tracker.close();
         let drain = handle.shared.config().config.timeouts.drain;
         tracing::info!(
@@ -331,13 +338,14 @@ impl AcceptLoop {
 
 /// Re-checks certificate files every `certs.poll`, and at once after a reload.
 async fn watch_certificates(handle: Handle, mut watch: FileWatch) {
+    let mut reloads = handle.shared.reloaded.subscribe();
     loop {
         let poll = handle.shared.config().config.cert_poll;
         tokio::select! {
             () = tokio::time::sleep(poll) => {}
             // A reload re-reads every file, changed or not: it is also how an
             // operator retries after fixing, say, a key file's permissions.
-            () = handle.shared.reloaded.notified() => watch.forget(),
+            _ = reloads.changed() => watch.forget(),
         }
         let live = handle.shared.config();
         watch.sync(&live.config, &handle.shared.certs);

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use super::file::{FileConfig, FileSite};
 use super::{
-    CertFiles, Config, ConfigError, Http, HttpMode, Limits, Listener, Node, NodeId, Problem,
-    ProxyVersion, Site, SiteId, SiteRoute, Timeouts, canonical,
+    Acme, CertFiles, Config, ConfigError, Http, HttpMode, KeyType, Limits, Listener, Node, NodeId,
+    Problem, ProxyVersion, Site, SiteId, SiteRoute, Timeouts, canonical,
 };
 use crate::names::{NameTable, Pattern};
 
 struct Builder {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Builder {
@@ -71,8 +72,13 @@ pub(super) fn build(text: &str, source: &str, node: Option<&str>) -> Result<Conf
     })?;
     let mut b = Builder {
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
-    let config = convert(&mut b, file, source, node);
+    let config = convert(&mut b, file, source, node).map(|mut config| {
+        check_acme(&mut b, &config);
+        config.warnings = std::mem::take(&mut b.warnings);
+        config
+    });
     match config {
         Some(config) if b.problems.is_empty() => Ok(config),
         _ => Err(ConfigError {
@@ -181,6 +187,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         b.problem("workers", "must be at least 1");
     }
 
+    let acme = file.acme.as_ref().map(|a| acme(b, a, source));
     let this_node = this_node?;
     let mut listeners = vec![Listener {
         bind: nodes[this_node.0].tls_bind,
@@ -226,6 +233,8 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         workers: file.workers,
         cert_poll,
         http,
+        acme,
+        warnings: Vec::new(),
     })
 }
 
@@ -275,12 +284,23 @@ fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashSet<IpAddr>) {
                     addresses.insert(canonical(ip));
                 }
             }
+            let acme_name = n.acme_name.as_deref().and_then(|raw| {
+                let name = crate::tls::client_hello::normalize_name(raw.as_bytes());
+                if name.is_none() {
+                    b.problem(
+                        format!("{field}.acme_name"),
+                        format!("{raw:?} is not a host name"),
+                    );
+                }
+                name
+            });
             nodes.push(Node {
                 name: n.name.clone(),
                 tls,
                 http,
                 tls_bind,
                 http_bind,
+                acme_name,
             });
         }
     }
@@ -485,4 +505,94 @@ fn alpn(b: &mut Builder, field: &str, raw: Option<&[String]>) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+fn acme(b: &mut Builder, a: &super::file::FileAcme, source: &str) -> Acme {
+    use base64::Engine;
+    let key_type = match a.key_type.as_deref() {
+        None | Some("ecdsa-p256") => KeyType::EcdsaP256,
+        Some("ecdsa-p384") => KeyType::EcdsaP384,
+        Some("rsa-2048") => KeyType::Rsa2048,
+        Some(other) => {
+            b.problem(
+                "acme.key_type",
+                format!("{other:?} is not one of \"ecdsa-p256\", \"ecdsa-p384\", \"rsa-2048\""),
+            );
+            KeyType::EcdsaP256
+        }
+    };
+    let eab = a.eab.as_ref().and_then(|eab| {
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        match engine.decode(eab.hmac_key.trim_end_matches('=')) {
+            Ok(key) => Some((eab.kid.clone(), key)),
+            Err(e) => {
+                b.problem("acme.eab.hmac_key", format!("not base64url: {e}"));
+                None
+            }
+        }
+    });
+    if !a.directory.starts_with("https://") {
+        b.problem(
+            "acme.directory",
+            format!("{:?} is not an https:// URL", a.directory),
+        );
+    }
+    let retry_min = b.duration(
+        "acme.retry_min",
+        a.retry_min.as_deref(),
+        Duration::from_secs(30),
+    );
+    let retry_max = b.duration(
+        "acme.retry_max",
+        a.retry_max.as_deref(),
+        Duration::from_secs(6 * 3600),
+    );
+    Acme {
+        directory: a.directory.clone(),
+        contact: a.contact.clone(),
+        state_dir: base_dir(source).join(&a.state_dir),
+        ca_file: a.ca_file.as_ref().map(|f| base_dir(source).join(f)),
+        profile: a.profile.clone(),
+        eab,
+        shared_account: a.shared_account,
+        key_type,
+        retry_min,
+        retry_max: retry_max.max(retry_min),
+    }
+}
+
+/// ACME rules that need the whole config: wildcards cannot be validated
+/// over HTTP-01, and identical identifier sets from several holders count
+/// against the CA's duplicate-certificate limit.
+fn check_acme(b: &mut Builder, config: &Config) {
+    let Some(acme) = &config.acme else { return };
+    for site in config.acme_sites() {
+        let s = config.site(site);
+        for name in s.names.iter().filter(|n| n.is_wildcard()) {
+            b.problem(
+                format!("sites[{}].names", site.0),
+                format!(
+                    "{name}: wildcard names cannot be validated over HTTP-01; give this site a cert_file (e.g. from a DNS-01 client)"
+                ),
+            );
+        }
+        let SiteRoute::Held { holders, .. } = &s.route else {
+            continue;
+        };
+        let same_sets = holders
+            .iter()
+            .filter(|h| config.node(**h).acme_name.is_none())
+            .count();
+        let short = acme.profile.as_deref().is_some_and(|p| p.contains("short"));
+        if short && same_sets > 1 {
+            b.warnings.push(Problem {
+                field: format!("sites[{}].held_by", site.0),
+                message: format!(
+                    "{same_sets} holders would order the identical identifier set for {} with a short-lived profile; \
+                     set [[nodes]] acme_name to keep their orders distinct",
+                    s.label
+                ),
+            });
+        }
+    }
 }

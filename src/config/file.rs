@@ -18,6 +18,7 @@ pub struct FileConfig {
     pub certs: FileCerts,
     #[serde(default)]
     pub http: FileHttp,
+    pub acme: Option<FileAcme>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
     #[serde(default)]
@@ -69,6 +70,31 @@ pub struct FileNode {
     pub http_bind: Option<String>,
     #[serde(default)]
     pub addresses: Vec<String>,
+    pub acme_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAcme {
+    pub directory: String,
+    #[serde(default)]
+    pub contact: Vec<String>,
+    pub state_dir: String,
+    pub ca_file: Option<String>,
+    pub profile: Option<String>,
+    pub eab: Option<FileEab>,
+    #[serde(default)]
+    pub shared_account: bool,
+    pub key_type: Option<String>,
+    pub retry_min: Option<String>,
+    pub retry_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEab {
+    pub kid: String,
+    pub hmac_key: String,
 }
 
 #[derive(Debug, Deserialize)]

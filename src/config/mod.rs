@@ -45,6 +45,36 @@ pub struct Config {
     /// How often certificate files are checked for changes.
     pub cert_poll: Duration,
     pub http: Http,
+    pub acme: Option<Acme>,
+    /// Not errors, but worth an operator's look (printed by `check`, logged at start).
+    pub warnings: Vec<Problem>,
+}
+
+/// Certificates by ACME for held sites that have no `cert_file`.
+#[derive(Debug, Clone)]
+pub struct Acme {
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub state_dir: PathBuf,
+    /// Extra roots for the ACME server's own HTTPS.
+    pub ca_file: Option<PathBuf>,
+    pub profile: Option<String>,
+    /// External account binding: key id and the decoded HMAC key.
+    pub eab: Option<(String, Vec<u8>)>,
+    /// The account key in `state_dir` is the same on every node: any node
+    /// answers any token with `token.thumbprint`.
+    pub shared_account: bool,
+    pub key_type: KeyType,
+    /// Backoff after a failed order: first delay, and the cap.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    EcdsaP256,
+    EcdsaP384,
+    Rsa2048,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +86,9 @@ pub struct Node {
     /// What this node binds, when it differs from the advertised address.
     pub tls_bind: SocketAddr,
     pub http_bind: SocketAddr,
+    /// A name of this node's own, added to each of its ACME orders so that
+    /// holders of the same site never order identical identifier sets.
+    pub acme_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +263,26 @@ impl Config {
         self.is_node_address(ip) || self.trusted_proxies.contains(&canonical(ip))
     }
 
+    /// Sites this node holds whose certificates come from ACME.
+    pub fn acme_sites(&self) -> Vec<SiteId> {
+        if self.acme.is_none() {
+            return Vec::new();
+        }
+        (0..self.sites.len())
+            .map(SiteId)
+            .filter(|id| {
+                self.holds(*id)
+                    && matches!(
+                        &self.site(*id).route,
+                        SiteRoute::Held {
+                            cert_files: None,
+                            ..
+                        }
+                    )
+            })
+            .collect()
+    }
+
     /// Holders of a site other than this node.
     pub fn other_holders(&self, site: SiteId) -> Vec<NodeId> {
         match &self.site(site).route {
@@ -269,11 +322,17 @@ impl Config {
         for site in &self.sites {
             let action = match &site.route {
                 SiteRoute::Held {
-                    holders, upstream, ..
+                    holders,
+                    upstream,
+                    cert_files,
+                    ..
                 } if holders.contains(&self.this_node) => {
-                    format!(
-                        "terminate -> {upstream} (when certificate valid, else splice to peers)"
-                    )
+                    let source = match (cert_files, &self.acme) {
+                        (Some(_), _) => "cert_file",
+                        (None, Some(_)) => "ACME",
+                        (None, None) => "no certificate source",
+                    };
+                    format!("terminate -> {upstream} ({source}; until valid, splice to peers)")
                 }
                 SiteRoute::Held { holders, .. } => {
                     let names: Vec<String> = holders

@@ -1,0 +1,438 @@
+//! Certificates by ACME: every holder of a site orders and renews its own,
+//! with no shared storage and no copied private keys. One task per node
+//! walks the managed sites, orders what is due, and sleeps until the next
+//! renewal, a reload, or a retry after backoff.
+
+pub mod order;
+pub mod schedule;
+pub mod storage;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{Account, CertificateIdentifier, ExternalAccountKey, NewAccount};
+
+use self::order::{OrderError, Request};
+use self::storage::{AccountFile, Meta, StorageError, Stored};
+use crate::certs::disk::{self, CertError, Loaded};
+use crate::certs::store::{Entry, Source};
+use crate::config::{Acme, Config, SiteId};
+use crate::server::Shared;
+
+/// An order that takes longer than this has stalled somewhere.
+const ORDER_DEADLINE: Duration = Duration::from_secs(300);
+/// Wake at least this often to notice the clock (and config) moving.
+const MAX_SLEEP: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    #[error("account: {0}")]
+    Account(instant_acme::Error),
+    #[error("{0} belongs to directory {1}; move it away to create an account for {2}")]
+    OtherDirectory(String, String, String),
+    #[error(transparent)]
+    Order(#[from] OrderError),
+    #[error("order did not finish within {0:?}")]
+    Deadline(Duration),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("issued certificate unusable: {0}")]
+    Certificate(#[from] CertError),
+}
+
+impl AcmeError {
+    pub fn step(&self) -> &'static str {
+        match self {
+            AcmeError::Account(_) | AcmeError::OtherDirectory(..) => "account",
+            AcmeError::Order(e) => e.step(),
+            AcmeError::Deadline(_) => "deadline",
+            AcmeError::Storage(_) => "storage",
+            AcmeError::Certificate(_) => "certificate",
+        }
+    }
+}
+
+/// Per-site schedule.
+#[derive(Debug)]
+struct SiteState {
+    next: SystemTime,
+    failures: u32,
+    /// The certificate being served, for ARI and `replaces`.
+    current: Option<Loaded>,
+    identifiers: Vec<String>,
+}
+
+pub struct Manager {
+    shared: Arc<Shared>,
+    account: Option<(String, Account)>,
+    sites: HashMap<String, SiteState>,
+}
+
+impl Manager {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Manager {
+            shared,
+            account: None,
+            sites: HashMap::new(),
+        }
+    }
+
+    /// Runs until the task is dropped.
+    pub async fn run(mut self) {
+        let mut reloads = self.shared.reloaded.subscribe();
+        loop {
+            let live = self.shared.config();
+            let next = match &live.config.acme {
+                Some(acme) => self.tick(&live.config, acme).await,
+                None => None,
+            };
+            let sleep = next
+                .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                .unwrap_or(if next.is_some() {
+                    Duration::ZERO
+                } else {
+                    MAX_SLEEP
+                })
+                .min(MAX_SLEEP);
+            tokio::select! {
+                () = tokio::time::sleep(sleep) => {}
+                _ = reloads.changed() => {}
+            }
+        }
+    }
+
+    /// Loads state for new sites, orders what is due; returns the next due time.
+    async fn tick(&mut self, config: &Config, acme: &Acme) -> Option<SystemTime> {
+        if acme.shared_account {
+            self.publish_thumbprint(acme);
+        }
+        let managed = config.acme_sites();
+        let labels: Vec<String> = managed
+            .iter()
+            .map(|s| config.site(*s).label.clone())
+            .collect();
+        self.sites.retain(|label, _| labels.contains(label));
+        self.shared
+            .certs
+            .retain(|site, entry| entry.source != Source::Acme || labels.iter().any(|l| l == site));
+        for site in managed {
+            let label = config.site(site).label.clone();
+            let identifiers = identifiers(config, site);
+            let stale = self
+                .sites
+                .get(&label)
+                .is_none_or(|s| s.identifiers != identifiers);
+            if stale {
+                let state = self.restore(acme, &label, identifiers).await;
+                self.sites.insert(label.clone(), state);
+            }
+            let due = self
+                .sites
+                .get(&label)
+                .is_some_and(|s| s.next <= SystemTime::now());
+            if due {
+                self.attempt(acme, &label).await;
+            }
+        }
+        self.sites.values().map(|s| s.next).min()
+    }
+
+    /// A stored certificate for the same identifiers goes live at once and
+    /// is renewed on schedule; otherwise the site is due now.
+    async fn restore(&mut self, acme: &Acme, label: &str, identifiers: Vec<String>) -> SiteState {
+        let mut state = SiteState {
+            next: SystemTime::now(),
+            failures: 0,
+            current: None,
+            identifiers,
+        };
+        let stored = match storage::load_site(&acme.state_dir, label) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return state,
+            Err(e) => {
+                tracing::warn!(site = label, error = %e, "stored certificate unreadable; ordering anew");
+                return state;
+            }
+        };
+        if stored.meta.identifiers != state.identifiers || stored.meta.profile != acme.profile {
+            tracing::info!(
+                site = label,
+                "stored certificate was ordered for other names or profile; ordering anew"
+            );
+            return state;
+        }
+        match disk::from_pem(
+            stored.chain_pem.as_bytes(),
+            stored.key_pem.as_bytes(),
+            label,
+        ) {
+            Ok(loaded) if loaded.info.valid_at(SystemTime::now()) => {
+                tracing::info!(
+                    site = label,
+                    not_after = %humantime::format_rfc3339_seconds(loaded.info.not_after),
+                    "stored ACME certificate loaded"
+                );
+                self.install(label, &loaded);
+                state.next = self.renewal_time(acme, &loaded).await;
+                state.current = Some(loaded);
+            }
+            Ok(_) => tracing::info!(site = label, "stored certificate expired; ordering anew"),
+            Err(e) => {
+                tracing::warn!(site = label, error = %e, "stored certificate unusable; ordering anew")
+            }
+        }
+        state
+    }
+
+    async fn attempt(&mut self, acme: &Acme, label: &str) {
+        let Some(state) = self.sites.get(label) else {
+            return;
+        };
+        let identifiers = state.identifiers.clone();
+        let replaces = state
+            .current
+            .as_ref()
+            .and_then(|c| certificate_id(&c.key.cert[0]));
+        let result = tokio::time::timeout(
+            ORDER_DEADLINE,
+            self.order(acme, label, &identifiers, replaces),
+        )
+        .await
+        .unwrap_or(Err(AcmeError::Deadline(ORDER_DEADLINE)));
+        let renew = match &result {
+            Ok(loaded) => Some(self.renewal_time(acme, loaded).await),
+            Err(_) => None,
+        };
+        let Some(state) = self.sites.get_mut(label) else {
+            return;
+        };
+        match result {
+            Ok(loaded) => {
+                self.shared
+                    .stats
+                    .acme_issued
+                    .fetch_add(1, Ordering::Relaxed);
+                let next = renew.unwrap_or_else(SystemTime::now);
+                state.failures = 0;
+                state.next = next;
+                tracing::info!(
+                    site = label,
+                    not_after = %humantime::format_rfc3339_seconds(loaded.info.not_after),
+                    next_renewal = %humantime::format_rfc3339_seconds(next),
+                    "ACME certificate installed"
+                );
+                state.current = Some(loaded);
+            }
+            Err(e) => {
+                self.shared
+                    .stats
+                    .acme_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                state.failures += 1;
+                let wait = schedule::backoff(
+                    state.failures,
+                    acme.retry_min,
+                    acme.retry_max,
+                    fastrand::f64(),
+                );
+                state.next = SystemTime::now() + wait;
+                tracing::error!(
+                    site = label,
+                    step = e.step(),
+                    failures = state.failures,
+                    retry_in = ?wait,
+                    error = %e,
+                    "ACME order failed; serving through peers meanwhile"
+                );
+            }
+        }
+    }
+
+    async fn order(
+        &mut self,
+        acme: &Acme,
+        label: &str,
+        identifiers: &[String],
+        replaces: Option<CertificateIdentifier<'static>>,
+    ) -> Result<Loaded, AcmeError> {
+        let account = self.account(acme).await?;
+        let supports_ari = replaces.is_some() && account_has_ari(&account, replaces.as_ref()).await;
+        let request = Request {
+            site: label,
+            identifiers,
+            profile: acme.profile.as_deref(),
+            replaces: if supports_ari { replaces } else { None },
+            key_type: acme.key_type,
+        };
+        let (chain_pem, key_pem) =
+            order::obtain(&account, &self.shared.challenges, request).await?;
+        let loaded = disk::from_pem(chain_pem.as_bytes(), key_pem.as_bytes(), label)?;
+        let stored = Stored {
+            chain_pem,
+            key_pem,
+            meta: Meta {
+                identifiers: identifiers.to_vec(),
+                profile: acme.profile.clone(),
+            },
+        };
+        storage::save_site(&acme.state_dir, label, &stored)?;
+        self.install(label, &loaded);
+        Ok(loaded)
+    }
+
+    fn install(&self, label: &str, loaded: &Loaded) {
+        self.shared.certs.set(
+            label,
+            Entry {
+                loaded: loaded.clone(),
+                source: Source::Acme,
+            },
+        );
+    }
+
+    /// ARI's suggested window when the CA offers it, else a third of the
+    /// lifetime left; both with jitter so holders spread out.
+    async fn renewal_time(&mut self, acme: &Acme, loaded: &Loaded) -> SystemTime {
+        let info = &loaded.info;
+        let fallback = schedule::renew_at(info.not_before, info.not_after, fastrand::f64());
+        let Some(id) = certificate_id(&loaded.key.cert[0]) else {
+            return fallback;
+        };
+        let Ok(account) = self.account(acme).await else {
+            return fallback;
+        };
+        match account.renewal_info(&id).await {
+            Ok((ari, _)) => {
+                let window = &ari.suggested_window;
+                let start = SystemTime::from(window.start);
+                let end = SystemTime::from(window.end);
+                schedule::in_window(start, end, fastrand::f64())
+            }
+            Err(_) => fallback,
+        }
+    }
+
+    /// The account: from `state_dir` if there, else created (with EAB when
+    /// configured) and saved 0600.
+    async fn account(&mut self, acme: &Acme) -> Result<Account, AcmeError> {
+        if let Some((directory, account)) = &self.account
+            && *directory == acme.directory
+        {
+            return Ok(account.clone());
+        }
+        let builder = match &acme.ca_file {
+            Some(ca) => Account::builder_with_root(ca),
+            None => Account::builder(),
+        }
+        .map_err(AcmeError::Account)?;
+        let account = match storage::load_account(&acme.state_dir)? {
+            Some(file) if file.directory != acme.directory => {
+                let path = storage::account_path(&acme.state_dir).display().to_string();
+                return Err(AcmeError::OtherDirectory(
+                    path,
+                    file.directory,
+                    acme.directory.clone(),
+                ));
+            }
+            Some(file) => builder
+                .from_credentials(file.credentials)
+                .await
+                .map_err(AcmeError::Account)?,
+            None => {
+                let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
+                let eab = acme
+                    .eab
+                    .as_ref()
+                    .map(|(kid, key)| ExternalAccountKey::new(kid.clone(), key));
+                let new = NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                };
+                tracing::info!(step = "new_account", directory = %acme.directory, "creating ACME account");
+                let (account, credentials) = builder
+                    .create(&new, acme.directory.clone(), eab.as_ref())
+                    .await
+                    .map_err(AcmeError::Account)?;
+                let file = AccountFile {
+                    directory: acme.directory.clone(),
+                    thumbprint: account.key_thumbprint().to_string(),
+                    credentials,
+                };
+                storage::save_account(&acme.state_dir, &file)?;
+                account
+            }
+        };
+        if acme.shared_account {
+            self.shared
+                .challenges
+                .set_thumbprint(Some(account.key_thumbprint().to_string()));
+        }
+        self.account = Some((acme.directory.clone(), account.clone()));
+        Ok(account)
+    }
+
+    /// Stateless answers need only the thumbprint, which the account file
+    /// carries: no round trip to the CA first.
+    fn publish_thumbprint(&self, acme: &Acme) {
+        match storage::load_account(&acme.state_dir) {
+            Ok(Some(file)) => self.shared.challenges.set_thumbprint(Some(file.thumbprint)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "shared account unreadable"),
+        }
+    }
+}
+
+/// The identifiers this node orders for a site: its exact names plus the
+/// node's own `acme_name`, sorted so storage comparisons are stable.
+pub fn identifiers(config: &Config, site: SiteId) -> Vec<String> {
+    let mut names: Vec<String> = config
+        .site(site)
+        .names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    if let Some(own) = &config.this().acme_name {
+        names.push(own.clone());
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+async fn account_has_ari(account: &Account, id: Option<&CertificateIdentifier<'static>>) -> bool {
+    match id {
+        Some(id) => !matches!(
+            account.renewal_info(id).await,
+            Err(instant_acme::Error::Unsupported(_))
+        ),
+        None => false,
+    }
+}
+
+/// ARI's certificate identifier: authority key id and serial (RFC 9773 4.1).
+fn certificate_id(
+    der: &rustls::pki_types::CertificateDer<'_>,
+) -> Option<CertificateIdentifier<'static>> {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let aki = cert
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })?;
+    let serial = cert.tbs_certificate.raw_serial().to_vec();
+    Some(
+        CertificateIdentifier::new(
+            rustls::pki_types::Der::from(aki.as_slice()),
+            rustls::pki_types::Der::from(serial.as_slice()),
+        )
+        .into_owned(),
+    )
+}

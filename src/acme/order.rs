@@ -1,0 +1,150 @@
+//! One ACME order, HTTP-01 through this node's challenge store: tokens are
+//! in place before a challenge is set ready and removed afterwards.
+
+use std::time::Duration;
+
+use instant_acme::{
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
+};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+
+use crate::config::KeyType;
+use crate::http::challenge::{ChallengeStore, Full};
+
+/// A token outlives its order by a margin: the CA may validate late.
+const TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long the CA may take to validate, and then to issue.
+const POLL: RetryPolicy = RetryPolicy::new()
+    .initial_delay(Duration::from_millis(250))
+    .backoff(1.5)
+    .timeout(Duration::from_secs(90));
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    /// The CA's answer; a problem document's type and detail are in `source`.
+    #[error("{step}: {source}")]
+    Acme {
+        step: &'static str,
+        source: instant_acme::Error,
+    },
+    #[error("no http-01 challenge offered for {0}")]
+    NoHttp01(String),
+    #[error("authorization for {0} is {1:?}")]
+    Authorization(String, AuthorizationStatus),
+    #[error("order ended {0:?}")]
+    Order(OrderStatus),
+    #[error("making the key or CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    #[error(transparent)]
+    Challenges(#[from] Full),
+}
+
+impl OrderError {
+    pub fn step(&self) -> &'static str {
+        match self {
+            OrderError::Acme { step, .. } => step,
+            OrderError::NoHttp01(_) | OrderError::Authorization(..) | OrderError::Challenges(_) => {
+                "challenge"
+            }
+            OrderError::Order(_) => "poll_ready",
+            OrderError::Csr(_) => "csr",
+        }
+    }
+}
+
+fn at(step: &'static str) -> impl FnOnce(instant_acme::Error) -> OrderError {
+    move |source| OrderError::Acme { step, source }
+}
+
+/// What to order.
+pub struct Request<'a> {
+    pub site: &'a str,
+    pub identifiers: &'a [String],
+    pub profile: Option<&'a str>,
+    pub replaces: Option<CertificateIdentifier<'static>>,
+    pub key_type: KeyType,
+}
+
+/// Runs the order to the end; returns (chain PEM, key PEM).
+pub async fn obtain(
+    account: &Account,
+    challenges: &ChallengeStore,
+    request: Request<'_>,
+) -> Result<(String, String), OrderError> {
+    let site = request.site;
+    let identifiers: Vec<Identifier> = request
+        .identifiers
+        .iter()
+        .cloned()
+        .map(Identifier::Dns)
+        .collect();
+    let mut new_order = NewOrder::new(&identifiers);
+    if let Some(profile) = request.profile {
+        new_order = new_order.profile(profile);
+    }
+    if let Some(replaces) = request.replaces {
+        new_order = new_order.replaces(replaces);
+    }
+    tracing::info!(site, step = "new_order", identifiers = ?request.identifiers, "ACME order");
+    let mut order = account
+        .new_order(&new_order)
+        .await
+        .map_err(at("new_order"))?;
+
+    let mut tokens = Vec::new();
+    let result = async {
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization = authorization.map_err(at("authorization"))?;
+            let name = authorization.identifier().to_string();
+            match authorization.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => return Err(OrderError::Authorization(name, other)),
+            }
+            let mut challenge = authorization
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| OrderError::NoHttp01(name.clone()))?;
+            let key_authorization = challenge.key_authorization();
+            challenges.insert(&challenge.token, key_authorization.as_str(), TOKEN_TTL)?;
+            tokens.push(challenge.token.clone());
+            tracing::info!(site, step = "challenge", identifier = %name, "HTTP-01 token in place, set ready");
+            challenge.set_ready().await.map_err(at("set_ready"))?;
+        }
+        let status = order.poll_ready(&POLL).await.map_err(at("poll_ready"))?;
+        if status != OrderStatus::Ready {
+            return Err(OrderError::Order(status));
+        }
+        Ok(())
+    }
+    .await;
+    for token in &tokens {
+        challenges.remove(token);
+    }
+    result?;
+
+    let (csr, key_pem) = csr(request.identifiers, request.key_type)?;
+    tracing::info!(site, step = "finalize", "ACME order ready, finalizing");
+    order.finalize_csr(&csr).await.map_err(at("finalize"))?;
+    let chain = order
+        .poll_certificate(&POLL)
+        .await
+        .map_err(at("certificate"))?;
+    tracing::info!(site, step = "issued", "ACME certificate issued");
+    Ok((chain, key_pem))
+}
+
+/// A fresh key of the configured type and a CSR for the identifiers.
+fn csr(identifiers: &[String], key_type: KeyType) -> Result<(Vec<u8>, String), rcgen::Error> {
+    let algorithm = match key_type {
+        KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
+    };
+    let key = KeyPair::generate_for(algorithm)?;
+    let mut params = CertificateParams::new(identifiers.to_vec())?;
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.der().to_vec(), key.serialize_pem()))
+}

@@ -1,0 +1,68 @@
+//! When to renew and how long to back off: pure arithmetic, unit-tested.
+
+use std::time::{Duration, SystemTime};
+
+/// Without ARI, renew when a third of the lifetime is left, spread over the
+/// tenth of the lifetime before that by `jitter` in [0, 1) so holders of a
+/// name do not all renew at once. A 6-day certificate renews ~2 days before
+/// expiry, a 90-day one at day ~60: never daily.
+pub fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    let spread = lifetime.mul_f64(jitter.clamp(0.0, 1.0) / 10.0);
+    not_after - lifetime / 3 - spread
+}
+
+/// A uniformly random point in an ARI suggested window.
+pub fn in_window(start: SystemTime, end: SystemTime, r: f64) -> SystemTime {
+    let width = end.duration_since(start).unwrap_or_default();
+    start + width.mul_f64(r.clamp(0.0, 1.0))
+}
+
+/// Exponential backoff after `failures` consecutive failures (at least 1),
+/// from `min` doubling up to `max`, then +-10% jitter by `r` in [0, 1).
+pub fn backoff(failures: u32, min: Duration, max: Duration, r: f64) -> Duration {
+    let exponent = failures.saturating_sub(1).min(20);
+    let base = min.saturating_mul(1u32 << exponent).min(max);
+    base.mul_f64(0.9 + 0.2 * r.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn short_and_long_lifetimes_renew_at_a_third_left() {
+        let start = SystemTime::UNIX_EPOCH + DAY * 1000;
+        let six = renew_at(start, start + DAY * 6, 0.0);
+        assert_eq!(six, start + DAY * 4);
+        let ninety = renew_at(start, start + DAY * 90, 0.999);
+        let day = ninety.duration_since(start).unwrap().as_secs_f64() / 86_400.0;
+        assert!((51.0..=60.0).contains(&day), "{day}");
+        let short = renew_at(start, start + Duration::from_secs(90), 0.5);
+        let at = short.duration_since(start).unwrap();
+        assert!(
+            at >= Duration::from_secs(55) && at <= Duration::from_secs(60),
+            "{at:?}"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let min = Duration::from_secs(10);
+        let max = Duration::from_secs(300);
+        assert_eq!(backoff(1, min, max, 0.5), min);
+        assert_eq!(backoff(3, min, max, 0.5), Duration::from_secs(40));
+        assert_eq!(backoff(50, min, max, 0.5), max);
+        assert!(backoff(2, min, max, 0.0) >= Duration::from_secs(18));
+    }
+
+    #[test]
+    fn window_points_stay_inside() {
+        let start = SystemTime::UNIX_EPOCH + DAY;
+        let end = start + DAY;
+        assert_eq!(in_window(start, end, 0.0), start);
+        assert!(in_window(start, end, 0.99) < end);
+    }
+}

@@ -1,0 +1,332 @@
+//! Certificates by ACME against a real CA (Pebble), three nodes on
+//! 127.0.0.2/.3/.4 whose names' DNS points at nodes that do not hold them.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use sni_router::certs::store::Source;
+use support::pebble::{Options, Pebble};
+use support::*;
+
+const NODES: [(&str, &str); 3] = [("a", "127.0.0.2"), ("b", "127.0.0.3"), ("c", "127.0.0.4")];
+
+/// Node addresses: fresh TLS ports, HTTP on Pebble's validation port.
+fn addresses(pebble: &Pebble) -> Vec<(&'static str, SocketAddr, SocketAddr)> {
+    NODES
+        .iter()
+        .map(|(name, ip)| {
+            (
+                *name,
+                free_addr(ip),
+                SocketAddr::new(ip.parse().unwrap(), pebble.http_port),
+            )
+        })
+        .collect()
+}
+
+fn acme_section(pebble: &Pebble, state_dir: &Path, extra: &str) -> String {
+    format!(
+        "[acme]\ndirectory = \"{}\"\nstate_dir = \"{}\"\nca_file = \"{}\"\ncontact = [\"mailto:ops@example.test\"]\nretry_min = \"1s\"\n{extra}",
+        pebble.directory,
+        state_dir.display(),
+        pebble.ca_file.display()
+    )
+}
+
+fn held(name: &str, holders: &str) -> String {
+    format!("[[sites]]\nnames = [\"{name}\"]\nheld_by = [{holders}]\nupstream = \"127.0.0.1:9\"\n")
+}
+
+/// Polls until `router` serves an ACME certificate for `site` (bounded).
+async fn wait_acme(router: &Router, site: &str, not: Option<&[u8]>) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(entry) = router.handle.shared.certs.get(site)
+            && entry.source == Source::Acme
+        {
+            let der = entry.loaded.key.cert[0].to_vec();
+            if not != Some(der.as_slice()) {
+                return der;
+            }
+        }
+        assert!(Instant::now() < deadline, "no ACME certificate for {site}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client that trusts only what Pebble issues.
+async fn pebble_client(pebble: &Pebble) -> Arc<rustls::ClientConfig> {
+    let root = pebble.issuing_root().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[tokio::test]
+async fn every_holder_gets_its_own_certificate_while_dns_points_elsewhere() {
+    if !have("pebble") {
+        return;
+    }
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = addresses(&pebble);
+    let sites = format!(
+        "{}{}",
+        held("one.test", "\"a\""),
+        held("two.test", "\"b\", \"c\"")
+    );
+    pebble.add_a("one.test", "127.0.0.3").await;
+    pebble.add_a("two.test", "127.0.0.2").await;
+    let mut routers = Vec::new();
+    for (name, _, _) in &nodes {
+        let top = acme_section(&pebble, &dir.path().join(name), "");
+        routers.push(Router::start(&fleet_toml_http(name, &nodes, &top, &sites)).await);
+    }
+    let one = wait_acme(&routers[0], "one.test", None).await;
+    let two_b = wait_acme(&routers[1], "two.test", None).await;
+    let two_c = wait_acme(&routers[2], "two.test", None).await;
+    assert_ne!(two_b, two_c, "each holder orders its own");
+    assert!(
+        routers[0].handle.shared.certs.get("two.test").is_none(),
+        "a does not hold two.test"
+    );
+
+    let client = pebble_client(&pebble).await;
+    for (router, name, expected) in [
+        (&routers[0], "one.test", &one),
+        (&routers[1], "two.test", &two_b),
+        (&routers[2], "two.test", &two_c),
+        (&routers[2], "one.test", &one),
+    ] {
+        let (tls, _) = tls_connect(router.addr(), client.clone(), name)
+            .await
+            .unwrap_or_else(|e| panic!("{name} via {}: {e}", router.addr()));
+        assert_eq!(&peer_leaf(&tls), expected, "{name} via {}", router.addr());
+    }
+    // A node that does not hold two.test reaches a holder with a valid one.
+    let (tls, _) = tls_connect(routers[0].addr(), client, "two.test")
+        .await
+        .unwrap();
+    let leaf = peer_leaf(&tls);
+    assert!(leaf == two_b || leaf == two_c);
+    let state = dir.path().join("a");
+    assert!(state.join("account.json").exists() && state.join("sites/one.test/key.pem").exists());
+}
+
+#[tokio::test]
+async fn a_restart_reuses_the_stored_certificate() {
+    if !have("pebble") {
+        return;
+    }
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = addresses(&pebble);
+    pebble.add_a("keep.test", "127.0.0.2").await;
+    let toml = fleet_toml_http(
+        "a",
+        &nodes[..1],
+        &acme_section(&pebble, dir.path(), ""),
+        &held("keep.test", "\"a\""),
+    );
+    let router = Router::start(&toml).await;
+    let first = wait_acme(&router, "keep.test", None).await;
+    router.stop().await;
+
+    let router = Router::start(&toml).await;
+    let again = wait_acme(&router, "keep.test", None).await;
+    assert_eq!(again, first, "same certificate after restart");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        router
+            .handle
+            .shared
+            .stats
+            .acme_issued
+            .load(Ordering::Relaxed),
+        0,
+        "no new order"
+    );
+}
+
+#[tokio::test]
+async fn short_lived_certificates_renew_before_expiry() {
+    if !have("pebble") {
+        return;
+    }
+    let pebble = Pebble::start(Options {
+        validity: Some(90),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = addresses(&pebble);
+    pebble.add_a("short.test", "127.0.0.4").await;
+    // c runs too (the name's DNS points at it) but does not hold the name.
+    let mut routers = Vec::new();
+    for (name, _, _) in &nodes {
+        let top = acme_section(&pebble, &dir.path().join(name), "");
+        routers.push(
+            Router::start(&fleet_toml_http(
+                name,
+                &nodes,
+                &top,
+                &held("short.test", "\"a\", \"b\""),
+            ))
+            .await,
+        );
+    }
+    let _c = routers.pop();
+    let client = pebble_client(&pebble).await;
+    let mut firsts = Vec::new();
+    for router in &routers {
+        firsts.push(wait_acme(router, "short.test", None).await);
+    }
+    // Clients keep connecting through the first certificates' lifetime and
+    // beyond; every handshake verifies, so none saw an expired certificate.
+    let deadline = Instant::now() + Duration::from_secs(100);
+    let mut renewed = [false, false];
+    while Instant::now() < deadline && renewed != [true, true] {
+        for (i, router) in routers.iter().enumerate() {
+            let (tls, _) = tls_connect(router.addr(), client.clone(), "short.test")
+                .await
+                .unwrap_or_else(|e| panic!("handshake with {} failed: {e}", router.addr()));
+            let leaf = peer_leaf(&tls);
+            let info = sni_router::certs::disk::describe(&leaf.clone().into()).unwrap();
+            assert!(
+                info.valid_at(SystemTime::now()),
+                "served an expired certificate"
+            );
+            renewed[i] |= leaf != firsts[i];
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        renewed,
+        [true, true],
+        "both holders renewed within the lifetime"
+    );
+    for router in &routers {
+        let issued = router
+            .handle
+            .shared
+            .stats
+            .acme_issued
+            .load(Ordering::Relaxed);
+        assert!(
+            (2..=3).contains(&issued),
+            "renewed on schedule, not in a loop: {issued}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_down_or_refusing_ca_backs_off_while_peers_serve() {
+    if !have("pebble") {
+        return;
+    }
+    let ca = TestCa::new();
+    let mut down = Pebble::start(Options::default()).await;
+    let refusing = Pebble::start(Options {
+        eab: Some((
+            "kid-1".into(),
+            "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W".into(),
+        )),
+        ..Options::default()
+    })
+    .await;
+    down.pause();
+    let dir = tempfile::tempdir().unwrap();
+    let peer_files = ca.leaf(&["down.test"]).write(dir.path(), "peer");
+    for (pebble, extra) in [
+        (&down, String::new()),
+        (
+            &refusing,
+            "eab = { kid = \"kid-1\", hmac_key = \"d3Jvbmcta2V5LXdyb25nLWtleQ\" }\n".to_string(),
+        ),
+    ] {
+        let nodes = addresses(pebble);
+        // a manages down.test by ACME; b holds it too, from files.
+        let site_a = held("down.test", "\"a\", \"b\"");
+        let site_b = format!("{}{peer_files}", held("down.test", "\"a\", \"b\""));
+        let state = tempfile::tempdir().unwrap();
+        let a = Router::start(&fleet_toml_http(
+            "a",
+            &nodes,
+            &acme_section(pebble, state.path(), &extra),
+            &site_a,
+        ))
+        .await;
+        let _b = Router::start(&fleet_toml_http("b", &nodes, "", &site_b)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let failed = a.handle.shared.stats.acme_failed.load(Ordering::Relaxed);
+        assert!(
+            (2..=4).contains(&failed),
+            "backoff, not a tight loop: {failed} failures in 4 s"
+        );
+        assert!(a.handle.shared.certs.get("down.test").is_none());
+        let (tls, _) = tls_connect(a.addr(), ca.client_config(&[], true), "down.test")
+            .await
+            .unwrap();
+        assert!(!peer_leaf(&tls).is_empty(), "served through the peer");
+        assert!(a.handle.shared.stats.fallbacks.load(Ordering::Relaxed) >= 1);
+    }
+}
+
+#[tokio::test]
+async fn a_shared_account_issues_without_forwarding() {
+    if !have("pebble") {
+        return;
+    }
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // One account, created once and copied to every node's state_dir.
+    let builder = instant_acme::Account::builder_with_root(&pebble.ca_file).unwrap();
+    let new = instant_acme::NewAccount {
+        contact: &[],
+        terms_of_service_agreed: true,
+        only_return_existing: false,
+    };
+    let (account, credentials) = builder
+        .create(&new, pebble.directory.clone(), None)
+        .await
+        .unwrap();
+    let file = sni_router::acme::storage::AccountFile {
+        directory: pebble.directory.clone(),
+        thumbprint: account.key_thumbprint().to_string(),
+        credentials,
+    };
+    for (name, _) in NODES {
+        sni_router::acme::storage::save_account(&dir.path().join(name), &file).unwrap();
+    }
+    let nodes = addresses(&pebble);
+    let sites = format!("{}{}", held("sa.test", "\"a\""), held("sb.test", "\"b\""));
+    pebble.add_a("sa.test", "127.0.0.3").await;
+    pebble.add_a("sb.test", "127.0.0.4").await;
+    let mut routers = Vec::new();
+    for (name, _, _) in &nodes {
+        let top = format!(
+            "[http]\nforward = false\n{}",
+            acme_section(&pebble, &dir.path().join(name), "shared_account = true\n")
+        );
+        routers.push(Router::start(&fleet_toml_http(name, &nodes, &top, &sites)).await);
+    }
+    wait_acme(&routers[0], "sa.test", None).await;
+    wait_acme(&routers[1], "sb.test", None).await;
+    let forwarded: u64 = routers.iter().map(|r| r.http_forwarded()).sum();
+    assert_eq!(
+        forwarded, 0,
+        "every node answered from the shared thumbprint"
+    );
+}
