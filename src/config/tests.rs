@@ -169,3 +169,61 @@ fn listener_default_site_must_exist() {
         "listeners[0].default_site: \"gone.test\" is not a name",
     );
 }
+
+const ACME: &str = "[acme]\ndirectory = \"https://ca.test/dir\"\nstate_dir = \"state\"\nprofile = \"shortlived\"\n";
+
+#[test]
+fn acme_refuses_wildcards_it_cannot_validate() {
+    assert_problem(
+        &format!(
+            "{ACME}[[sites]]\nnames = [\"*.w.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:1\"\n"
+        ),
+        "sites[0].names: *.w.test: wildcard names cannot be validated over HTTP-01; give this site a cert_file",
+    );
+    // With a cert_file the wildcard is fine.
+    let text = format!(
+        "{NODES}{ACME}[[sites]]\nnames = [\"*.w.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:1\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n"
+    );
+    let config = Config::parse(&text, "fleet.toml", None).unwrap();
+    assert!(config.acme_sites().is_empty());
+    assert_eq!(config.acme.unwrap().state_dir, Path::new("state"));
+}
+
+#[test]
+fn acme_warns_when_holders_would_order_identical_sets() {
+    let text = format!(
+        "{NODES}{ACME}[[sites]]\nnames = [\"s.test\"]\nheld_by = [\"a\", \"b\"]\nupstream = \"127.0.0.1:1\"\n"
+    );
+    let config = Config::parse(&text, "fleet.toml", None).unwrap();
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert!(config.warnings[0].message.contains("acme_name"));
+    let distinct = text.replace(
+        "name = \"b\"\n",
+        "name = \"b\"\nacme_name = \"edge-b.test\"\n",
+    );
+    let config = Config::parse(&distinct, "fleet.toml", None).unwrap();
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn acme_fields_are_checked() {
+    assert_problem(
+        "[acme]\ndirectory = \"http://ca.test\"\nstate_dir = \"s\"\nkey_type = \"dsa\"\neab = { kid = \"k\", hmac_key = \"not base64!\" }\n",
+        "acme.directory: \"http://ca.test\" is not an https:// URL",
+    );
+    let problems = problems(
+        "[acme]\ndirectory = \"https://ca.test\"\nstate_dir = \"s\"\nkey_type = \"dsa\"\neab = { kid = \"k\", hmac_key = \"not base64!\" }\n",
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("acme.key_type: \"dsa\" is not one of")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("acme.eab.hmac_key: not base64url")),
+        "{problems:?}"
+    );
+}
