@@ -41,4 +41,7 @@ pub mod connect;
 pub mod splice;
 pub mod certs;
 pub mod acme;
+pub mod metrics;
+pub mod peers;
+pub mod admin;
 pub mod probe;

@@ -20,7 +20,13 @@ use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
 use crate::http::challenge::ChallengeStore;
 use crate::http::guard::ForwardGuard;
+use crate::metrics::{CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE};
+use crate::peers::PeerHealth;
 use crate::tls::terminate::{Contexts, Resumption};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
 use tokio::sync::watch;
 
 /// Where the config comes from, so a reload reads the same place.
@@ -88,6 +94,11 @@ pub struct Shared {
     pub certs: Arc<CertStore>,
     pub challenges: Arc<ChallengeStore>,
     pub stats: Stats,
+    pub peers: PeerHealth,
+    /// Next ACME renewal per site label, for the status page.
+    pub renewals: Mutex<HashMap<String, SystemTime>>,
+    /// Listeners bound and accepting (false before start and while draining).
+    pub ready: AtomicBool,
     resumption: Resumption,
     /// Bumped on every reload; background tasks watch it.
     pub reloaded: watch::Sender<u64>,
@@ -146,6 +157,7 @@ impl Handle {
         tracing::info!(source = %config.source, sites = config.sites.len(), "config reloaded");
         self.shared.live.store(Arc::new(live));
         self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(CONFIG_RELOADS, "outcome" => "ok").increment(1);
         self.shared
             .reloaded
             .send_modify(|generation| *generation += 1);
@@ -167,6 +179,7 @@ pub struct BindError {
 
 pub struct Server {
     handle: Handle,
+    admin: Option<TcpListener>,
     /// TLS listeners in `config.listeners` order, then the HTTP listener.
     listeners: Vec<TcpListener>,
     certs: FileWatch,
@@ -182,6 +195,12 @@ impl Server {
                 .map_err(|source| BindError { addr, source })?;
             listeners.push(bound);
         }
+        let admin = match config.admin {
+            Some(addr) => {
+                Some(bind_listener(addr, 64).map_err(|source| BindError { addr, source })?)
+            }
+            None => None,
+        };
         let certs = Arc::new(CertStore::default());
         let mut watch = FileWatch::default();
         watch.sync(&config, &certs);
@@ -191,6 +210,9 @@ impl Server {
             live: ArcSwap::from_pointee(live),
             certs,
             challenges: Arc::default(),
+            peers: PeerHealth::default(),
+            renewals: Mutex::default(),
+            ready: AtomicBool::new(false),
             stats: Stats::default(),
             resumption,
             reloaded: watch::Sender::new(0),
@@ -202,6 +224,7 @@ impl Server {
             },
             listeners,
             certs: watch,
+            admin,
         })
     }
 
@@ -211,6 +234,10 @@ impl Server {
 
     /// The addresses actually bound: TLS listeners in `config.listeners`
     /// order, then the HTTP listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
@@ -225,7 +252,17 @@ impl Server {
             handle,
             listeners,
             certs,
+            admin,
         } = self;
+        // Peer probes feed only the status page, so they run with it.
+        let admin = admin.map(|listener| {
+            let metrics = crate::metrics::install();
+            let serve = crate::admin::serve(listener, handle.shared.clone(), metrics);
+            (
+                tokio::spawn(serve),
+                tokio::spawn(crate::peers::probe(handle.clone())),
+            )
+        });
         let live = handle.shared.config();
         let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
         let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
@@ -234,7 +271,11 @@ impl Server {
         let mut accept_loops = Vec::new();
         let http = listeners.len().saturating_sub(1);
         for (index, listener) in listeners.into_iter().enumerate() {
+            let label = listener
+                .local_addr()
+                .map_or_else(|_| "unknown".into(), |a| a.to_string());
             let ctx = AcceptLoop {
+                label,
                 port: if index == http {
                     Port::Http
                 } else {
@@ -247,7 +288,9 @@ impl Server {
             };
             accept_loops.push(tokio::spawn(ctx.run()));
         }
+        handle.shared.ready.store(true, Ordering::Relaxed);
         handle.shutdown.cancelled().await;
+        handle.shared.ready.store(false, Ordering::Relaxed);
         // Each loop returns on shutdown and drops its listener, so new
         // connections are refused from here on.
         for accept_loop in accept_loops {
@@ -255,6 +298,10 @@ impl Server {
         }
         watcher.abort();
         acme.abort();
+        if let Some((serve, probe)) = admin {
+            serve.abort();
+            probe.abort();
+        }
         tracker.close();
         let drain = handle.shared.config().config.timeouts.drain;
         tracing::info!(
@@ -280,6 +327,8 @@ enum Port {
 
 struct AcceptLoop {
     port: Port,
+    /// The listener as metrics name it: its bound address.
+    label: String,
     listener: TcpListener,
     handle: Handle,
     limit: Arc<Semaphore>,
@@ -319,6 +368,10 @@ impl AcceptLoop {
             let _ = stream.set_nodelay(true);
             let shared = self.handle.shared.clone();
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            let label = self.label.clone();
+            metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label.clone()).increment(1);
+            let active = metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => label);
+            active.increment(1.0);
             let live = shared.config();
             let port = self.port;
             self.tracker.spawn(async move {
@@ -330,6 +383,7 @@ impl AcceptLoop {
                         crate::http::handler::handle(shared, live, stream, peer, local).await
                     }
                 }
+                active.decrement(1.0);
                 drop(permit);
             });
         }
@@ -397,7 +451,10 @@ pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeErro
         tokio::select! {
             _ = hup.recv() => match source.load() {
                 Ok(config) => handle.reload(config),
-                Err(e) => tracing::error!("reload failed, keeping the running config:\n{e}"),
+                Err(e) => {
+                    metrics::counter!(CONFIG_RELOADS, "outcome" => "error").increment(1);
+                    tracing::error!("reload failed, keeping the running config:\n{e}");
+                }
             },
             _ = term.recv() => break,
             _ = int.recv() => break,

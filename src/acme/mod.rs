@@ -19,6 +19,7 @@ use self::storage::{AccountFile, Meta, StorageError, Stored};
 use crate::certs::disk::{self, CertError, Loaded};
 use crate::certs::store::{Entry, Source};
 use crate::config::{Acme, Config, SiteId};
+use crate::metrics::ACME_ORDERS;
 use crate::server::Shared;
 
 /// An order that takes longer than this has stalled somewhere.
@@ -136,6 +137,13 @@ impl Manager {
                 self.attempt(acme, &label).await;
             }
         }
+        if let Ok(mut renewals) = self.shared.renewals.lock() {
+            *renewals = self
+                .sites
+                .iter()
+                .map(|(site, s)| (site.clone(), s.next))
+                .collect();
+        }
         self.sites.values().map(|s| s.next).min()
     }
 
@@ -214,6 +222,8 @@ impl Manager {
                     .stats
                     .acme_issued
                     .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "issued")
+                    .increment(1);
                 let next = renew.unwrap_or_else(SystemTime::now);
                 state.failures = 0;
                 state.next = next;
@@ -230,6 +240,8 @@ impl Manager {
                     .stats
                     .acme_failed
                     .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "failed")
+                    .increment(1);
                 state.failures += 1;
                 let wait = schedule::backoff(
                     state.failures,

@@ -53,6 +53,14 @@ impl CertStore {
 
     /// Installs or replaces one site's certificate.
     pub fn set(&self, site: &str, entry: Entry) {
+        let expiry = entry
+            .loaded
+            .info
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        metrics::gauge!(crate::metrics::CERT_EXPIRY, "site" => site.to_string())
+            .set(expiry.as_secs_f64());
         let entry = Arc::new(entry);
         self.sites.rcu(|sites| {
             let mut next = HashMap::clone(sites);

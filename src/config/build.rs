@@ -188,6 +188,18 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
     }
 
     let acme = file.acme.as_ref().map(|a| acme(b, a, source));
+    let admin = file
+        .admin
+        .as_ref()
+        .and_then(|a| b.addr("admin.listen", &a.listen));
+    if let Some(admin) = admin.filter(|a| !a.ip().is_loopback()) {
+        b.warnings.push(Problem {
+            field: "admin.listen".into(),
+            message: format!(
+                "{admin} is not loopback: /metrics and /status will be reachable from the network"
+            ),
+        });
+    }
     let this_node = this_node?;
     let mut listeners = vec![Listener {
         bind: nodes[this_node.0].tls_bind,
@@ -234,6 +246,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         cert_poll,
         http,
         acme,
+        admin,
         warnings: Vec::new(),
     })
 }

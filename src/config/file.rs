@@ -19,6 +19,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub http: FileHttp,
     pub acme: Option<FileAcme>,
+    pub admin: Option<FileAdmin>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
     #[serde(default)]
@@ -88,6 +89,12 @@ pub struct FileAcme {
     pub key_type: Option<String>,
     pub retry_min: Option<String>,
     pub retry_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub listen: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,6 +46,8 @@ pub struct Config {
     pub cert_poll: Duration,
     pub http: Http,
     pub acme: Option<Acme>,
+    /// Where /metrics, /healthz, /readyz and /status are served; off when absent.
+    pub admin: Option<SocketAddr>,
     /// Not errors, but worth an operator's look (printed by `check`, logged at start).
     pub warnings: Vec<Problem>,
 }

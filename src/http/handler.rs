@@ -7,17 +7,20 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::ask;
 use super::request::{Head, Invalid};
+use super::response::text as respond;
 use super::route::{self, HttpDecision};
 use crate::config::{Config, ProxyVersion, SiteId, SiteRoute};
+use crate::metrics::{HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
+use crate::peers::PeerHealth;
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
 use crate::server::{Live, Shared};
-use crate::tls::forward;
+use crate::tls::forward::{self, Target, Via};
 
 /// Largest webroot file served: a key authorization is ~90 bytes.
 const MAX_WEBROOT_FILE: u64 = 4096;
@@ -48,6 +51,7 @@ pub async fn handle(
     let started = Instant::now();
     shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
     let (host, target, out) = serve(&shared, &live, &mut stream, peer, local).await;
+    metrics::counter!(HTTP_REQUESTS, "result" => out.result).increment(1);
     tracing::info!(
         target: "sni_router::http",
         client = %peer,
@@ -114,7 +118,16 @@ async fn serve(
         }
         HttpDecision::Upstream { site } => {
             let ends = (client, destination);
-            to_upstream(config, site, stream, from_node, ends, &preamble.bytes).await
+            to_upstream(
+                config,
+                &shared.peers,
+                site,
+                stream,
+                from_node,
+                ends,
+                &preamble.bytes,
+            )
+            .await
         }
     };
     (head.host.clone(), Some(head.target.clone()), out)
@@ -184,7 +197,10 @@ async fn challenge(
     }
     shared.stats.http_forwarded.fetch_add(1, Ordering::Relaxed);
     let source = Some(config.this().http.ip());
-    match ask::ask_holders(&holders, source, host, token, config.http.forward_timeout).await {
+    let asked = Instant::now();
+    let found = ask::ask_holders(&holders, source, host, token, config.http.forward_timeout).await;
+    metrics::histogram!(HTTP_FORWARD_SECONDS).record(asked.elapsed().as_secs_f64());
+    match found {
         Some(found) => ("challenge_forwarded", Some(found)),
         None => {
             live.guard.miss(host, token);
@@ -211,6 +227,7 @@ async fn from_webroot(config: &Config, token: &str) -> Option<String> {
 /// Plain HTTP to the site's upstream when held here, else to a holder node.
 async fn to_upstream(
     config: &Config,
+    peers: &PeerHealth,
     site: SiteId,
     stream: &mut TcpStream,
     from_node: bool,
@@ -225,17 +242,34 @@ async fn to_upstream(
             .site(site)
             .proxy_protocol
             .map(|v| proxy_protocol::encode(v, client, destination));
-        (vec![*upstream], None, header)
+        let target = Target {
+            addr: *upstream,
+            kind: "upstream",
+            label: config.site(site).label.clone(),
+        };
+        (vec![target], None, header)
     } else if from_node {
         respond(stream, 502, "", "config conflict: not a holder\n").await;
         return outcome("loop_guard", 502);
     } else {
         let order = crate::tls::route::rendezvous(config, config.other_holders(site), client.ip());
-        let targets = order.iter().map(|h| config.node(*h).http).collect();
+        let targets = order
+            .iter()
+            .map(|h| Target {
+                addr: config.node(*h).http,
+                kind: "node",
+                label: config.node(*h).name.clone(),
+            })
+            .collect();
         let header = proxy_protocol::encode(ProxyVersion::V2, client, destination);
         (targets, Some(config.this().http.ip()), Some(header))
     };
-    match forward::to_first_reachable(config, stream, &targets, source, header, replay).await {
+    let via = Via {
+        config,
+        peers,
+        source,
+    };
+    match forward::to_first_reachable(via, stream, &targets, header, replay).await {
         Ok(done) => Outcome {
             result: "upstream",
             status: 0,
@@ -250,22 +284,4 @@ async fn to_upstream(
             }
         }
     }
-}
-
-async fn respond(stream: &mut TcpStream, status: u16, headers: &str, body: &str) {
-    let reason = match status {
-        200 => "OK",
-        308 => "Permanent Redirect",
-        400 => "Bad Request",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        _ => "Bad Gateway",
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n{headers}\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
 }

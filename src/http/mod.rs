@@ -6,4 +6,5 @@ pub mod route;
 pub mod challenge;
 pub mod guard;
 pub mod ask;
+pub mod response;
 pub mod handler;

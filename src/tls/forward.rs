@@ -10,10 +10,41 @@ use tokio::net::TcpStream;
 
 use crate::config::Config;
 use crate::connect::{self, ConnectError};
+use crate::metrics::{CONNECT_FAILURES, FAILOVERS};
+use crate::peers::PeerHealth;
 use crate::splice::{self, Transfer};
 
 /// Enough for a server's first flight in one read; passed on at once.
 const FIRST_READ: usize = 16 * 1024;
+
+/// Where to connect, and how metrics name it (a node or a site from the
+/// config: a closed set).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// `node`, `backend` or `upstream`.
+    pub kind: &'static str,
+    pub label: String,
+}
+
+impl Target {
+    fn connected(&self, peers: &PeerHealth) {
+        if self.kind == "node" {
+            peers.seen(&self.label);
+        }
+    }
+
+    fn failed(&self, peers: &PeerHealth, error: &ForwardError) {
+        if self.kind == "node" {
+            peers.failed(&self.label, &error.to_string());
+        }
+    }
+
+    fn connect_failed(&self) {
+        metrics::counter!(CONNECT_FAILURES, "kind" => self.kind, "target" => self.label.clone())
+            .increment(1);
+    }
+}
 
 #[derive(Debug)]
 pub struct Forwarded {
@@ -53,73 +84,94 @@ impl ForwardError {
     }
 }
 
+/// What forwarding needs besides the streams.
+pub struct Via<'a> {
+    pub config: &'a Config,
+    /// Where peers' reachability is recorded.
+    pub peers: &'a PeerHealth,
+    /// Local address to connect from (a node's own, for node targets).
+    pub source: Option<IpAddr>,
+}
+
 /// Joins the client to the first of `targets` that accepts a connection,
 /// after sending it the optional header and the replayed bytes. Used for
 /// passthrough backends and plain HTTP, where the target may wait for more
 /// of the request before it answers.
 pub async fn to_first_reachable(
-    config: &Config,
+    via: Via<'_>,
     client: &mut TcpStream,
-    targets: &[SocketAddr],
-    source: Option<IpAddr>,
+    targets: &[Target],
     header: Option<Vec<u8>>,
     replay: &[u8],
 ) -> Result<Forwarded, ForwardError> {
     let mut last = None;
     for target in targets {
-        match connect::connect(*target, source, config.timeouts.connect).await {
+        match connect::connect(target.addr, via.source, via.config.timeouts.connect).await {
             Ok(mut stream) => {
+                target.connected(via.peers);
                 let mut prefix = header.unwrap_or_default();
                 prefix.extend_from_slice(replay);
                 stream
                     .write_all(&prefix)
                     .await
-                    .map_err(|e| ForwardError::Replay(*target, e))?;
-                let mut transfer = splice::join(client, stream, config.timeouts.idle).await;
+                    .map_err(|e| ForwardError::Replay(target.addr, e))?;
+                let mut transfer = splice::join(client, stream, via.config.timeouts.idle).await;
                 transfer.to_target += replay.len() as u64;
                 return Ok(Forwarded {
-                    target: *target,
+                    target: target.addr,
                     transfer,
                 });
             }
             Err(e) => {
-                tracing::warn!(%target, error = %e, "target unreachable, trying the next");
+                tracing::warn!(target = %target.addr, error = %e, "target unreachable, trying the next");
+                target.connect_failed();
+                let e = ForwardError::Connect(e);
+                target.failed(via.peers, &e);
                 last = Some(e);
             }
         }
     }
-    Err(last.map_or(ForwardError::NoHolder(0), ForwardError::Connect))
+    Err(last.unwrap_or(ForwardError::NoHolder(0)))
 }
 
 /// Tries holders in order. A holder that cannot be reached, closes before
 /// answering (a holder that cannot terminate refuses silently: see the
 /// loop guard), or stays silent past the connect timeout is skipped.
 pub async fn to_holders(
-    config: &Config,
+    via: Via<'_>,
     client: &mut TcpStream,
-    holders: &[SocketAddr],
-    source: Option<IpAddr>,
+    holders: &[Target],
     header: Vec<u8>,
     replay: &[u8],
 ) -> Result<Forwarded, ForwardError> {
     let mut prefix = header;
     prefix.extend_from_slice(replay);
     for holder in holders {
-        match open_holder(config, *holder, source, &prefix).await {
-            Ok((target, first)) => {
+        match open_holder(via.config, holder.addr, via.source, &prefix).await {
+            Ok((stream, first)) => {
+                holder.connected(via.peers);
                 client
                     .write_all(&first)
                     .await
                     .map_err(ForwardError::Client)?;
-                let mut transfer = splice::join(client, target, config.timeouts.idle).await;
+                let mut transfer = splice::join(client, stream, via.config.timeouts.idle).await;
                 transfer.to_target += replay.len() as u64;
                 transfer.to_client += first.len() as u64;
                 return Ok(Forwarded {
-                    target: *holder,
+                    target: holder.addr,
                     transfer,
                 });
             }
-            Err(e) => tracing::warn!(%holder, error = %e, "holder failed, trying the next"),
+            Err(e) => {
+                tracing::warn!(holder = %holder.addr, node = %holder.label, error = %e, "holder failed, trying the next");
+                if matches!(e, ForwardError::Connect(_)) {
+                    holder.connect_failed();
+                    holder.failed(via.peers, &e);
+                } else {
+                    holder.connected(via.peers);
+                }
+                metrics::counter!(FAILOVERS, "node" => holder.label.clone()).increment(1);
+            }
         }
     }
     Err(ForwardError::NoHolder(holders.len()))

@@ -10,10 +10,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::client_hello::{ClientHello, Invalid};
-use super::forward::{self, ForwardError, Forwarded};
+use super::forward::{self, ForwardError, Forwarded, Target, Via};
 use super::route::{self, Decision, Peer};
 use super::terminate::{self, Ends};
 use crate::config::ProxyVersion;
+use crate::metrics::{
+    BYTES, CONNECTIONS_FINISHED, HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, REJECTED,
+    TERMINATE_FALLBACKS,
+};
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
 use crate::server::{Live, Shared};
@@ -23,26 +27,40 @@ use crate::splice::Transfer;
 /// why we close instead of leaving it to guess.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x70];
 
-/// Everything the finished-connection log line reports.
+/// Everything the finished-connection log line and metrics report.
 struct Outcome {
     /// The original client, when a trusted PROXY header named one.
     client: Option<SocketAddr>,
     sni: Option<String>,
     decision: &'static str,
-    reason: String,
+    /// How it ended, as a bounded label (`closed`, `unknown_name`, ...).
+    kind: &'static str,
+    /// The same, with detail for the log.
+    detail: String,
     target: Option<SocketAddr>,
     transfer: Option<Transfer>,
 }
 
 impl Outcome {
-    fn new(decision: &'static str, reason: impl Into<String>) -> Self {
+    fn new(decision: &'static str, kind: &'static str, detail: impl Into<String>) -> Self {
         Outcome {
             client: None,
             sni: None,
             decision,
-            reason: reason.into(),
+            kind,
+            detail: detail.into(),
             target: None,
             transfer: None,
+        }
+    }
+
+    fn joined(decision: &'static str, target: SocketAddr, transfer: Transfer) -> Self {
+        Outcome {
+            kind: transfer.end.kind(),
+            detail: transfer.end.to_string(),
+            target: Some(target),
+            transfer: Some(transfer),
+            ..Outcome::new(decision, "", "")
         }
     }
 }
@@ -56,12 +74,28 @@ pub async fn handle(
     local: SocketAddr,
 ) {
     let started = Instant::now();
-    let outcome = route_connection(&shared, &live, listener, &mut stream, peer, local).await;
-    let (up, down, end) = match &outcome.transfer {
-        Some(t) => (t.to_target, t.to_client, t.end.to_string()),
-        None => (0, 0, outcome.reason.clone()),
-    };
+    let outcome =
+        route_connection(&shared, &live, listener, &mut stream, peer, local, started).await;
+    if outcome.kind == "closed" && outcome.sni.is_none() && live.config.is_node_address(peer.ip()) {
+        // A peer's health probe: connected and closed without a byte.
+        return;
+    }
+    let (up, down) = outcome
+        .transfer
+        .as_ref()
+        .map_or((0, 0), |t| (t.to_target, t.to_client));
     shared.stats.finished(outcome.decision);
+    let listener_label = live
+        .config
+        .listeners
+        .get(listener)
+        .map_or_else(String::new, |l| l.bind.to_string());
+    metrics::counter!(CONNECTIONS_FINISHED, "listener" => listener_label, "decision" => outcome.decision).increment(1);
+    if outcome.decision == "reject" {
+        metrics::counter!(REJECTED, "reason" => outcome.kind).increment(1);
+    }
+    metrics::counter!(BYTES, "direction" => "up", "decision" => outcome.decision).increment(up);
+    metrics::counter!(BYTES, "direction" => "down", "decision" => outcome.decision).increment(down);
     tracing::info!(
         target: "sni_router::conn",
         client = %outcome.client.unwrap_or(peer),
@@ -72,7 +106,7 @@ pub async fn handle(
         bytes_up = up,
         bytes_down = down,
         duration_ms = started.elapsed().as_millis() as u64,
-        end = %end,
+        end = %outcome.detail,
         "connection finished"
     );
 }
@@ -84,6 +118,7 @@ async fn route_connection(
     stream: &mut TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    accepted: Instant,
 ) -> Outcome {
     let config = &live.config;
     let from_node = config.is_node_address(peer.ip());
@@ -93,6 +128,7 @@ async fn route_connection(
         Ok(preamble) => preamble,
         Err(e) => return hello_failed(e),
     };
+    metrics::histogram!(HELLO_SECONDS).record(accepted.elapsed().as_secs_f64());
     // The original client: from a trusted PROXY header, else the socket peer.
     let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
     let destination = preamble
@@ -100,6 +136,9 @@ async fn route_connection(
         .and_then(|p| p.destination)
         .unwrap_or(local);
     let sni = preamble.parsed.sni.clone();
+    if sni.is_none() {
+        metrics::counter!(HELLO_FAILURES, "reason" => "no_sni").increment(1);
+    }
     let decision = route::decide(
         config,
         listener,
@@ -129,40 +168,54 @@ async fn route_connection(
             if sni.is_some() && !from_node {
                 let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             }
-            Outcome::new("reject", reject.kind())
+            Outcome::new("reject", reject.kind(), reject.kind())
         }
         Decision::Passthrough { site, backend } => {
-            let header = config
-                .site(site)
+            let site = config.site(site);
+            let header = site
                 .proxy_protocol
                 .map(|v| proxy_protocol::encode(v, client, destination));
-            let result = forward::to_first_reachable(
+            let target = Target {
+                addr: backend,
+                kind: "backend",
+                label: site.label.clone(),
+            };
+            let via = Via {
                 config,
-                stream,
-                &[backend],
-                None,
-                header,
-                &preamble.bytes,
-            )
-            .await;
+                peers: &shared.peers,
+                source: None,
+            };
+            let result =
+                forward::to_first_reachable(via, stream, &[target], header, &preamble.bytes).await;
             forwarded("passthrough", result)
         }
         Decision::Splice { site, holders } => {
             if config.holds(site) {
                 shared.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                let label = config.site(site).label.clone();
+                metrics::counter!(TERMINATE_FALLBACKS, "site" => label.clone()).increment(1);
                 tracing::warn!(
-                    site = %config.site(site).label, client = %client,
+                    site = %label, client = %client,
                     "no valid certificate here for a held site: splicing to another holder"
                 );
             }
-            let targets: Vec<SocketAddr> = holders.iter().map(|h| config.node(*h).tls).collect();
+            let targets: Vec<Target> = holders
+                .iter()
+                .map(|h| Target {
+                    addr: config.node(*h).tls,
+                    kind: "node",
+                    label: config.node(*h).name.clone(),
+                })
+                .collect();
             // Node-to-node splices always carry PROXY v2: the terminating
             // node needs the client address, and the loop guard its source.
             let header = proxy_protocol::encode(ProxyVersion::V2, client, destination);
-            let source = Some(config.this().tls.ip());
-            let result =
-                forward::to_holders(config, stream, &targets, source, header, &preamble.bytes)
-                    .await;
+            let via = Via {
+                config,
+                peers: &shared.peers,
+                source: Some(config.this().tls.ip()),
+            };
+            let result = forward::to_holders(via, stream, &targets, header, &preamble.bytes).await;
             forwarded("splice", result)
         }
         Decision::Terminate { site } => {
@@ -171,13 +224,13 @@ async fn route_connection(
                 destination,
             };
             match terminate::serve(config, &live.tls, site, stream, preamble.bytes, ends).await {
-                Ok((upstream, transfer)) => Outcome {
-                    reason: transfer.end.kind().to_string(),
-                    target: Some(upstream),
-                    transfer: Some(transfer),
-                    ..Outcome::new("terminate", "")
-                },
-                Err(e) => Outcome::new("terminate", format!("{}: {e}", e.kind())),
+                Ok((upstream, transfer)) => Outcome::joined("terminate", upstream, transfer),
+                Err(e) => {
+                    if e.is_handshake() {
+                        metrics::counter!(HANDSHAKE_FAILURES, "reason" => e.kind()).increment(1);
+                    }
+                    Outcome::new("terminate", e.kind(), format!("{}: {e}", e.kind()))
+                }
             }
         }
     };
@@ -188,17 +241,13 @@ async fn route_connection(
 
 fn hello_failed(e: PrefaceError<Invalid>) -> Outcome {
     let kind = e.kind(Invalid::kind);
-    Outcome::new("reject", format!("{kind}: ClientHello {e}"))
+    metrics::counter!(HELLO_FAILURES, "reason" => kind).increment(1);
+    Outcome::new("reject", kind, format!("{kind}: ClientHello {e}"))
 }
 
 fn forwarded(decision: &'static str, result: Result<Forwarded, ForwardError>) -> Outcome {
     match result {
-        Ok(Forwarded { target, transfer }) => Outcome {
-            reason: transfer.end.kind().to_string(),
-            target: Some(target),
-            transfer: Some(transfer),
-            ..Outcome::new(decision, "")
-        },
-        Err(e) => Outcome::new(decision, format!("{}: {e}", e.kind())),
+        Ok(Forwarded { target, transfer }) => Outcome::joined(decision, target, transfer),
+        Err(e) => Outcome::new(decision, e.kind(), format!("{}: {e}", e.kind())),
     }
 }

@@ -109,6 +109,13 @@ pub enum TerminateError {
 }
 
 impl TerminateError {
+    pub fn is_handshake(&self) -> bool {
+        matches!(
+            self,
+            TerminateError::HandshakeTimeout(_) | TerminateError::Handshake(_)
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             TerminateError::NoContext => "no_context",
@@ -146,7 +153,12 @@ pub async fn serve(
         .await
         .map_err(|_| TerminateError::HandshakeTimeout(deadline))?
         .map_err(TerminateError::Handshake)?;
-    let mut target = connect::connect(*upstream, None, config.timeouts.connect).await?;
+    let mut target = connect::connect(*upstream, None, config.timeouts.connect)
+        .await
+        .inspect_err(|_| {
+            let site = config.site(site).label.clone();
+            metrics::counter!(crate::metrics::CONNECT_FAILURES, "kind" => "upstream", "target" => site).increment(1);
+        })?;
     if let Some(version) = config.site(site).proxy_protocol {
         let header = proxy_protocol::encode(version, ends.client, ends.destination);
         target

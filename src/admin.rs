@@ -1,0 +1,140 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive),
+//! `/readyz` (listeners bound, config loaded, not draining) and `/status`
+//! (JSON: this node, its routes, certificates, peers).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::{Config, SiteId, SiteRoute};
+use crate::http::request::Head;
+use crate::http::response::{self, text};
+use crate::preface;
+use crate::server::Shared;
+
+/// Admin clients are scrapers and operators on a trusted network.
+const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, metrics: Option<PrometheusHandle>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (shared, metrics) = (shared.clone(), metrics.clone());
+        tokio::spawn(async move { answer(stream, &shared, metrics.as_ref()).await });
+    }
+}
+
+async fn answer(mut stream: TcpStream, shared: &Shared, metrics: Option<&PrometheusHandle>) {
+    let Ok(preamble) = preface::read::<Head, _>(&mut stream, false, HEAD_DEADLINE).await else {
+        return text(&mut stream, 400, "", "bad request\n").await;
+    };
+    let head = preamble.parsed;
+    if head.method != "GET" {
+        return text(&mut stream, 405, "allow: GET\r\n", "GET only\n").await;
+    }
+    match head.target.split('?').next().unwrap_or_default() {
+        "/metrics" => {
+            let body = metrics.map(PrometheusHandle::render).unwrap_or_default();
+            response::send(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4",
+                "",
+                body.as_bytes(),
+            )
+            .await;
+        }
+        "/healthz" => text(&mut stream, 200, "", "ok\n").await,
+        "/readyz" if shared.ready.load(Ordering::Relaxed) => {
+            text(&mut stream, 200, "", "ready\n").await
+        }
+        "/readyz" => text(&mut stream, 503, "", "not ready\n").await,
+        "/status" => {
+            let body = status(shared).to_string();
+            response::send(&mut stream, 200, "application/json", "", body.as_bytes()).await;
+        }
+        _ => text(&mut stream, 404, "", "not found\n").await,
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The status document.
+pub fn status(shared: &Shared) -> Value {
+    let live = shared.config();
+    let config = &live.config;
+    let now = SystemTime::now();
+    let renewals = shared
+        .renewals
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_default();
+    let routes: Vec<Value> = (0..config.sites.len())
+        .map(|i| route(config, SiteId(i)))
+        .collect();
+    let certificates: Vec<Value> = (0..config.sites.len())
+        .map(SiteId)
+        .filter(|s| config.holds(*s))
+        .map(|site| {
+            let label = &config.site(site).label;
+            let entry = shared.certs.get(label);
+            json!({
+                "site": label,
+                "source": entry.as_ref().map(|e| format!("{:?}", e.source).to_lowercase()),
+                "not_after": entry.as_ref().map(|e| unix(e.loaded.info.not_after)),
+                "valid_now": entry.as_ref().is_some_and(|e| e.loaded.info.valid_at(now)),
+                "next_renewal": renewals.get(label).copied().map(unix),
+            })
+        })
+        .collect();
+    let peers: Vec<Value> = config
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != config.this_node.0)
+        .map(|(_, node)| json!({ "node": node.name, "tls": node.tls.to_string(), "health": shared.peers.get(&node.name) }))
+        .collect();
+    json!({
+        "node": config.this().name,
+        "config": config.source,
+        "ready": shared.ready.load(Ordering::Relaxed),
+        "listeners": config.listeners.iter().map(|l| l.bind.to_string()).collect::<Vec<_>>(),
+        "routes": routes,
+        "certificates": certificates,
+        "peers": peers,
+        "connections": {
+            "accepted": shared.stats.accepted.load(Ordering::Relaxed),
+            "finished": shared.stats.finished.load(Ordering::Relaxed),
+        },
+    })
+}
+
+fn route(config: &Config, site: SiteId) -> Value {
+    let s = config.site(site);
+    let names: Vec<String> = s.names.iter().map(|n| n.to_string()).collect();
+    match &s.route {
+        SiteRoute::Held {
+            holders, upstream, ..
+        } => json!({
+            "site": s.label,
+            "names": names,
+            "route": if config.holds(site) { "terminate" } else { "splice" },
+            "holders": holders.iter().map(|h| config.node(*h).name.clone()).collect::<Vec<_>>(),
+            "upstream": upstream.to_string(),
+        }),
+        SiteRoute::Passthrough { backend } => json!({
+            "site": s.label,
+            "names": names,
+            "route": "passthrough",
+            "backend": backend.to_string(),
+        }),
+    }
+}

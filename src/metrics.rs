@@ -1,0 +1,104 @@
+//! Metric names, their help text, and the Prometheus exporter. Labels come
+//! from closed sets only (listener addresses and site names from the config,
+//! decisions, reasons): never a client's SNI, Host or token.
+
+use std::sync::OnceLock;
+
+use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_ACCEPTED: &str = "sni_router_connections_accepted_total";
+pub const CONNECTIONS_FINISHED: &str = "sni_router_connections_finished_total";
+pub const CONNECTIONS_ACTIVE: &str = "sni_router_connections_active";
+pub const REJECTED: &str = "sni_router_rejected_total";
+pub const BYTES: &str = "sni_router_bytes_total";
+pub const HELLO_SECONDS: &str = "sni_router_client_hello_duration_seconds";
+pub const HELLO_FAILURES: &str = "sni_router_client_hello_failures_total";
+pub const CONNECT_FAILURES: &str = "sni_router_connect_failures_total";
+pub const FAILOVERS: &str = "sni_router_failovers_total";
+pub const HANDSHAKE_FAILURES: &str = "sni_router_tls_handshake_failures_total";
+pub const TERMINATE_FALLBACKS: &str = "sni_router_terminate_fallbacks_total";
+pub const HTTP_REQUESTS: &str = "sni_router_http_requests_total";
+pub const HTTP_FORWARD_SECONDS: &str = "sni_router_http_forward_duration_seconds";
+pub const ACME_ORDERS: &str = "sni_router_acme_orders_total";
+pub const CERT_EXPIRY: &str = "sni_router_certificate_expiry_timestamp_seconds";
+pub const CONFIG_RELOADS: &str = "sni_router_config_reloads_total";
+
+/// The label for a name that is in no site: one fixed value, so strangers
+/// cannot add series.
+pub const UNKNOWN: &str = "unknown";
+
+/// Buckets for the latency histograms: a hello or a forwarded challenge
+/// takes milliseconds; the deadlines are seconds.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once; returns the handle that renders
+/// the exposition, or `None` if another recorder was installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            ::metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(CONNECTIONS_ACCEPTED, "Connections accepted, by listener.");
+    describe_counter!(
+        CONNECTIONS_FINISHED,
+        "Connections finished, by listener and decision."
+    );
+    describe_gauge!(CONNECTIONS_ACTIVE, "Connections open now, by listener.");
+    describe_counter!(REJECTED, "Connections refused, by reason.");
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes relayed, by direction (up: from client) and decision."
+    );
+    describe_histogram!(
+        HELLO_SECONDS,
+        Unit::Seconds,
+        "Time from accept to a complete ClientHello."
+    );
+    describe_counter!(
+        HELLO_FAILURES,
+        "ClientHellos not usable, by reason (no_sni counts hellos without SNI)."
+    );
+    describe_counter!(
+        CONNECT_FAILURES,
+        "Failed connects to nodes, backends and upstreams, by target kind and target."
+    );
+    describe_counter!(FAILOVERS, "Holders skipped for the next one, by node.");
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        "TLS handshakes this node terminated that failed, by reason."
+    );
+    describe_counter!(
+        TERMINATE_FALLBACKS,
+        "Held sites spliced to a peer for want of a valid certificate here, by site."
+    );
+    describe_counter!(HTTP_REQUESTS, "Requests on the HTTP port, by outcome.");
+    describe_histogram!(
+        HTTP_FORWARD_SECONDS,
+        Unit::Seconds,
+        "Time to ask holders for a challenge token."
+    );
+    describe_counter!(ACME_ORDERS, "ACME orders, by site and outcome.");
+    describe_gauge!(
+        CERT_EXPIRY,
+        Unit::Seconds,
+        "Expiry of the certificate served for a held site (Unix time)."
+    );
+    describe_counter!(CONFIG_RELOADS, "Config reloads, by outcome.");
+}

@@ -1,0 +1,70 @@
+//! What this node last saw of its peers: every connect to a peer (splices,
+//! forwarded challenges) reports here, and a light probe (a TCP connect to
+//! each peer's TLS port, closed at once) fills quiet periods.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use crate::connect;
+use crate::server::Handle;
+
+/// Often enough for a status page; rare enough to be noise-free.
+const PROBE_EVERY: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PeerState {
+    /// Unix seconds of the last successful connect.
+    pub last_seen: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct PeerHealth {
+    peers: Mutex<HashMap<String, PeerState>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl PeerHealth {
+    pub fn seen(&self, node: &str) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.entry(node.to_string()).or_default().last_seen = Some(unix_now());
+    }
+
+    pub fn failed(&self, node: &str, error: &str) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let state = peers.entry(node.to_string()).or_default();
+        state.last_error = Some(error.to_string());
+        state.last_error_at = Some(unix_now());
+    }
+
+    pub fn get(&self, node: &str) -> PeerState {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(node).cloned().unwrap_or_default()
+    }
+}
+
+/// Probes every other node's TLS port until the task is dropped.
+pub async fn probe(handle: Handle) {
+    loop {
+        let live = handle.shared.config();
+        let config = &live.config;
+        for (index, node) in config.nodes.iter().enumerate() {
+            if index == config.this_node.0 {
+                continue;
+            }
+            let source = Some(config.this().tls.ip());
+            match connect::connect(node.tls, source, config.timeouts.connect).await {
+                Ok(_) => handle.shared.peers.seen(&node.name),
+                Err(e) => handle.shared.peers.failed(&node.name, &e.to_string()),
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}

@@ -1,0 +1,181 @@
+//! The admin listener of the real binary: metrics after real traffic,
+//! promtool's verdict, bounded labels, health and status.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_http(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{addr} never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn scrape(admin: SocketAddr) -> String {
+    let (status, _, body) = http_get(admin, "admin", "/metrics", "").await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// Sample lines for `metric`, without help and type lines.
+fn series<'a>(body: &'a str, metric: &str) -> Vec<&'a str> {
+    body.lines()
+        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+        .collect()
+}
+
+fn value(body: &str, metric_with_labels: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(metric_with_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
+    let backend = Backend::recorder("127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = free_addr("127.0.0.2");
+    let http = free_addr("127.0.0.2");
+    let admin = free_addr("127.0.0.1");
+    let top = format!("[admin]\nlisten = \"{admin}\"");
+    let site = format!(
+        "[[sites]]\nnames = [\"pass.test\"]\npassthrough = \"{}\"\n",
+        backend.addr
+    );
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        fleet_toml_http("a", &[("a", node, http)], &top, &site),
+    )
+    .unwrap();
+    let _router = Process(
+        Command::new(env!("CARGO_BIN_EXE_sni-router"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(admin).await;
+
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(http_get(admin, "admin", path, "").await.0, 200, "{path}");
+    }
+    // Real traffic: a routed connection, an unknown name, a redirect.
+    let mut client = TcpStream::connect(node).await.unwrap();
+    client.write_all(HELLO).await.unwrap();
+    client.shutdown().await.unwrap();
+    backend.wait_for(1).await;
+    let _ = read_until_eof(&mut client).await;
+    let mut stranger = TcpStream::connect(node).await.unwrap();
+    stranger.write_all(&hello_for("evil.test")).await.unwrap();
+    let _ = read_until_eof(&mut stranger).await;
+    assert_eq!(http_get(http, "pass.test", "/x", "").await.0, 308);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let body = scrape(admin).await;
+    let listener = format!("listener=\"{node}\"");
+    assert_eq!(
+        value(
+            &body,
+            &format!("sni_router_connections_accepted_total{{{listener}}}")
+        ),
+        2.0,
+        "{body}"
+    );
+    let passthrough =
+        format!("sni_router_connections_finished_total{{{listener},decision=\"passthrough\"}}");
+    assert_eq!(value(&body, &passthrough), 1.0, "{body}");
+    assert_eq!(
+        value(&body, "sni_router_rejected_total{reason=\"unknown_name\"}"),
+        1.0,
+        "{body}"
+    );
+    assert!(
+        value(
+            &body,
+            "sni_router_bytes_total{direction=\"up\",decision=\"passthrough\"}"
+        ) >= HELLO.len() as f64
+    );
+    assert_eq!(
+        value(&body, "sni_router_http_requests_total{result=\"redirect\"}"),
+        1.0
+    );
+    assert!(
+        value(&body, "sni_router_client_hello_duration_seconds_count") >= 2.0,
+        "{body}"
+    );
+
+    if have("promtool") {
+        let file = dir.path().join("metrics.txt");
+        std::fs::write(&file, &body).unwrap();
+        let (ok, out) = sh(format!("promtool check metrics < {}", file.display())).await;
+        assert!(ok, "promtool: {out}\n{body}");
+    }
+
+    // 200 strangers with random names add no series.
+    let before: usize = body.lines().filter(|l| !l.starts_with('#')).count();
+    for i in 0..200u32 {
+        let name = format!("r{:07x}.x", i.wrapping_mul(2_654_435_761) >> 4);
+        let mut c = TcpStream::connect(node).await.unwrap();
+        c.write_all(&hello_for(&name[..9])).await.unwrap();
+        let _ = read_until_eof(&mut c).await;
+    }
+    let after_body = scrape(admin).await;
+    let after: usize = after_body.lines().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(before, after, "new series appeared");
+    assert_eq!(
+        value(
+            &after_body,
+            "sni_router_rejected_total{reason=\"unknown_name\"}"
+        ),
+        201.0
+    );
+    assert!(
+        series(&after_body, "sni_router_")
+            .iter()
+            .all(|l| !l.contains(".x\""))
+    );
+
+    let (status, _, json) = http_get(admin, "admin", "/status", "").await;
+    assert_eq!(status, 200);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["node"], "a");
+    assert_eq!(status["routes"][0]["route"], "passthrough");
+    assert_eq!(status["ready"], true);
+}
+
+#[tokio::test]
+async fn shipped_prometheus_config_and_alerts_pass_promtool() {
+    if !have("promtool") {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (ok, out) = sh(format!(
+        "promtool check config {root}/config/prometheus.yml"
+    ))
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = sh(format!("promtool check rules {root}/config/alerts.yml")).await;
+    assert!(ok && out.contains("7 rules found"), "{out}");
+}
