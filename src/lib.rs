@@ -33,6 +33,7 @@
 pub mod config;
 pub mod names;
 pub mod server;
+pub mod limits;
 pub mod preface;
 pub mod tls;
 pub mod http;

@@ -118,6 +118,11 @@ fn check(args: ConfigArgs) -> anyhow::Result<()> {
 }
 
 fn run(args: ConfigArgs) -> anyhow::Result<()> {
+    // Every connection costs a descriptor (two when routed): use all we may.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
     let source = args.source();
     let config: Config = source.load()?;
     eprint!("{}", config.route_table());

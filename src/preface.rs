@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use std::sync::Arc;
+
+use crate::limits::HelloSlots;
 use crate::proxy_protocol::{self, Decode, MAX_HEADER_LEN, ProxiedAddrs};
 
 /// Most prefaces fit in one read of this size; larger ones grow the buffer.
@@ -45,6 +48,8 @@ pub enum PrefaceError<E: std::error::Error + 'static> {
     Invalid(E),
     #[error("malformed PROXY header")]
     BadProxyHeader,
+    #[error("evicted: too many connections still in their hello phase")]
+    Evicted,
 }
 
 impl<E: std::error::Error + Copy + 'static> PrefaceError<E> {
@@ -56,6 +61,7 @@ impl<E: std::error::Error + Copy + 'static> PrefaceError<E> {
             PrefaceError::Io(_) => "io",
             PrefaceError::Invalid(invalid) => invalid_kind(*invalid),
             PrefaceError::BadProxyHeader => "bad_proxy_header",
+            PrefaceError::Evicted => "evicted",
         }
     }
 }
@@ -69,6 +75,20 @@ pub async fn read<T: Preface, S: AsyncRead + Unpin>(
     tokio::time::timeout(deadline, read_until_complete(stream, allow_proxy))
         .await
         .map_err(|_| PrefaceError::Timeout(deadline))?
+}
+
+/// [`read`] while holding a hello-phase slot; eviction ends the read.
+pub async fn read_in_slot<T: Preface, S: AsyncRead + Unpin>(
+    stream: &mut S,
+    allow_proxy: bool,
+    deadline: Duration,
+    slots: &Arc<HelloSlots>,
+) -> Result<Preamble<T>, PrefaceError<T::Invalid>> {
+    let slot = slots.enter();
+    tokio::select! {
+        read = read(stream, allow_proxy, deadline) => read,
+        () = slot.evicted.cancelled() => Err(PrefaceError::Evicted),
+    }
 }
 
 async fn read_until_complete<T: Preface, S: AsyncRead + Unpin>(

@@ -20,7 +20,8 @@ use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
 use crate::http::challenge::ChallengeStore;
 use crate::http::guard::ForwardGuard;
-use crate::metrics::{CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE};
+use crate::limits::{HelloSlots, SourceLimits};
+use crate::metrics::{CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE, REJECTED};
 use crate::peers::PeerHealth;
 use crate::tls::terminate::{Contexts, Resumption};
 use std::collections::HashMap;
@@ -99,6 +100,8 @@ pub struct Shared {
     pub renewals: Mutex<HashMap<String, SystemTime>>,
     /// Listeners bound and accepting (false before start and while draining).
     pub ready: AtomicBool,
+    pub hello_slots: Arc<HelloSlots>,
+    pub sources: Arc<SourceLimits>,
     resumption: Resumption,
     /// Bumped on every reload; background tasks watch it.
     pub reloaded: watch::Sender<u64>,
@@ -206,6 +209,7 @@ impl Server {
         watch.sync(&config, &certs);
         let resumption = Resumption::new()?;
         let live = Live::build(config, &certs, &resumption)?;
+        let limits = live.config.limits.clone();
         let shared = Arc::new(Shared {
             live: ArcSwap::from_pointee(live),
             certs,
@@ -213,6 +217,8 @@ impl Server {
             peers: PeerHealth::default(),
             renewals: Mutex::default(),
             ready: AtomicBool::new(false),
+            hello_slots: HelloSlots::new(limits.max_pending_hellos),
+            sources: SourceLimits::new(limits.max_per_source),
             stats: Stats::default(),
             resumption,
             reloaded: watch::Sender::new(0),
@@ -364,6 +370,10 @@ impl AcceptLoop {
                     continue;
                 }
             };
+            let Some(source_guard) = self.handle.shared.sources.acquire(peer.ip()) else {
+                metrics::counter!(REJECTED, "reason" => "per_source_limit").increment(1);
+                continue;
+            };
             let local = stream.local_addr().unwrap_or_else(|_| unspecified());
             let _ = stream.set_nodelay(true);
             let shared = self.handle.shared.clone();
@@ -384,7 +394,7 @@ impl AcceptLoop {
                     }
                 }
                 active.decrement(1.0);
-                drop(permit);
+                drop((permit, source_guard));
             });
         }
     }

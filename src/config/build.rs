@@ -173,13 +173,16 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         Duration::from_secs(5),
     );
     let defaults = Limits::default();
+    let l = &file.limits;
     let limits = Limits {
-        backlog: file.limits.backlog.unwrap_or(defaults.backlog),
-        max_connections: file
-            .limits
-            .max_connections
-            .unwrap_or(defaults.max_connections),
+        backlog: l.backlog.unwrap_or(defaults.backlog),
+        max_connections: l.max_connections.unwrap_or(defaults.max_connections),
+        max_pending_hellos: l.max_pending_hellos.unwrap_or(defaults.max_pending_hellos),
+        max_per_source: l.max_per_source.unwrap_or(defaults.max_per_source),
     };
+    if limits.max_pending_hellos == 0 {
+        b.problem("limits.max_pending_hellos", "must be at least 1");
+    }
     if limits.max_connections == 0 {
         b.problem("limits.max_connections", "must be at least 1");
     }

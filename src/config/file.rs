@@ -59,6 +59,8 @@ pub struct FileCerts {
 pub struct FileLimits {
     pub backlog: Option<u32>,
     pub max_connections: Option<usize>,
+    pub max_pending_hellos: Option<usize>,
+    pub max_per_source: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

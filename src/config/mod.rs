@@ -187,6 +187,11 @@ impl Default for Timeouts {
 pub struct Limits {
     pub backlog: u32,
     pub max_connections: usize,
+    /// Connections still sending a ClientHello or request head; past this
+    /// the oldest pending one is closed.
+    pub max_pending_hellos: usize,
+    /// Connections one source address may hold; 0 is no cap.
+    pub max_per_source: usize,
 }
 
 impl Default for Limits {
@@ -194,6 +199,8 @@ impl Default for Limits {
         Self {
             backlog: 1024,
             max_connections: 20_000,
+            max_pending_hellos: 4096,
+            max_per_source: 0,
         }
     }
 }

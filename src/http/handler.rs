@@ -75,11 +75,17 @@ async fn serve(
     let config = &live.config;
     let from_node = config.is_node_address(peer.ip());
     let allow_proxy = config.may_send_proxy(peer.ip());
-    let preamble =
-        match preface::read::<Head, _>(stream, allow_proxy, config.timeouts.http_head).await {
-            Ok(preamble) => preamble,
-            Err(e) => return (None, None, head_failed(stream, e).await),
-        };
+    let preamble = match preface::read_in_slot::<Head, _>(
+        stream,
+        allow_proxy,
+        config.timeouts.http_head,
+        &shared.hello_slots,
+    )
+    .await
+    {
+        Ok(preamble) => preamble,
+        Err(e) => return (None, None, head_failed(stream, e).await),
+    };
     let head = &preamble.parsed;
     let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
     let destination = preamble
@@ -138,7 +144,7 @@ async fn head_failed(stream: &mut TcpStream, e: PrefaceError<Invalid>) -> Outcom
         PrefaceError::Timeout(_) => 408,
         PrefaceError::Invalid(Invalid::TooLarge) => 431,
         PrefaceError::Invalid(Invalid::Malformed) | PrefaceError::BadProxyHeader => 400,
-        PrefaceError::Closed(_) | PrefaceError::Io(_) => 0,
+        PrefaceError::Closed(_) | PrefaceError::Io(_) | PrefaceError::Evicted => 0,
     };
     if status != 0 {
         respond(stream, status, "", "").await;

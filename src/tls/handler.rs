@@ -123,7 +123,10 @@ async fn route_connection(
     let config = &live.config;
     let from_node = config.is_node_address(peer.ip());
     let allow_proxy = config.may_send_proxy(peer.ip());
-    let read = preface::read::<ClientHello, _>(stream, allow_proxy, config.timeouts.hello).await;
+    let deadline = config.timeouts.hello;
+    let read =
+        preface::read_in_slot::<ClientHello, _>(stream, allow_proxy, deadline, &shared.hello_slots)
+            .await;
     let preamble = match read {
         Ok(preamble) => preamble,
         Err(e) => return hello_failed(e),

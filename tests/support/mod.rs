@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod pebble;
+pub mod process;
 
 /// Bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);

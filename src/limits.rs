@@ -1,0 +1,146 @@
+//! Fairness under load. Connections still sending their ClientHello or
+//! request head hold a slot; past the cap the *oldest* pending one is
+//! evicted, so a flood of stalled hellos ages out instead of locking honest
+//! clients (whose hellos complete in milliseconds) out. An optional cap per
+//! source address bounds what one address can hold.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug)]
+pub struct HelloSlots {
+    cap: usize,
+    next: AtomicU64,
+    pending: Mutex<BTreeMap<u64, CancellationToken>>,
+}
+
+/// Held while a connection is in its hello phase; cancelled on eviction.
+pub struct HelloSlot {
+    id: u64,
+    pub evicted: CancellationToken,
+    slots: Arc<HelloSlots>,
+}
+
+impl HelloSlots {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(HelloSlots {
+            cap: cap.max(1),
+            next: AtomicU64::new(0),
+            pending: Mutex::default(),
+        })
+    }
+
+    pub fn enter(self: &Arc<Self>) -> HelloSlot {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert(id, token.clone());
+        while pending.len() > self.cap {
+            if let Some((_, oldest)) = pending.pop_first() {
+                oldest.cancel();
+            }
+        }
+        HelloSlot {
+            id,
+            evicted: token,
+            slots: self.clone(),
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for HelloSlot {
+    fn drop(&mut self) {
+        let mut pending = self.slots.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.remove(&self.id);
+    }
+}
+
+/// Connections per source address; `max == 0` means no cap.
+#[derive(Debug)]
+pub struct SourceLimits {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+pub struct SourceGuard {
+    ip: IpAddr,
+    limits: Arc<SourceLimits>,
+}
+
+impl SourceLimits {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(SourceLimits {
+            max,
+            counts: Mutex::default(),
+        })
+    }
+
+    /// `None` when `ip` already holds `max` connections.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<Option<SourceGuard>> {
+        if self.max == 0 {
+            return Some(None);
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(Some(SourceGuard {
+            ip,
+            limits: self.clone(),
+        }))
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut counts = self.limits.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_pending_hello_is_evicted() {
+        let slots = HelloSlots::new(2);
+        let a = slots.enter();
+        let b = slots.enter();
+        assert!(!a.evicted.is_cancelled());
+        let c = slots.enter();
+        assert!(a.evicted.is_cancelled() && !b.evicted.is_cancelled() && !c.evicted.is_cancelled());
+        drop(b);
+        let _d = slots.enter();
+        assert!(!c.evicted.is_cancelled());
+        assert_eq!(slots.pending(), 2);
+    }
+
+    #[test]
+    fn per_source_caps_count_and_release() {
+        let limits = SourceLimits::new(2);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let one = limits.acquire(ip).unwrap();
+        let _two = limits.acquire(ip).unwrap();
+        assert!(limits.acquire(ip).is_none());
+        assert!(limits.acquire("192.0.2.2".parse().unwrap()).is_some());
+        drop(one);
+        assert!(limits.acquire(ip).is_some());
+        assert!(SourceLimits::new(0).acquire(ip).is_some());
+    }
+}
