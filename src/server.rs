@@ -448,14 +448,16 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> 
 /// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP.
 pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first: a SIGHUP that arrives while we bind must not kill us
+    // (its default action), since the listeners already accept.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let server = Server::bind(config)?;
     for addr in server.local_addrs() {
         tracing::info!(%addr, "listening");
     }
     let handle = server.handle();
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let running = tokio::spawn(server.run());
     loop {
         tokio::select! {
