@@ -225,7 +225,7 @@ async fn failing_holders_and_backends_end_the_client_cleanly() {
             let mut buf = vec![0u8; HELLO.len() + 64];
             let _ = s.read(&mut buf).await;
             let _ = s.write_all(b"\x16\x03\x03\x00\x05hello").await;
-            let _ = s.set_linger(Some(Duration::ZERO));
+            let _ = s.set_zero_linger();
             drop(s);
         }
     });
