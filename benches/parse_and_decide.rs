@@ -24,7 +24,10 @@ fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
 pub fn fleet(sites: usize) -> String {
     let mut toml = String::from("this_node = \"a\"\n");
     for (name, ip) in [("a", 2), ("b", 3), ("c", 4)] {
-        let _ = writeln!(toml, "[[nodes]]\nname = \"{name}\"\ntls = \"127.0.0.{ip}:443\"\nhttp = \"127.0.0.{ip}:80\"");
+        let _ = writeln!(
+            toml,
+            "[[nodes]]\nname = \"{name}\"\ntls = \"127.0.0.{ip}:443\"\nhttp = \"127.0.0.{ip}:80\""
+        );
     }
     for i in 0..sites {
         let names = if i % 2 == 0 {
@@ -33,7 +36,10 @@ pub fn fleet(sites: usize) -> String {
             format!("\"site{i}.example.org\"")
         };
         let holders = ["\"a\", \"b\"", "\"b\", \"c\"", "\"c\""][i % 3];
-        let _ = writeln!(toml, "[[sites]]\nnames = [{names}]\nheld_by = [{holders}]\nupstream = \"127.0.0.1:9000\"");
+        let _ = writeln!(
+            toml,
+            "[[sites]]\nnames = [{names}]\nheld_by = [{holders}]\nupstream = \"127.0.0.1:9000\""
+        );
     }
     toml
 }
@@ -41,17 +47,31 @@ pub fn fleet(sites: usize) -> String {
 fn bench(c: &mut Criterion) {
     c.bench_function("parse/one_record", |b| b.iter(|| parse(black_box(HELLO))));
     let split = split_records(HELLO, 4);
-    c.bench_function("parse/four_records", |b| b.iter(|| parse(black_box(&split))));
+    c.bench_function("parse/four_records", |b| {
+        b.iter(|| parse(black_box(&split)))
+    });
 
     let config = Config::parse(&fleet(10_000), "bench", None).expect("bench config");
     let peer = Peer {
         client: IpAddr::from([198, 51, 100, 7]),
         from_node: false,
     };
-    let names = ["site7777.example.org", "www.site5000.example.org", "nope.example.org"];
+    let names = [
+        "site7777.example.org",
+        "www.site5000.example.org",
+        "nope.example.org",
+    ];
     for name in names {
         c.bench_function(&format!("decide/10k_sites/{name}"), |b| {
-            b.iter(|| decide(black_box(&config), 0, Some(black_box(name)), peer, |_, _| false))
+            b.iter(|| {
+                decide(
+                    black_box(&config),
+                    0,
+                    Some(black_box(name)),
+                    peer,
+                    |_, _| false,
+                )
+            })
         });
     }
 }

@@ -456,3 +456,17 @@ async fn ipv6_listener_routes_like_ipv4() {
     client.shutdown().await.unwrap();
     assert_eq!(backend.wait_for(1).await[0].bytes, HELLO);
 }
+
+#[tokio::test]
+async fn the_portable_copy_path_relays_and_half_closes_like_splice() {
+    let echo = Backend::echo("127.0.0.1").await;
+    let router = single_node(echo.addr, "[limits]\nzero_copy = false", "").await;
+    let mut client = TcpStream::connect(router.addr()).await.unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    client.write_all(HELLO).await.unwrap();
+    client.write_all(&payload).await.unwrap();
+    client.shutdown().await.unwrap();
+    let (back, eof) = read_until_eof(&mut client).await;
+    assert!(eof);
+    assert_eq!(back, [HELLO, &payload].concat());
+}

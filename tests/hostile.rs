@@ -134,7 +134,7 @@ fn garbage() -> Vec<Vec<u8>> {
 }
 
 #[tokio::test]
-async fn garbage_ends_cleanly_and_descriptors_return_to_baseline() {
+async fn garbage_ends_cleanly_and_sockets_return_to_baseline() {
     let backend = Backend::recorder("127.0.0.1").await;
     let dir = tempfile::tempdir().unwrap();
     let (mut router, node) = start(
@@ -144,7 +144,7 @@ async fn garbage_ends_cleanly_and_descriptors_return_to_baseline() {
     )
     .await;
     honest(node).await;
-    let baseline = router.fd_count();
+    let baseline = router.socket_count();
     let inputs = garbage();
     let mut tasks = Vec::new();
     for input in inputs {
@@ -162,11 +162,11 @@ async fn garbage_ends_cleanly_and_descriptors_return_to_baseline() {
     assert!(router.alive());
     honest(node).await;
     let deadline = Instant::now() + WAIT;
-    while router.fd_count() > baseline {
+    while router.socket_count() > baseline {
         assert!(
             Instant::now() < deadline,
             "descriptors leaked: {} > {baseline}",
-            router.fd_count()
+            router.socket_count()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -179,6 +179,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         max_connections: l.max_connections.unwrap_or(defaults.max_connections),
         max_pending_hellos: l.max_pending_hellos.unwrap_or(defaults.max_pending_hellos),
         max_per_source: l.max_per_source.unwrap_or(defaults.max_per_source),
+        zero_copy: l.zero_copy.unwrap_or(defaults.zero_copy),
     };
     if limits.max_pending_hellos == 0 {
         b.problem("limits.max_pending_hellos", "must be at least 1");

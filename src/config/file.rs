@@ -61,6 +61,7 @@ pub struct FileLimits {
     pub max_connections: Option<usize>,
     pub max_pending_hellos: Option<usize>,
     pub max_per_source: Option<usize>,
+    pub zero_copy: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -192,6 +192,8 @@ pub struct Limits {
     pub max_pending_hellos: usize,
     /// Connections one source address may hold; 0 is no cap.
     pub max_per_source: usize,
+    /// Move spliced bytes with `splice(2)` (Linux) instead of read/write.
+    pub zero_copy: bool,
 }
 
 impl Default for Limits {
@@ -201,6 +203,7 @@ impl Default for Limits {
             max_connections: 20_000,
             max_pending_hellos: 4096,
             max_per_source: 0,
+            zero_copy: true,
         }
     }
 }

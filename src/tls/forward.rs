@@ -93,6 +93,16 @@ pub struct Via<'a> {
     pub source: Option<IpAddr>,
 }
 
+impl Via<'_> {
+    fn mode(&self) -> splice::Mode {
+        if self.config.limits.zero_copy {
+            splice::Mode::default_for_platform()
+        } else {
+            splice::Mode::Copy
+        }
+    }
+}
+
 /// Joins the client to the first of `targets` that accepts a connection,
 /// after sending it the optional header and the replayed bytes. Used for
 /// passthrough backends and plain HTTP, where the target may wait for more
@@ -115,7 +125,8 @@ pub async fn to_first_reachable(
                     .write_all(&prefix)
                     .await
                     .map_err(|e| ForwardError::Replay(target.addr, e))?;
-                let mut transfer = splice::join(client, stream, via.config.timeouts.idle).await;
+                let mut transfer =
+                    splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
                 transfer.to_target += replay.len() as u64;
                 return Ok(Forwarded {
                     target: target.addr,
@@ -154,7 +165,8 @@ pub async fn to_holders(
                     .write_all(&first)
                     .await
                     .map_err(ForwardError::Client)?;
-                let mut transfer = splice::join(client, stream, via.config.timeouts.idle).await;
+                let mut transfer =
+                    splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
                 transfer.to_target += replay.len() as u64;
                 transfer.to_client += first.len() as u64;
                 return Ok(Forwarded {

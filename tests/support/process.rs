@@ -94,9 +94,15 @@ impl Process {
         self.child.id()
     }
 
-    /// Open descriptors of the router process.
-    pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    /// Open sockets of the router process. (Pipes are left out: the
+    /// zero-copy path keeps a bounded per-thread pool of them.)
+    pub fn socket_count(&self) -> usize {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return 0;
+        };
+        dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
     }
 
     /// Resident memory of the router process, in KiB.

@@ -1,12 +1,21 @@
 //! The one place that joins two streams: both directions copied with
 //! half-close (one side's EOF shuts down the other side's write while the
 //! reverse direction keeps flowing), an idle timeout, and byte counts.
+//! [`join`] takes any streams (TLS terminated here); [`join_tcp`] takes two
+//! sockets and moves bytes without copying them through user space.
+
+#[cfg(target_os = "linux")]
+mod pipe;
+pub mod tcp;
+
+pub use tcp::Mode;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Per-direction copy buffer. Large enough that bulk transfers need few
@@ -17,6 +26,15 @@ const BUF_LEN: usize = 16 * 1024;
 pub enum Side {
     Client,
     Target,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Target,
+            Side::Target => Side::Client,
+        }
+    }
 }
 
 /// How a joined connection ended.
@@ -103,6 +121,37 @@ where
     }
 }
 
+/// Joins two sockets; see [`tcp`] for how bytes move.
+pub async fn join_tcp(
+    client: &TcpStream,
+    target: &TcpStream,
+    idle: Duration,
+    mode: Mode,
+) -> Transfer {
+    let start = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let to_target = AtomicU64::new(0);
+    let to_client = AtomicU64::new(0);
+    let activity = Activity {
+        start,
+        last: &last_activity,
+    };
+    let up = tcp::pump(client, target, Side::Client, mode, &to_target, activity);
+    let down = tcp::pump(target, client, Side::Target, mode, &to_client, activity);
+    let end = tokio::select! {
+        result = async { tokio::try_join!(up, down) } => match result {
+            Ok(_) => End::Closed,
+            Err((side, e)) => End::Error(side, e),
+        },
+        () = idle_watch(activity, idle) => End::Idle,
+    };
+    Transfer {
+        to_target: to_target.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+        end,
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Activity<'a> {
     start: Instant,
@@ -144,10 +193,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let to = match from {
-        Side::Client => Side::Target,
-        Side::Target => Side::Client,
-    };
+    let to = from.other();
     let mut buf = vec![0u8; BUF_LEN];
     loop {
         let n = reader.read(&mut buf).await.map_err(|e| (from, e))?;

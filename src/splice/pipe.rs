@@ -1,0 +1,77 @@
+//! Linux zero-copy: `splice(2)` moves bytes socket -> pipe -> socket inside
+//! the kernel. Pipes are borrowed from a small per-thread pool only while
+//! data moves, so an idle connection holds no pipe (and no descriptors
+//! beyond its two sockets).
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Empty pipes kept per worker thread for the next burst.
+const POOL_PER_THREAD: usize = 16;
+
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe from the pool, or a new one.
+pub fn take() -> io::Result<Pipe> {
+    if let Some(pipe) = POOL.with(|pool| pool.borrow_mut().pop()) {
+        return Ok(pipe);
+    }
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(Pipe { read, write })
+}
+
+/// Returns an empty pipe to the pool (a pipe still holding bytes is closed).
+pub fn give(pipe: Pipe) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL_PER_THREAD {
+            pool.push(pipe);
+        }
+    });
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    // SAFETY: both descriptors are open for the duration of the call (owned
+    // by live streams and pipes); null offsets are valid for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            flags,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Socket -> pipe, at most `len` bytes.
+pub fn fill(socket: &impl AsRawFd, pipe: &Pipe, len: usize) -> io::Result<usize> {
+    splice(socket.as_raw_fd(), pipe.write.as_raw_fd(), len)
+}
+
+/// Pipe -> socket, at most `len` bytes.
+pub fn drain(pipe: &Pipe, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    splice(pipe.read.as_raw_fd(), socket.as_raw_fd(), len)
+}
