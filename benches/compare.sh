@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Side-by-side L4 comparison: sni-router vs HAProxy, nginx (stream +
+# ssl_preread) and sniproxy, one worker each, raw-byte backends, a captured
+# post-quantum ClientHello replayed over TCP (no TLS work on either side).
+# Installs the peers from Debian when missing, alternates runs, and prints
+# medians and ratios; writes docs/benchmarks-results.{json,md} and a chart.
+#
+#   benches/compare.sh [ROUNDS] [SECONDS] [IDLE_CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}; secs=${2:-5}; idle=${3:-2000}
+work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(nginx libnginx-mod-stream)
+command -v sniproxy >/dev/null || need+=(sniproxy)
+command -v gnuplot >/dev/null || need+=(gnuplot-nox)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+ulimit -n "$(ulimit -Hn)"  # this machine caps it at 20000: size the peers to fit
+# Loopback load runs out of ephemeral ports quickly.
+sysctl -qw net.ipv4.ip_local_port_range="1024 65000" 2>/dev/null || true
+sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
+
+cargo build --release --quiet --bin sni-router --example loadgen
+bin=target/release/sni-router; gen=target/release/examples/loadgen
+backend=127.0.0.1:19001
+$gen backend $backend reply1k & sleep 0.3
+
+port=19443
+cat > "$work/sni-router.toml" <<CFG
+this_node = "bench"
+workers = 1
+[limits]
+max_connections = 9000
+max_pending_hellos = 9000
+[[nodes]]
+name = "bench"
+tls = "127.0.0.2:$port"
+http = "127.0.0.2:19080"
+[[sites]]
+names = ["pass.test"]
+passthrough = "$backend"
+CFG
+cat > "$work/haproxy.cfg" <<CFG
+global
+  nbthread 1
+  maxconn 6000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 5m
+  timeout server 5m
+frontend fe
+  bind 127.0.0.3:$port
+  tcp-request inspect-delay 5s
+  tcp-request content accept if { req_ssl_hello_type 1 }
+  use_backend be if { req_ssl_sni -i pass.test }
+backend be
+  option splice-auto
+  server s1 $backend
+CFG
+cat > "$work/nginx.conf" <<CFG
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile 19000;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 9000; }
+stream {
+  map \$ssl_preread_server_name \$target { pass.test $backend; }
+  server { listen 127.0.0.4:$port; ssl_preread on; proxy_pass \$target; }
+}
+CFG
+cat > "$work/sniproxy.conf" <<CFG
+user nobody
+pidfile $work/sniproxy.pid
+error_log { filename $work/sniproxy-error.log }
+listener 127.0.0.5:$port {
+  protocol tls
+  table bench
+}
+table bench {
+  pass\.test $backend
+}
+CFG
+
+declare -A addr=([sni-router]=127.0.0.2:$port [haproxy]=127.0.0.3:$port [nginx]=127.0.0.4:$port [sniproxy]=127.0.0.5:$port)
+start() {
+  case $1 in
+    sni-router) RUST_LOG=warn $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
+    haproxy) haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & ;;
+    nginx) nginx -c "$work/nginx.conf" >"$work/nginx.log" 2>&1 & ;;
+    sniproxy) sniproxy -f -c "$work/sniproxy.conf" >"$work/sniproxy.log" 2>&1 & ;;
+  esac
+  pid=$!
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/${addr[$1]%:*}/${addr[$1]#*:}") 2>/dev/null && break; sleep 0.05; done
+}
+stop() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pkill -f "nginx: worker" 2>/dev/null || true; sleep 0.3; }
+# User-space memory of a router: RSS of its process tree, in KiB.
+rss() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $total; }
+
+routers=(sni-router haproxy nginx sniproxy)
+results="$work/results.jsonl"; : > "$results"
+for round in $(seq "$rounds"); do
+  # Rotate the order each round so no router always runs first or last.
+  order=("${routers[@]:$((round % 4))}" "${routers[@]:0:$((round % 4))}")
+  for r in "${order[@]}"; do
+    start "$r"
+    c=$($gen connrate "${addr[$r]}" "$secs" 32)
+    b=$($gen bulk "${addr[$r]}" "$secs" 4)
+    echo "{\"router\":\"$r\",\"round\":$round,\"connrate\":$c,\"bulk\":$b}" >> "$results"
+    echo "round $round $r: $c $b"
+    stop
+  done
+done
+for r in "${routers[@]}"; do
+  start "$r"; sleep 0.5
+  before=$(rss "$pid")
+  $gen idle "${addr[$r]}" "$idle" 8 > /dev/null & holder=$!
+  sleep 6
+  after=$(rss "$pid")
+  wait $holder || true
+  echo "{\"router\":\"$r\",\"idle\":$idle,\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$results"
+  echo "idle $r: $before KiB -> $after KiB for $idle connections"
+  stop
+done
+
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+routers = ["sni-router", "haproxy", "nginx", "sniproxy"]
+def med(r, f): 
+    v = [f(x) for x in rows if x["router"] == r and "connrate" in x]
+    return statistics.median(v) if v else 0
+table = {}
+for r in routers:
+    idle = next(x for x in rows if x["router"] == r and "idle" in x)
+    table[r] = {
+        "conns_per_sec": med(r, lambda x: x["connrate"]["conns_per_sec"]),
+        "p50_ms": med(r, lambda x: x["connrate"]["p50_ms"]),
+        "p99_ms": med(r, lambda x: x["connrate"]["p99_ms"]),
+        "bulk_mib_per_sec": med(r, lambda x: x["bulk"]["mib_per_sec"]),
+        "idle_kib_per_conn": max(0, idle["rss_after_kib"] - idle["rss_before_kib"]) / idle["idle"],
+    }
+json.dump(table, open("docs/benchmarks-results.json", "w"), indent=2)
+h = table["haproxy"]
+lines = ["| router | new conn/s | p50 ms | p99 ms | bulk MiB/s | KiB per idle conn |", "|---|---|---|---|---|---|"]
+for r in routers:
+    t = table[r]
+    lines.append(f"| {r} | {t['conns_per_sec']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['bulk_mib_per_sec']:.0f} | {t['idle_kib_per_conn']:.2f} |")
+s = table["sni-router"]
+lines.append("")
+lines.append(f"sni-router / HAProxy: new conn/s {s['conns_per_sec']/h['conns_per_sec']:.2f}x, "
+             f"p99 {s['p99_ms']/h['p99_ms']:.2f}x, bulk {s['bulk_mib_per_sec']/h['bulk_mib_per_sec']:.2f}x")
+open("docs/benchmarks-results.md", "w").write("\n".join(lines) + "\n")
+with open("docs/benchmarks-ratios.dat", "w") as f:
+    for r in routers:
+        t = table[r]
+        f.write(f"{r} {t['conns_per_sec']/h['conns_per_sec']:.3f} {t['bulk_mib_per_sec']/h['bulk_mib_per_sec']:.3f}\n")
+print("\n".join(lines))
+PY
+gnuplot <<'GP'
+set terminal pngcairo size 800,420 font ",11" noenhanced
+set output "docs/benchmarks.png"
+set title "Relative to HAProxy (1.0 = HAProxy; higher is better)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set yrange [0:*]
+set grid ytics
+set key top right
+plot "docs/benchmarks-ratios.dat" using 2:xtic(1) title "new connections/s", "" using 3 title "bulk MiB/s"
+GP
+echo "wrote docs/benchmarks-results.md, docs/benchmarks-results.json, docs/benchmarks.png"
