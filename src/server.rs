@@ -280,7 +280,12 @@ impl Server {
             let label = listener
                 .local_addr()
                 .map_or_else(|_| "unknown".into(), |a| a.to_string());
+            let bound = listener
+                .local_addr()
+                .ok()
+                .filter(|a| !a.ip().is_unspecified());
             let ctx = AcceptLoop {
+                bound,
                 label,
                 port: if index == http {
                     Port::Http
@@ -335,6 +340,8 @@ struct AcceptLoop {
     port: Port,
     /// The listener as metrics name it: its bound address.
     label: String,
+    /// The bound address, unless it is a wildcard.
+    bound: Option<SocketAddr>,
     listener: TcpListener,
     handle: Handle,
     limit: Arc<Semaphore>,
@@ -374,7 +381,11 @@ impl AcceptLoop {
                 metrics::counter!(REJECTED, "reason" => "per_source_limit").increment(1);
                 continue;
             };
-            let local = stream.local_addr().unwrap_or_else(|_| unspecified());
+            // A listener bound to one address needs no getsockname per connection.
+            let local = match self.bound {
+                Some(bound) => bound,
+                None => stream.local_addr().unwrap_or_else(|_| unspecified()),
+            };
             let _ = stream.set_nodelay(true);
             let shared = self.handle.shared.clone();
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);

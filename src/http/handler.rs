@@ -275,7 +275,7 @@ async fn to_upstream(
         peers,
         source,
     };
-    match forward::to_first_reachable(via, stream, &targets, header, replay).await {
+    match forward::to_first_reachable(via, stream, &targets, header, replay.to_vec()).await {
         Ok(done) => Outcome {
             result: "upstream",
             status: 0,

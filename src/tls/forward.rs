@@ -112,26 +112,16 @@ pub async fn to_first_reachable(
     client: &mut TcpStream,
     targets: &[Target],
     header: Option<Vec<u8>>,
-    replay: &[u8],
+    replay: Vec<u8>,
 ) -> Result<Forwarded, ForwardError> {
     let mut last = None;
+    let mut connected = None;
     for target in targets {
         match connect::connect(target.addr, via.source, via.config.timeouts.connect).await {
-            Ok(mut stream) => {
+            Ok(stream) => {
                 target.connected(via.peers);
-                let mut prefix = header.unwrap_or_default();
-                prefix.extend_from_slice(replay);
-                stream
-                    .write_all(&prefix)
-                    .await
-                    .map_err(|e| ForwardError::Replay(target.addr, e))?;
-                let mut transfer =
-                    splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
-                transfer.to_target += replay.len() as u64;
-                return Ok(Forwarded {
-                    target: target.addr,
-                    transfer,
-                });
+                connected = Some((target, stream));
+                break;
             }
             Err(e) => {
                 tracing::warn!(target = %target.addr, error = %e, "target unreachable, trying the next");
@@ -142,7 +132,30 @@ pub async fn to_first_reachable(
             }
         }
     }
-    Err(last.unwrap_or(ForwardError::NoHolder(0)))
+    let Some((target, mut stream)) = connected else {
+        return Err(last.unwrap_or(ForwardError::NoHolder(0)));
+    };
+    let replayed = replay.len() as u64;
+    let prefix = match header {
+        Some(mut header) => {
+            header.extend_from_slice(&replay);
+            header
+        }
+        None => replay,
+    };
+    stream
+        .write_all(&prefix)
+        .await
+        .map_err(|e| ForwardError::Replay(target.addr, e))?;
+    // Nothing per connection outlives the replay but the two sockets.
+    drop(prefix);
+    let mut transfer =
+        splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
+    transfer.to_target += replayed;
+    Ok(Forwarded {
+        target: target.addr,
+        transfer,
+    })
 }
 
 /// Tries holders in order. A holder that cannot be reached, closes before
@@ -153,26 +166,19 @@ pub async fn to_holders(
     client: &mut TcpStream,
     holders: &[Target],
     header: Vec<u8>,
-    replay: &[u8],
+    replay: Vec<u8>,
 ) -> Result<Forwarded, ForwardError> {
+    let replayed = replay.len() as u64;
     let mut prefix = header;
-    prefix.extend_from_slice(replay);
+    prefix.extend_from_slice(&replay);
+    drop(replay);
+    let mut opened = None;
     for holder in holders {
         match open_holder(via.config, holder.addr, via.source, &prefix).await {
-            Ok((stream, first)) => {
+            Ok(pair) => {
                 holder.connected(via.peers);
-                client
-                    .write_all(&first)
-                    .await
-                    .map_err(ForwardError::Client)?;
-                let mut transfer =
-                    splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
-                transfer.to_target += replay.len() as u64;
-                transfer.to_client += first.len() as u64;
-                return Ok(Forwarded {
-                    target: holder.addr,
-                    transfer,
-                });
+                opened = Some((holder, pair));
+                break;
             }
             Err(e) => {
                 tracing::warn!(holder = %holder.addr, node = %holder.label, error = %e, "holder failed, trying the next");
@@ -186,7 +192,24 @@ pub async fn to_holders(
             }
         }
     }
-    Err(ForwardError::NoHolder(holders.len()))
+    drop(prefix);
+    let Some((holder, (stream, first))) = opened else {
+        return Err(ForwardError::NoHolder(holders.len()));
+    };
+    client
+        .write_all(&first)
+        .await
+        .map_err(ForwardError::Client)?;
+    let answered = first.len() as u64;
+    drop(first);
+    let mut transfer =
+        splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
+    transfer.to_target += replayed;
+    transfer.to_client += answered;
+    Ok(Forwarded {
+        target: holder.addr,
+        transfer,
+    })
 }
 
 /// Connects, replays, and waits for the holder's first bytes.
@@ -210,5 +233,6 @@ async fn open_holder(
         return Err(ForwardError::Refused(holder));
     }
     first.truncate(n);
+    first.shrink_to_fit();
     Ok((target, first))
 }

@@ -189,7 +189,7 @@ async fn route_connection(
                 source: None,
             };
             let result =
-                forward::to_first_reachable(via, stream, &[target], header, &preamble.bytes).await;
+                forward::to_first_reachable(via, stream, &[target], header, preamble.bytes).await;
             forwarded("passthrough", result)
         }
         Decision::Splice { site, holders } => {
@@ -218,7 +218,7 @@ async fn route_connection(
                 peers: &shared.peers,
                 source: Some(config.this().tls.ip()),
             };
-            let result = forward::to_holders(via, stream, &targets, header, &preamble.bytes).await;
+            let result = forward::to_holders(via, stream, &targets, header, preamble.bytes).await;
             forwarded("splice", result)
         }
         Decision::Terminate { site } => {
@@ -226,7 +226,16 @@ async fn route_connection(
                 client,
                 destination,
             };
-            match terminate::serve(config, &live.tls, site, stream, preamble.bytes, ends).await {
+            // Boxed: only terminated connections pay for the handshake state.
+            let serve = Box::pin(terminate::serve(
+                config,
+                &live.tls,
+                site,
+                stream,
+                preamble.bytes,
+                ends,
+            ));
+            match serve.await {
                 Ok((upstream, transfer)) => Outcome::joined("terminate", upstream, transfer),
                 Err(e) => {
                     if e.is_handshake() {
