@@ -119,6 +119,10 @@ for round in $(seq "$rounds"); do
     stop
   done
 done
+# Reference: the same load straight at the backend, no router.
+direct_c=$($gen connrate "$backend" "$secs" 32); direct_b=$($gen bulk "$backend" "$secs" 4)
+echo "{\"router\":\"direct\",\"connrate\":$direct_c,\"bulk\":$direct_b}" >> "$results"
+echo "direct: $direct_c $direct_b"
 for r in "${routers[@]}"; do
   start "$r"; sleep 0.5
   before=$(rss "$pid")
@@ -151,6 +155,8 @@ for r in routers:
 json.dump(table, open("docs/benchmarks-results.json", "w"), indent=2)
 h = table["haproxy"]
 lines = ["| router | new conn/s | p50 ms | p99 ms | bulk MiB/s | KiB per idle conn |", "|---|---|---|---|---|---|"]
+d = next(x for x in rows if x["router"] == "direct")
+lines.append(f"| direct, no router | {d['connrate']['conns_per_sec']:.0f} | {d['connrate']['p50_ms']:.2f} | {d['connrate']['p99_ms']:.2f} | {d['bulk']['mib_per_sec']:.0f} | - |")
 for r in routers:
     t = table[r]
     lines.append(f"| {r} | {t['conns_per_sec']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['bulk_mib_per_sec']:.0f} | {t['idle_kib_per_conn']:.2f} |")
@@ -178,3 +184,15 @@ set key top right
 plot "docs/benchmarks-ratios.dat" using 2:xtic(1) title "new connections/s", "" using 3 title "bulk MiB/s"
 GP
 echo "wrote docs/benchmarks-results.md, docs/benchmarks-results.json, docs/benchmarks.png"
+
+# Scale: 100k sites (half with a wildcard) load, check and route.
+python3 - "$work/100k.toml" <<'PY'
+import sys
+with open(sys.argv[1], "w") as f:
+    f.write('this_node = "a"\n[[nodes]]\nname = "a"\ntls = "127.0.0.2:19543"\nhttp = "127.0.0.2:19580"\n')
+    for i in range(100_000):
+        names = f'"s{i}.example.org", "*.s{i}.example.org"' if i % 2 == 0 else f'"s{i}.example.org"'
+        f.write(f'[[sites]]\nnames = [{names}]\npassthrough = "{sys.argv[1] and "127.0.0.1:19001"}"\n')
+PY
+/usr/bin/time -f "%e s %M KiB" -o "$work/scale.txt" $bin check --config "$work/100k.toml" > /dev/null
+echo "100k sites: check took $(cat "$work/scale.txt") (elapsed, peak RSS)" | tee docs/benchmarks-scale.txt
