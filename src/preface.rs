@@ -107,7 +107,10 @@ async fn read_until_complete<T: Preface, S: AsyncRead + Unpin>(
         }
         let want = filled.max(FIRST_READ);
         buf.resize((filled + want).min(cap), 0);
-        let n = stream.read(&mut buf[filled..]).await?;
+        let n = match buf.get_mut(filled..) {
+            Some(free) => stream.read(free).await?,
+            None => 0,
+        };
         buf.truncate(filled + n);
         if n == 0 {
             return Err(PrefaceError::Closed(filled));
@@ -124,7 +127,7 @@ async fn read_until_complete<T: Preface, S: AsyncRead + Unpin>(
                 Decode::Invalid => return Err(PrefaceError::BadProxyHeader),
             }
         }
-        match T::parse(&buf[offset..]) {
+        match T::parse(buf.get(offset..).unwrap_or_default()) {
             Ok(Some(parsed)) => {
                 buf.drain(..offset);
                 return Ok(Preamble {

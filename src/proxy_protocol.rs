@@ -82,7 +82,7 @@ pub fn decode(buf: &[u8]) -> Decode {
     if !looks_v2 && !looks_v1 {
         return Decode::Absent;
     }
-    let window = &buf[..buf.len().min(MAX_HEADER_LEN)];
+    let window = buf.get(..MAX_HEADER_LEN).unwrap_or(buf);
     if looks_v2 {
         let result = ppp::v2::Header::try_from(window);
         if result.is_incomplete() {
@@ -99,7 +99,9 @@ pub fn decode(buf: &[u8]) -> Decode {
     let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         return incomplete_or_invalid(buf);
     };
-    let line = &window[..end + 2];
+    let Some(line) = window.get(..end + 2) else {
+        return Decode::Invalid;
+    };
     match ppp::v1::Header::try_from(line) {
         Ok(header) => Decode::Complete {
             len: line.len(),
@@ -119,7 +121,7 @@ fn incomplete_or_invalid(buf: &[u8]) -> Decode {
 
 fn starts_like(buf: &[u8], prefix: &[u8]) -> bool {
     let n = buf.len().min(prefix.len());
-    n > 0 && buf[..n] == prefix[..n]
+    n > 0 && buf.get(..n) == prefix.get(..n)
 }
 
 fn from_v2(header: &ppp::v2::Header<'_>) -> ProxiedAddrs {

@@ -202,7 +202,7 @@ impl Manager {
         let replaces = state
             .current
             .as_ref()
-            .and_then(|c| certificate_id(&c.key.cert[0]));
+            .and_then(|c| c.key.cert.first().and_then(certificate_id));
         let result = tokio::time::timeout(
             ORDER_DEADLINE,
             self.order(acme, label, &identifiers, replaces),
@@ -309,7 +309,7 @@ impl Manager {
     async fn renewal_time(&mut self, acme: &Acme, loaded: &Loaded) -> SystemTime {
         let info = &loaded.info;
         let fallback = schedule::renew_at(info.not_before, info.not_after, fastrand::f64());
-        let Some(id) = certificate_id(&loaded.key.cert[0]) else {
+        let Some(id) = loaded.key.cert.first().and_then(certificate_id) else {
             return fallback;
         };
         let Ok(account) = self.account(acme).await else {

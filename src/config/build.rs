@@ -206,7 +206,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
     }
     let this_node = this_node?;
     let mut listeners = vec![Listener {
-        bind: nodes[this_node.0].tls_bind,
+        bind: nodes.get(this_node.0)?.tls_bind,
         default_site: None,
     }];
     for (i, l) in file.listeners.iter().enumerate() {

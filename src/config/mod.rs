@@ -252,10 +252,14 @@ impl Config {
         build::build(text, source, node)
     }
 
+    // Ids are made by `build` from these very vectors and never outlive
+    // their Config: indexing cannot fail.
+    #[allow(clippy::indexing_slicing)]
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.0]
     }
 
+    #[allow(clippy::indexing_slicing)]
     pub fn site(&self, id: SiteId) -> &Site {
         &self.sites[id.0]
     }

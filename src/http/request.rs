@@ -46,7 +46,7 @@ impl Invalid {
 }
 
 pub fn parse(buf: &[u8]) -> Parse {
-    let window = &buf[..buf.len().min(MAX_HEAD_BYTES)];
+    let window = buf.get(..MAX_HEAD_BYTES).unwrap_or(buf);
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(window) {

@@ -204,7 +204,8 @@ where
             return Ok(());
         }
         activity.touch();
-        writer.write_all(&buf[..n]).await.map_err(|e| (to, e))?;
+        let read = buf.get(..n).unwrap_or_default();
+        writer.write_all(read).await.map_err(|e| (to, e))?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
     }

@@ -146,7 +146,7 @@ async fn copied_burst(
         let mut written = 0;
         while written < n {
             to.writable().await.map_err(Burst::Write)?;
-            match to.try_write(&buf[written..n]) {
+            match to.try_write(buf.get(written..n).unwrap_or_default()) {
                 Ok(m) => written += m,
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(Burst::Write(e)),

@@ -102,12 +102,13 @@ fn reassemble(buf: &[u8]) -> Result<Option<Reassembled<'_>>, Invalid> {
     let mut have = 0usize;
     let mut pos = 0usize;
     loop {
-        let Some(header) = buf.get(pos..pos + RECORD_HEADER_LEN) else {
+        let Some(&[content_type, major, _, len_hi, len_lo]) = buf.get(pos..pos + RECORD_HEADER_LEN)
+        else {
             check_partial_header(buf.get(pos..).unwrap_or_default())?;
             return Ok(None);
         };
-        let record_len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if header[0] != CONTENT_TYPE_HANDSHAKE || header[1] != 3 {
+        let record_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+        if content_type != CONTENT_TYPE_HANDSHAKE || major != 3 {
             return Err(if fragments.is_empty() {
                 Invalid::NotTls
             } else {
@@ -154,12 +155,10 @@ fn check_partial_header(partial: &[u8]) -> Result<(), Invalid> {
 /// length (header included), after checking type and size.
 fn check_handshake_header(fragments: &[&[u8]], extra: &[u8]) -> Result<Option<usize>, Invalid> {
     let mut header = [0u8; HANDSHAKE_HEADER_LEN];
+    let bytes = fragments.iter().copied().flatten().chain(extra);
     let mut n = 0;
-    for byte in fragments.iter().copied().flatten().chain(extra) {
-        if n == HANDSHAKE_HEADER_LEN {
-            break;
-        }
-        header[n] = *byte;
+    for (slot, byte) in header.iter_mut().zip(bytes) {
+        *slot = *byte;
         n += 1;
     }
     if n >= 1 && header[0] != HANDSHAKE_CLIENT_HELLO {
@@ -179,7 +178,7 @@ fn check_handshake_header(fragments: &[&[u8]], extra: &[u8]) -> Result<Option<us
 /// The first `len` bytes of the fragments, borrowed when one record holds them.
 fn join_prefix<'a>(fragments: &[&'a [u8]], len: usize) -> Cow<'a, [u8]> {
     if let [only] = fragments {
-        return Cow::Borrowed(&only[..len.min(only.len())]);
+        return Cow::Borrowed(only.get(..len).unwrap_or(only));
     }
     let mut joined: Vec<u8> = fragments.concat();
     joined.truncate(len);

@@ -37,7 +37,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         let rest = this.prefix.get(this.consumed..).unwrap_or_default();
         if !rest.is_empty() {
             let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
+            buf.put_slice(rest.get(..n).unwrap_or_default());
             this.consumed += n;
             if this.consumed == this.prefix.len() {
                 // Free the hello once replayed; long-lived connections keep nothing.
