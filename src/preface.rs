@@ -27,6 +27,35 @@ pub trait Preface: Sized {
     fn invalid_kind(invalid: Self::Invalid) -> &'static str;
 }
 
+/// Implements [`Preface`] for a message whose module has a pure
+/// `parse(&[u8]) -> Parse` with Complete / Incomplete / Invalid, an
+/// `Invalid` error with `kind()` and a `TooLarge` variant.
+#[macro_export]
+macro_rules! impl_preface {
+    ($message:ty, $cap:expr) => {
+        impl $crate::preface::Preface for $message {
+            const CAP: usize = $cap;
+            type Invalid = Invalid;
+
+            fn parse(buf: &[u8]) -> Result<Option<Self>, Invalid> {
+                match parse(buf) {
+                    Parse::Complete(message) => Ok(Some(message)),
+                    Parse::Incomplete => Ok(None),
+                    Parse::Invalid(invalid) => Err(invalid),
+                }
+            }
+
+            fn too_large() -> Invalid {
+                Invalid::TooLarge
+            }
+
+            fn invalid_kind(invalid: Invalid) -> &'static str {
+                invalid.kind()
+            }
+        }
+    };
+}
+
 #[derive(Debug)]
 pub struct Preamble<T> {
     /// Addresses from a PROXY header sent by a trusted peer.

@@ -87,26 +87,7 @@ fn host_name(value: &[u8]) -> Option<String> {
     crate::tls::client_hello::normalize_name(name.as_bytes())
 }
 
-impl crate::preface::Preface for Head {
-    const CAP: usize = MAX_HEAD_BYTES;
-    type Invalid = Invalid;
-
-    fn parse(buf: &[u8]) -> Result<Option<Self>, Invalid> {
-        match parse(buf) {
-            Parse::Complete(head) => Ok(Some(head)),
-            Parse::Incomplete => Ok(None),
-            Parse::Invalid(invalid) => Err(invalid),
-        }
-    }
-
-    fn too_large() -> Invalid {
-        Invalid::TooLarge
-    }
-
-    fn invalid_kind(invalid: Invalid) -> &'static str {
-        invalid.kind()
-    }
-}
+crate::impl_preface!(Head, MAX_HEAD_BYTES);
 
 #[cfg(test)]
 mod tests {

@@ -107,13 +107,7 @@ where
         &to_client,
         activity,
     );
-    let end = tokio::select! {
-        result = async { tokio::try_join!(up, down) } => match result {
-            Ok(_) => End::Closed,
-            Err((side, e)) => End::Error(side, e),
-        },
-        () = idle_watch(activity, idle) => End::Idle,
-    };
+    let end = both_directions(up, down, activity, idle).await;
     Transfer {
         to_target: to_target.load(Ordering::Relaxed),
         to_client: to_client.load(Ordering::Relaxed),
@@ -138,17 +132,28 @@ pub async fn join_tcp(
     };
     let up = tcp::pump(client, target, Side::Client, mode, &to_target, activity);
     let down = tcp::pump(target, client, Side::Target, mode, &to_client, activity);
-    let end = tokio::select! {
+    let end = both_directions(up, down, activity, idle).await;
+    Transfer {
+        to_target: to_target.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// Runs both directions until both finish, one fails, or nothing moves for
+/// `idle`.
+async fn both_directions(
+    up: impl Future<Output = Result<(), (Side, io::Error)>>,
+    down: impl Future<Output = Result<(), (Side, io::Error)>>,
+    activity: Activity<'_>,
+    idle: Duration,
+) -> End {
+    tokio::select! {
         result = async { tokio::try_join!(up, down) } => match result {
             Ok(_) => End::Closed,
             Err((side, e)) => End::Error(side, e),
         },
         () = idle_watch(activity, idle) => End::Idle,
-    };
-    Transfer {
-        to_target: to_target.load(Ordering::Relaxed),
-        to_client: to_client.load(Ordering::Relaxed),
-        end,
     }
 }
 

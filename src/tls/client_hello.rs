@@ -242,26 +242,7 @@ pub fn normalize_name(raw: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(raw).to_ascii_lowercase())
 }
 
-impl crate::preface::Preface for ClientHello {
-    const CAP: usize = MAX_HELLO_BYTES;
-    type Invalid = Invalid;
-
-    fn parse(buf: &[u8]) -> Result<Option<Self>, Invalid> {
-        match parse(buf) {
-            Parse::Complete(hello) => Ok(Some(hello)),
-            Parse::Incomplete => Ok(None),
-            Parse::Invalid(invalid) => Err(invalid),
-        }
-    }
-
-    fn too_large() -> Invalid {
-        Invalid::TooLarge
-    }
-
-    fn invalid_kind(invalid: Invalid) -> &'static str {
-        invalid.kind()
-    }
-}
+crate::impl_preface!(ClientHello, MAX_HELLO_BYTES);
 
 #[cfg(test)]
 mod tests {
