@@ -122,22 +122,7 @@ pub async fn join_tcp(
     idle: Duration,
     mode: Mode,
 ) -> Transfer {
-    let start = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let to_target = AtomicU64::new(0);
-    let to_client = AtomicU64::new(0);
-    let activity = Activity {
-        start,
-        last: &last_activity,
-    };
-    let up = tcp::pump(client, target, Side::Client, mode, &to_target, activity);
-    let down = tcp::pump(target, client, Side::Target, mode, &to_client, activity);
-    let end = both_directions(up, down, activity, idle).await;
-    Transfer {
-        to_target: to_target.load(Ordering::Relaxed),
-        to_client: to_client.load(Ordering::Relaxed),
-        end,
-    }
+    tcp::join(client, target, idle, mode).await
 }
 
 /// Runs both directions until both finish, one fails, or nothing moves for

@@ -1,14 +1,18 @@
 //! Joining two TCP sockets (passthrough and node splices): readiness-driven,
 //! zero-copy through `splice(2)` on Linux, a borrowed buffer elsewhere or if
-//! splicing fails. Nothing is held per direction while no data moves.
+//! splicing fails. Written as plain poll functions rather than nested async
+//! fns, so an idle joined connection holds a few hundred bytes of state and
+//! no buffer or pipe at all.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-use super::{Activity, Side};
+use super::{End, Side, Transfer};
 
 /// Bytes moved per splice or read: one pipe's default capacity.
 const CHUNK: usize = 64 * 1024;
@@ -32,127 +36,196 @@ impl Mode {
     }
 }
 
-/// Copies `from` -> `to` until EOF, then half-closes `to`.
-pub(super) async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    from_side: Side,
+/// Bytes read but not yet written, and where they wait.
+enum Held {
+    Nothing,
+    #[cfg(target_os = "linux")]
+    Pipe(super::pipe::Pipe, usize),
+    Buffer(Vec<u8>, usize, usize),
+}
+
+/// One direction's state.
+struct Direction {
+    from: Side,
     mode: Mode,
-    count: &AtomicU64,
-    activity: Activity<'_>,
-) -> Result<(), (Side, io::Error)> {
-    let to_side = from_side.other();
-    let mut mode = mode;
-    loop {
-        from.readable().await.map_err(|e| (from_side, e))?;
-        let burst = match mode {
-            #[cfg(target_os = "linux")]
-            Mode::Splice => match spliced_burst(from, to, count, activity).await {
-                Err(Burst::Unsupported) => {
-                    // E.g. EINVAL from an exotic socket: fall back for good.
-                    mode = Mode::Copy;
-                    continue;
-                }
-                other => other,
-            },
-            _ => copied_burst(from, to, count, activity).await,
-        };
-        match burst {
-            Ok(BurstEnd::Idle) => continue,
-            Ok(BurstEnd::Eof) => {
-                // Half-close: pass the EOF on; the other direction keeps flowing.
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-                return Ok(());
-            }
-            Err(Burst::Read(e)) => return Err((from_side, e)),
-            Err(Burst::Write(e)) => return Err((to_side, e)),
-            Err(Burst::Unsupported) => mode = Mode::Copy,
-        }
-    }
-}
-
-enum BurstEnd {
-    /// Nothing more to read for now.
-    Idle,
-    Eof,
-}
-
-enum Burst {
-    Read(io::Error),
-    Write(io::Error),
-    Unsupported,
+    held: Held,
+    moved: u64,
+    done: bool,
 }
 
 fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-/// Moves what is readable now, through a pipe held only for this burst.
-#[cfg(target_os = "linux")]
-async fn spliced_burst(
-    from: &TcpStream,
-    to: &TcpStream,
-    count: &AtomicU64,
-    activity: Activity<'_>,
-) -> Result<BurstEnd, Burst> {
-    use super::pipe;
-    let pipe = pipe::take().map_err(|_| Burst::Unsupported)?;
-    loop {
-        let n = match from.try_io(Interest::READABLE, || pipe::fill(from, &pipe, CHUNK)) {
-            Ok(0) => {
-                pipe::give(pipe);
-                return Ok(BurstEnd::Eof);
+impl Direction {
+    fn new(from: Side, mode: Mode) -> Self {
+        Direction {
+            from,
+            mode,
+            held: Held::Nothing,
+            moved: 0,
+            done: false,
+        }
+    }
+
+    /// Moves bytes `from` -> `to` until both would block (Pending), EOF
+    /// (Ready(Ok), after half-closing `to`), or an error. `progress` is set
+    /// when any byte moved.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        progress: &mut bool,
+    ) -> Poll<Result<(), (Side, io::Error)>> {
+        let to_side = self.from.other();
+        loop {
+            // First write out what is held.
+            let wrote = match &mut self.held {
+                Held::Nothing => None,
+                #[cfg(target_os = "linux")]
+                Held::Pipe(pipe, pending) if *pending > 0 => {
+                    ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
+                    Some(
+                        to.try_io(Interest::WRITABLE, || {
+                            super::pipe::drain(pipe, to, *pending)
+                        })
+                        .map(|n| {
+                            *pending -= n;
+                            n
+                        }),
+                    )
+                }
+                #[cfg(target_os = "linux")]
+                Held::Pipe(..) => None,
+                Held::Buffer(buf, start, end) if *start < *end => {
+                    ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
+                    let pending = buf.get(*start..*end).unwrap_or_default();
+                    Some(to.try_write(pending).map(|n| {
+                        *start += n;
+                        n
+                    }))
+                }
+                Held::Buffer(..) => None,
+            };
+            match wrote {
+                Some(Ok(n)) => {
+                    self.moved += n as u64;
+                    *progress = true;
+                    continue;
+                }
+                Some(Err(e)) if would_block(&e) => continue,
+                Some(Err(e)) => return Poll::Ready(Err((to_side, e))),
+                None => {}
             }
-            Ok(n) => n,
-            Err(e) if would_block(&e) => {
-                pipe::give(pipe);
-                return Ok(BurstEnd::Idle);
+            // Nothing held: wait to read, returning any pipe or buffer first.
+            if from
+                .poll_read_ready(cx)
+                .map_err(|e| (self.from, e))?
+                .is_pending()
+            {
+                self.release();
+                return Poll::Pending;
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(Burst::Unsupported),
-            Err(e) => return Err(Burst::Read(e)),
-        };
-        activity.touch();
-        let mut left = n;
-        while left > 0 {
-            to.writable().await.map_err(Burst::Write)?;
-            match to.try_io(Interest::WRITABLE, || pipe::drain(&pipe, to, left)) {
-                Ok(m) => left -= m,
+            match self.fill(from) {
+                Ok(0) => {
+                    self.release();
+                    // Half-close: pass the EOF on; the other direction keeps flowing.
+                    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(_) => *progress = true,
                 Err(e) if would_block(&e) => {}
-                // The pipe still holds bytes: it is dropped, not pooled.
-                Err(e) => return Err(Burst::Write(e)),
+                Err(e) => return Poll::Ready(Err((self.from, e))),
             }
         }
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        activity.touch();
+    }
+
+    /// Reads what is available into the held pipe or buffer.
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        #[cfg(target_os = "linux")]
+        if self.mode == Mode::Splice {
+            if matches!(self.held, Held::Nothing) {
+                match super::pipe::take() {
+                    Ok(pipe) => self.held = Held::Pipe(pipe, 0),
+                    Err(_) => self.mode = Mode::Copy,
+                }
+            }
+            if let Held::Pipe(pipe, pending) = &mut self.held {
+                match from.try_io(Interest::READABLE, || super::pipe::fill(from, pipe, CHUNK)) {
+                    Ok(n) => {
+                        *pending = n;
+                        return Ok(n);
+                    }
+                    // E.g. an exotic socket: fall back to copying for good.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.release();
+                        self.mode = Mode::Copy;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if !matches!(self.held, Held::Buffer(..)) {
+            self.held = Held::Buffer(vec![0u8; CHUNK], 0, 0);
+        }
+        let Held::Buffer(buf, start, end) = &mut self.held else {
+            return Ok(0);
+        };
+        let n = from.try_read(buf)?;
+        (*start, *end) = (0, n);
+        Ok(n)
+    }
+
+    /// Gives back an empty pipe or buffer while nothing moves.
+    fn release(&mut self) {
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            #[cfg(target_os = "linux")]
+            Held::Pipe(pipe, 0) => super::pipe::give(pipe),
+            #[cfg(target_os = "linux")]
+            held @ Held::Pipe(..) => self.held = held,
+            Held::Buffer(buf, start, end) if start < end => {
+                self.held = Held::Buffer(buf, start, end)
+            }
+            _ => {}
+        }
     }
 }
 
-/// Moves what is readable now through a buffer allocated for this burst.
-async fn copied_burst(
-    from: &TcpStream,
-    to: &TcpStream,
-    count: &AtomicU64,
-    activity: Activity<'_>,
-) -> Result<BurstEnd, Burst> {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return Ok(BurstEnd::Eof),
-            Ok(n) => n,
-            Err(e) if would_block(&e) => return Ok(BurstEnd::Idle),
-            Err(e) => return Err(Burst::Read(e)),
-        };
-        activity.touch();
-        let mut written = 0;
-        while written < n {
-            to.writable().await.map_err(Burst::Write)?;
-            match to.try_write(buf.get(written..n).unwrap_or_default()) {
-                Ok(m) => written += m,
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(Burst::Write(e)),
+/// Joins two sockets until both directions end, one fails, or nothing moves
+/// for `idle`.
+pub async fn join(client: &TcpStream, target: &TcpStream, idle: Duration, mode: Mode) -> Transfer {
+    let mut up = Direction::new(Side::Client, mode);
+    let mut down = Direction::new(Side::Target, mode);
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let end = std::future::poll_fn(|cx| {
+        let mut progress = false;
+        for (dir, from, to) in [(&mut up, client, target), (&mut down, target, client)] {
+            if dir.done {
+                continue;
+            }
+            match dir.poll(cx, from, to, &mut progress) {
+                Poll::Ready(Ok(())) => dir.done = true,
+                Poll::Ready(Err((side, e))) => return Poll::Ready(End::Error(side, e)),
+                Poll::Pending => {}
             }
         }
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        activity.touch();
+        if up.done && down.done {
+            return Poll::Ready(End::Closed);
+        }
+        if progress {
+            sleep.as_mut().reset(Instant::now() + idle);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(End::Idle),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    Transfer {
+        to_target: up.moved,
+        to_client: down.moved,
+        end,
     }
 }
