@@ -90,10 +90,7 @@ impl Direction {
                         to.try_io(Interest::WRITABLE, || {
                             super::pipe::drain(pipe, to, *pending)
                         })
-                        .map(|n| {
-                            *pending -= n;
-                            n
-                        }),
+                        .inspect(|n| *pending -= n),
                     )
                 }
                 #[cfg(target_os = "linux")]
@@ -101,10 +98,7 @@ impl Direction {
                 Held::Buffer(buf, start, end) if *start < *end => {
                     ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
                     let pending = buf.get(*start..*end).unwrap_or_default();
-                    Some(to.try_write(pending).map(|n| {
-                        *start += n;
-                        n
-                    }))
+                    Some(to.try_write(pending).inspect(|n| *start += n))
                 }
                 Held::Buffer(..) => None,
             };
