@@ -401,7 +401,10 @@ impl AcceptLoop {
                         crate::tls::handler::handle(shared, live, index, stream, peer, local).await
                     }
                     Port::Http => {
-                        crate::http::handler::handle(shared, live, stream, peer, local).await
+                        Box::pin(crate::http::handler::handle(
+                            shared, live, stream, peer, local,
+                        ))
+                        .await
                     }
                 }
                 active.decrement(1.0);

@@ -117,7 +117,13 @@ pub async fn to_first_reachable(
     let mut last = None;
     let mut connected = None;
     for target in targets {
-        match connect::connect(target.addr, via.source, via.config.timeouts.connect).await {
+        match Box::pin(connect::connect(
+            target.addr,
+            via.source,
+            via.config.timeouts.connect,
+        ))
+        .await
+        {
             Ok(stream) => {
                 target.connected(via.peers);
                 connected = Some((target, stream));
@@ -174,7 +180,7 @@ pub async fn to_holders(
     drop(replay);
     let mut opened = None;
     for holder in holders {
-        match open_holder(via.config, holder.addr, via.source, &prefix).await {
+        match Box::pin(open_holder(via.config, holder.addr, via.source, &prefix)).await {
             Ok(pair) => {
                 holder.connected(via.peers);
                 opened = Some((holder, pair));

@@ -124,9 +124,16 @@ async fn route_connection(
     let from_node = config.is_node_address(peer.ip());
     let allow_proxy = config.may_send_proxy(peer.ip());
     let deadline = config.timeouts.hello;
-    let read =
-        preface::read_in_slot::<ClientHello, _>(stream, allow_proxy, deadline, &shared.hello_slots)
-            .await;
+    // Setup phases are boxed: their state is freed once done, so a
+    // long-lived joined connection keeps only the join's small state.
+    let slots = &shared.hello_slots;
+    let read = Box::pin(preface::read_in_slot::<ClientHello, _>(
+        stream,
+        allow_proxy,
+        deadline,
+        slots,
+    ))
+    .await;
     let preamble = match read {
         Ok(preamble) => preamble,
         Err(e) => return hello_failed(e),
