@@ -351,24 +351,49 @@ async fn a_stalled_handshake_is_cut_at_the_deadline() {
     assert_eq!(upstream.connections(), 0);
 }
 
+/// One node terminating `name` with a test-CA certificate, the CA written
+/// to `ca_file` for command-line clients.
+struct OneNode {
+    router: Router,
+    dir: tempfile::TempDir,
+    ca_file: std::path::PathBuf,
+    _upstream: Backend,
+}
+
+async fn one_node(name: &str) -> OneNode {
+    let ca = TestCa::new();
+    let upstream = Backend::http("127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = ca.leaf(&[name]).write(dir.path(), "cert");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let site = held(&format!("\"{name}\""), "\"a\"", upstream.addr, &files);
+    let router = Router::start(&fleet_toml(
+        "a",
+        &[("a", free_addr("127.0.0.2"))],
+        "",
+        &site,
+    ))
+    .await;
+    OneNode {
+        router,
+        dir,
+        ca_file,
+        _upstream: upstream,
+    }
+}
+
 #[tokio::test]
 async fn curl_and_openssl_verify_terminated_names_and_old_tls_is_refused() {
     if !have("curl") || !have("openssl") {
         return;
     }
-    let ca = TestCa::new();
-    let upstream = Backend::http("127.0.0.1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let files = ca.leaf(&["term.test"]).write(dir.path(), "t");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let router = Router::start(&fleet_toml(
-        "a",
-        &[("a", free_addr("127.0.0.2"))],
-        "",
-        &held("\"term.test\"", "\"a\"", upstream.addr, &files),
-    ))
-    .await;
+    let OneNode {
+        router,
+        dir: _dir,
+        ca_file,
+        ..
+    } = one_node("term.test").await;
     let addr = router.addr();
     let ca_path = ca_file.display();
     let (ok, out) = sh(format!(
@@ -411,19 +436,12 @@ async fn probe_writes_a_chain_that_openssl_reads() {
     if !have("openssl") {
         return;
     }
-    let ca = TestCa::new();
-    let upstream = Backend::http("127.0.0.1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let files = ca.leaf(&["probe.test"]).write(dir.path(), "p");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let router = Router::start(&fleet_toml(
-        "a",
-        &[("a", free_addr("127.0.0.2"))],
-        "",
-        &held("\"probe.test\"", "\"a\"", upstream.addr, &files),
-    ))
-    .await;
+    let OneNode {
+        router,
+        dir,
+        ca_file,
+        ..
+    } = one_node("probe.test").await;
     let out_dir = dir.path().join("copied");
     let (ok, out) = sh(format!(
         "{bin} probe {addr} --sni probe.test --ca {ca} --out {out}",
