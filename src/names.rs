@@ -49,11 +49,15 @@ impl Pattern {
     pub fn matches(&self, name: &str) -> bool {
         match self {
             Pattern::Exact(exact) => exact == name,
-            Pattern::Wildcard(suffix) => {
-                name.split_once('.').is_some_and(|(_, rest)| rest == suffix)
-            }
+            Pattern::Wildcard(suffix) => wildcard_covers(suffix, name),
         }
     }
+}
+
+/// Whether `*.{suffix}` covers `name`: exactly one more label, as TLS
+/// clients match certificates.
+pub fn wildcard_covers(suffix: &str, name: &str) -> bool {
+    name.split_once('.').is_some_and(|(_, rest)| rest == suffix)
 }
 
 impl std::fmt::Display for Pattern {

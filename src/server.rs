@@ -240,10 +240,6 @@ impl Server {
 
     /// The addresses actually bound: TLS listeners in `config.listeners`
     /// order, then the HTTP listener.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()

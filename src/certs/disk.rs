@@ -38,7 +38,7 @@ impl CertInfo {
         self.dns_names
             .iter()
             .any(|san| match san.strip_prefix("*.") {
-                Some(suffix) => name.split_once('.').is_some_and(|(_, rest)| rest == suffix),
+                Some(suffix) => crate::names::wildcard_covers(suffix, name),
                 None => san == name,
             })
     }
