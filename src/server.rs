@@ -273,13 +273,9 @@ impl Server {
         let mut accept_loops = Vec::new();
         let http = listeners.len().saturating_sub(1);
         for (index, listener) in listeners.into_iter().enumerate() {
-            let label = listener
-                .local_addr()
-                .map_or_else(|_| "unknown".into(), |a| a.to_string());
-            let bound = listener
-                .local_addr()
-                .ok()
-                .filter(|a| !a.ip().is_unspecified());
+            let addr = listener.local_addr().ok();
+            let label: Arc<str> = addr.map_or_else(|| "unknown".into(), |a| a.to_string().into());
+            let bound = addr.filter(|a| !a.ip().is_unspecified());
             let ctx = AcceptLoop {
                 bound,
                 label,
@@ -335,7 +331,7 @@ enum Port {
 struct AcceptLoop {
     port: Port,
     /// The listener as metrics name it: its bound address.
-    label: String,
+    label: Arc<str>,
     /// The bound address, unless it is a wildcard.
     bound: Option<SocketAddr>,
     listener: TcpListener,
@@ -387,14 +383,16 @@ impl AcceptLoop {
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let label = self.label.clone();
             metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label.clone()).increment(1);
-            let active = metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => label);
+            let active = metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => label.clone());
             active.increment(1.0);
             let live = shared.config();
             let port = self.port;
             self.tracker.spawn(async move {
                 match port {
                     Port::Tls(index) => {
-                        crate::tls::handler::handle(shared, live, index, stream, peer, local).await
+                        let listener = (index, label);
+                        crate::tls::handler::handle(shared, live, listener, stream, peer, local)
+                            .await
                     }
                     Port::Http => {
                         Box::pin(crate::http::handler::handle(

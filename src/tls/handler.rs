@@ -68,7 +68,7 @@ impl Outcome {
 pub async fn handle(
     shared: Arc<Shared>,
     live: Arc<Live>,
-    listener: usize,
+    (listener, listener_label): (usize, Arc<str>),
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
@@ -85,11 +85,6 @@ pub async fn handle(
         .as_ref()
         .map_or((0, 0), |t| (t.to_target, t.to_client));
     shared.stats.finished(outcome.decision);
-    let listener_label = live
-        .config
-        .listeners
-        .get(listener)
-        .map_or_else(String::new, |l| l.bind.to_string());
     metrics::counter!(CONNECTIONS_FINISHED, "listener" => listener_label, "decision" => outcome.decision).increment(1);
     if outcome.decision == "reject" {
         metrics::counter!(REJECTED, "reason" => outcome.kind).increment(1);
