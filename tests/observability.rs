@@ -4,29 +4,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use support::process::{Process, wait_listening};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_http(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{addr} never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn scrape(admin: SocketAddr) -> String {
     let (status, _, body) = http_get(admin, "admin", "/metrics", "").await;
@@ -67,16 +50,8 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
         fleet_toml_http("a", &[("a", node, http)], &top, &site),
     )
     .unwrap();
-    let _router = Process(
-        Command::new(env!("CARGO_BIN_EXE_sni-router"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_http(admin).await;
+    let _router = Process::start(&config, dir.path());
+    wait_listening(admin).await;
 
     for path in ["/healthz", "/readyz"] {
         assert_eq!(http_get(admin, "admin", path, "").await.0, 200, "{path}");
