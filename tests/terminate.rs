@@ -281,17 +281,12 @@ async fn alpn_is_negotiated_per_site() {
 
 #[tokio::test]
 async fn sessions_resume() {
-    let ca = TestCa::new();
-    let upstream = Backend::http("127.0.0.1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let files = ca.leaf(&["resume.test"]).write(dir.path(), "r");
-    let router = Router::start(&fleet_toml(
-        "a",
-        &[("a", free_addr("127.0.0.2"))],
-        "",
-        &held("\"resume.test\"", "\"a\"", upstream.addr, &files),
-    ))
-    .await;
+    let OneNode {
+        router,
+        ca,
+        dir: _dir,
+        ..
+    } = one_node("resume.test", "").await;
     let config = ca.client_config(&[], true);
     for expected in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
         let (mut tls, _) = tls_connect(router.addr(), config.clone(), "resume.test")
@@ -326,17 +321,13 @@ async fn sessions_resume() {
 
 #[tokio::test]
 async fn a_stalled_handshake_is_cut_at_the_deadline() {
-    let ca = TestCa::new();
-    let upstream = Backend::http("127.0.0.1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let files = ca.leaf(&["pass.test"]).write(dir.path(), "p");
-    let router = Router::start(&fleet_toml(
-        "a",
-        &[("a", free_addr("127.0.0.2"))],
-        "[timeouts]\nhandshake = \"300ms\"",
-        &held("\"pass.test\"", "\"a\"", upstream.addr, &files),
-    ))
-    .await;
+    let top = "[timeouts]\nhandshake = \"300ms\"";
+    let OneNode {
+        router,
+        upstream,
+        dir: _dir,
+        ..
+    } = one_node("pass.test", top).await;
     let mut raw = TcpStream::connect(router.addr()).await.unwrap();
     let started = Instant::now();
     raw.write_all(HELLO).await.unwrap();
@@ -351,16 +342,17 @@ async fn a_stalled_handshake_is_cut_at_the_deadline() {
     assert_eq!(upstream.connections(), 0);
 }
 
-/// One node terminating `name` with a test-CA certificate, the CA written
-/// to `ca_file` for command-line clients.
+/// One node terminating `name` with a test-CA certificate (config `top`
+/// added), the CA also written to `ca_file` for command-line clients.
 struct OneNode {
     router: Router,
+    ca: TestCa,
     dir: tempfile::TempDir,
     ca_file: std::path::PathBuf,
-    _upstream: Backend,
+    upstream: Backend,
 }
 
-async fn one_node(name: &str) -> OneNode {
+async fn one_node(name: &str, top: &str) -> OneNode {
     let ca = TestCa::new();
     let upstream = Backend::http("127.0.0.1").await;
     let dir = tempfile::tempdir().unwrap();
@@ -371,15 +363,16 @@ async fn one_node(name: &str) -> OneNode {
     let router = Router::start(&fleet_toml(
         "a",
         &[("a", free_addr("127.0.0.2"))],
-        "",
+        top,
         &site,
     ))
     .await;
     OneNode {
         router,
+        ca,
         dir,
         ca_file,
-        _upstream: upstream,
+        upstream,
     }
 }
 
@@ -393,7 +386,7 @@ async fn curl_and_openssl_verify_terminated_names_and_old_tls_is_refused() {
         dir: _dir,
         ca_file,
         ..
-    } = one_node("term.test").await;
+    } = one_node("term.test", "").await;
     let addr = router.addr();
     let ca_path = ca_file.display();
     let (ok, out) = sh(format!(
@@ -441,7 +434,7 @@ async fn probe_writes_a_chain_that_openssl_reads() {
         dir,
         ca_file,
         ..
-    } = one_node("probe.test").await;
+    } = one_node("probe.test", "").await;
     let out_dir = dir.path().join("copied");
     let (ok, out) = sh(format!(
         "{bin} probe {addr} --sni probe.test --ca {ca} --out {out}",
