@@ -62,6 +62,8 @@ struct SiteState {
     failures: u32,
     /// The certificate being served, for ARI and `replaces`.
     current: Option<Loaded>,
+    /// The CA answered ARI for `current`: the next order may say `replaces`.
+    ari: bool,
     identifiers: Vec<String>,
 }
 
@@ -154,6 +156,7 @@ impl Manager {
             next: SystemTime::now(),
             failures: 0,
             current: None,
+            ari: false,
             identifiers,
         };
         let stored = match storage::load_site(&acme.state_dir, label) {
@@ -183,7 +186,7 @@ impl Manager {
                     "stored ACME certificate loaded"
                 );
                 self.install(label, &loaded);
-                state.next = self.renewal_time(acme, &loaded).await;
+                (state.next, state.ari) = self.renewal_time(acme, &loaded).await;
                 state.current = Some(loaded);
             }
             Ok(_) => tracing::info!(site = label, "stored certificate expired; ordering anew"),
@@ -202,6 +205,7 @@ impl Manager {
         let replaces = state
             .current
             .as_ref()
+            .filter(|_| state.ari)
             .and_then(|c| c.key.cert.first().and_then(certificate_id));
         let result = tokio::time::timeout(
             ORDER_DEADLINE,
@@ -224,9 +228,10 @@ impl Manager {
                     .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "issued")
                     .increment(1);
-                let next = renew.unwrap_or_else(SystemTime::now);
+                let (next, ari) = renew.unwrap_or((SystemTime::now(), false));
                 state.failures = 0;
                 state.next = next;
+                state.ari = ari;
                 tracing::info!(
                     site = label,
                     not_after = %humantime::format_rfc3339_seconds(loaded.info.not_after),
@@ -270,12 +275,11 @@ impl Manager {
         replaces: Option<CertificateIdentifier<'static>>,
     ) -> Result<Loaded, AcmeError> {
         let account = self.account(acme).await?;
-        let supports_ari = replaces.is_some() && account_has_ari(&account, replaces.as_ref()).await;
         let request = Request {
             site: label,
             identifiers,
             profile: acme.profile.as_deref(),
-            replaces: if supports_ari { replaces } else { None },
+            replaces,
             key_type: acme.key_type,
         };
         let (chain_pem, key_pem) =
@@ -305,10 +309,14 @@ impl Manager {
     }
 
     /// ARI's suggested window when the CA offers it, else a third of the
-    /// lifetime left; both with jitter so holders spread out.
-    async fn renewal_time(&mut self, acme: &Acme, loaded: &Loaded) -> SystemTime {
+    /// lifetime left; both with jitter so holders spread out. Also says
+    /// whether the CA answered ARI, so the renewal order can say `replaces`.
+    async fn renewal_time(&mut self, acme: &Acme, loaded: &Loaded) -> (SystemTime, bool) {
         let info = &loaded.info;
-        let fallback = schedule::renew_at(info.not_before, info.not_after, fastrand::f64());
+        let fallback = (
+            schedule::renew_at(info.not_before, info.not_after, fastrand::f64()),
+            false,
+        );
         let Some(id) = loaded.key.cert.first().and_then(certificate_id) else {
             return fallback;
         };
@@ -320,7 +328,7 @@ impl Manager {
                 let window = &ari.suggested_window;
                 let start = SystemTime::from(window.start);
                 let end = SystemTime::from(window.end);
-                schedule::in_window(start, end, fastrand::f64())
+                (schedule::in_window(start, end, fastrand::f64()), true)
             }
             Err(_) => fallback,
         }
@@ -412,16 +420,6 @@ pub fn identifiers(config: &Config, site: SiteId) -> Vec<String> {
     names.sort();
     names.dedup();
     names
-}
-
-async fn account_has_ari(account: &Account, id: Option<&CertificateIdentifier<'static>>) -> bool {
-    match id {
-        Some(id) => !matches!(
-            account.renewal_info(id).await,
-            Err(instant_acme::Error::Unsupported(_))
-        ),
-        None => false,
-    }
 }
 
 /// ARI's certificate identifier: authority key id and serial (RFC 9773 4.1).
