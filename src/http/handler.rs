@@ -131,7 +131,7 @@ async fn serve(
                 stream,
                 from_node,
                 ends,
-                &preamble.bytes,
+                preamble.bytes,
             )
             .await
         }
@@ -238,7 +238,7 @@ async fn to_upstream(
     stream: &mut TcpStream,
     from_node: bool,
     (client, destination): (SocketAddr, SocketAddr),
-    replay: &[u8],
+    replay: Vec<u8>,
 ) -> Outcome {
     let SiteRoute::Held { upstream, .. } = &config.site(site).route else {
         return outcome("bad_request", 404);
@@ -275,7 +275,7 @@ async fn to_upstream(
         peers,
         source,
     };
-    match forward::to_first_reachable(via, stream, &targets, header, replay.to_vec()).await {
+    match forward::to_first_reachable(via, stream, &targets, header, replay).await {
         Ok(done) => Outcome {
             result: "upstream",
             status: 0,
