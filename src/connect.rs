@@ -51,6 +51,9 @@ fn socket_from(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSock
     };
     let socket = fresh()?;
     if let Some(ip) = source.filter(|ip| ip.is_ipv4() == target.is_ipv4() && !ip.is_unspecified()) {
+        // Many splices to one holder from one source address: let connect
+        // pick the port per destination rather than bind reserve it.
+        let _ = crate::sockopt::bind_address_no_port(&socket);
         if socket.bind(SocketAddr::new(ip, 0)).is_ok() {
             return Ok(socket);
         }

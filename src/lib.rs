@@ -44,6 +44,7 @@ pub mod tls;
 pub mod http;
 pub mod proxy_protocol;
 pub mod connect;
+pub mod sockopt;
 pub mod splice;
 pub mod certs;
 pub mod acme;

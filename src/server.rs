@@ -194,13 +194,13 @@ impl Server {
         let mut listeners = Vec::new();
         let http = config.this().http_bind;
         for addr in config.listeners.iter().map(|l| l.bind).chain([http]) {
-            let bound = bind_listener(addr, config.limits.backlog)
+            let bound = bind_listener(addr, config.limits.backlog, Some(config.timeouts.hello))
                 .map_err(|source| BindError { addr, source })?;
             listeners.push(bound);
         }
         let admin = match config.admin {
             Some(addr) => {
-                Some(bind_listener(addr, 64).map_err(|source| BindError { addr, source })?)
+                Some(bind_listener(addr, 64, None).map_err(|source| BindError { addr, source })?)
             }
             None => None,
         };
@@ -378,7 +378,9 @@ impl AcceptLoop {
                 Some(bound) => bound,
                 None => stream.local_addr().unwrap_or_else(|_| unspecified()),
             };
-            let _ = stream.set_nodelay(true);
+            if !crate::sockopt::ACCEPTED_INHERIT_NODELAY {
+                let _ = stream.set_nodelay(true);
+            }
             let shared = self.handle.shared.clone();
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let label = self.label.clone();
@@ -437,8 +439,14 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// A listening socket with the options an edge process wants.
-pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// A listening socket with the options an edge process wants. With
+/// `defer`, for protocols whose client speaks first, a connection reaches
+/// `accept` only with its first bytes or after `defer`.
+pub fn bind_listener(
+    addr: SocketAddr,
+    backlog: u32,
+    defer: Option<Duration>,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     // Lets a new process bind beside an old one during a restart.
@@ -448,6 +456,11 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> 
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it (see the accept loop).
+    socket.set_tcp_nodelay(true)?;
+    if let Some(wait) = defer {
+        crate::sockopt::defer_accept(&socket, wait)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     TcpListener::from_std(socket.into())

@@ -10,9 +10,18 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// Empty pipes kept per worker thread for the next burst.
 const POOL_PER_THREAD: usize = 16;
 
+/// Asked-for pipe capacity. The default 64 KiB costs twice the router CPU
+/// per byte in bulk transfers (see docs/benchmarks.md); a pipe only pins
+/// pages while bytes are in flight, so an empty pooled pipe costs a slot
+/// array, not its capacity.
+const PIPE_SIZE: usize = 1024 * 1024;
+
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// What the kernel granted: less than [`PIPE_SIZE`] when the per-user
+    /// pipe limit is reached.
+    pub capacity: usize,
 }
 
 thread_local! {
@@ -32,7 +41,24 @@ pub fn take() -> io::Result<Pipe> {
     }
     // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok(Pipe { read, write })
+    // SAFETY: F_SETPIPE_SZ/F_GETPIPE_SZ on a pipe descriptor we own.
+    let granted = unsafe {
+        match libc::fcntl(
+            write.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            PIPE_SIZE as libc::c_int,
+        ) {
+            n if n > 0 => n,
+            // Refused (a per-user limit): keep the default capacity.
+            _ => libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ),
+        }
+    };
+    let capacity = usize::try_from(granted).unwrap_or(0).max(4096);
+    Ok(Pipe {
+        read,
+        write,
+        capacity,
+    })
 }
 
 /// Returns an empty pipe to the pool (a pipe still holding bytes is closed).

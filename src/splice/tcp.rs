@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::{End, Side, Transfer};
 
-/// Bytes moved per splice or read: one pipe's default capacity.
+/// Bytes moved per read when copying.
 const CHUNK: usize = 64 * 1024;
 
 /// How one direction moves bytes.
@@ -69,13 +69,13 @@ impl Direction {
     }
 
     /// Moves bytes `from` -> `to` until both would block (Pending), EOF
-    /// (Ready(Ok), after half-closing `to`), or an error. `progress` is set
-    /// when any byte moved.
+    /// (Ready(Ok), after half-closing `to` unless `last`), or an error.
+    /// `progress` is set when any byte moved.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        (from, to): (&TcpStream, &TcpStream),
+        last: bool,
         progress: &mut bool,
     ) -> Poll<Result<(), (Side, io::Error)>> {
         let to_side = self.from.other();
@@ -124,8 +124,12 @@ impl Direction {
             match self.fill(from) {
                 Ok(0) => {
                     self.release();
-                    // Half-close: pass the EOF on; the other direction keeps flowing.
-                    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                    // Half-close: pass the EOF on; the other direction keeps
+                    // flowing. The last direction to end leaves it to close,
+                    // which sends the same FIN: one syscall fewer.
+                    if !last {
+                        let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Ok(_) => *progress = true,
@@ -146,7 +150,9 @@ impl Direction {
                 }
             }
             if let Held::Pipe(pipe, pending) = &mut self.held {
-                match from.try_io(Interest::READABLE, || super::pipe::fill(from, pipe, CHUNK)) {
+                match from.try_io(Interest::READABLE, || {
+                    super::pipe::fill(from, pipe, pipe.capacity)
+                }) {
                     Ok(n) => {
                         *pending = n;
                         return Ok(n);
@@ -195,11 +201,16 @@ pub async fn join(client: &TcpStream, target: &TcpStream, idle: Duration, mode: 
     tokio::pin!(sleep);
     let end = std::future::poll_fn(|cx| {
         let mut progress = false;
-        for (dir, from, to) in [(&mut up, client, target), (&mut down, target, client)] {
+        for upward in [true, false] {
+            let (dir, other, ends) = if upward {
+                (&mut up, &down, (client, target))
+            } else {
+                (&mut down, &up, (target, client))
+            };
             if dir.done {
                 continue;
             }
-            match dir.poll(cx, from, to, &mut progress) {
+            match dir.poll(cx, ends, other.done, &mut progress) {
                 Poll::Ready(Ok(())) => dir.done = true,
                 Poll::Ready(Err((side, e))) => return Poll::Ready(End::Error(side, e)),
                 Poll::Pending => {}
