@@ -11,7 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,7 +20,7 @@ use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
 use crate::http::challenge::ChallengeStore;
 use crate::http::guard::ForwardGuard;
-use crate::limits::{HelloSlots, SourceLimits};
+use crate::limits::{HelloSlots, SourceGuard, SourceLimits};
 use crate::metrics::{CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE, REJECTED};
 use crate::peers::PeerHealth;
 use crate::tls::terminate::{Contexts, Resumption};
@@ -88,6 +88,21 @@ pub struct Live {
     pub guard: ForwardGuard,
 }
 
+/// What an accepted connection holds until it ends, wherever it ends: its
+/// place under the connection limit and the per-source cap, and in the
+/// active-connections gauge.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _source: Option<SourceGuard>,
+    active: metrics::Gauge,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.active.decrement(1.0);
+    }
+}
+
 /// State every connection task can reach.
 #[derive(Debug)]
 pub struct Shared {
@@ -105,6 +120,8 @@ pub struct Shared {
     resumption: Resumption,
     /// Bumped on every reload; background tasks watch it.
     pub reloaded: watch::Sender<u64>,
+    /// Every connection task, so shutdown can wait for them to drain.
+    pub tasks: TaskTracker,
 }
 
 impl Live {
@@ -222,6 +239,7 @@ impl Server {
             stats: Stats::default(),
             resumption,
             reloaded: watch::Sender::new(0),
+            tasks: TaskTracker::new(),
         });
         Ok(Server {
             handle: Handle {
@@ -269,7 +287,7 @@ impl Server {
         let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
         let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
         let acme = tokio::spawn(crate::acme::Manager::new(handle.shared.clone()).run());
-        let tracker = TaskTracker::new();
+        let tracker = handle.shared.tasks.clone();
         let mut accept_loops = Vec::new();
         let http = listeners.len().saturating_sub(1);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -387,24 +405,34 @@ impl AcceptLoop {
             metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label.clone()).increment(1);
             let active = metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => label.clone());
             active.increment(1.0);
+            let admission = Admission {
+                _permit: permit,
+                _source: source_guard,
+                active,
+            };
             let live = shared.config();
             let port = self.port;
             self.tracker.spawn(async move {
                 match port {
                     Port::Tls(index) => {
-                        let listener = (index, label);
-                        crate::tls::handler::handle(shared, live, listener, stream, peer, local)
-                            .await
+                        let accepted = crate::tls::handler::Accepted {
+                            shared,
+                            live,
+                            listener: (index, label),
+                            peer,
+                            local,
+                            admission,
+                        };
+                        crate::tls::handler::handle(accepted, stream).await
                     }
                     Port::Http => {
                         Box::pin(crate::http::handler::handle(
                             shared, live, stream, peer, local,
                         ))
-                        .await
+                        .await;
+                        drop(admission);
                     }
                 }
-                active.decrement(1.0);
-                drop((permit, source_guard));
             });
         }
     }

@@ -275,12 +275,17 @@ async fn to_upstream(
         peers,
         source,
     };
-    match forward::to_first_reachable(via, stream, &targets, header, replay).await {
-        Ok(done) => Outcome {
-            result: "upstream",
-            status: 0,
-            detail: format!("{} ({})", done.target, done.transfer.end),
-        },
+    match forward::to_first_reachable(via, &targets, header, replay).await {
+        Ok(opened) => {
+            let idle = config.timeouts.idle;
+            let transfer =
+                crate::splice::join_tcp(stream, &opened.stream, idle, forward::mode(config)).await;
+            Outcome {
+                result: "upstream",
+                status: 0,
+                detail: format!("{} ({})", opened.target, transfer.end),
+            }
+        }
         Err(e) => {
             respond(stream, 502, "", "upstream unreachable\n").await;
             Outcome {

@@ -8,7 +8,7 @@
 mod pipe;
 pub mod tcp;
 
-pub use tcp::Mode;
+pub use tcp::{Joined, Mode};
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,7 +115,8 @@ where
     }
 }
 
-/// Joins two sockets; see [`tcp`] for how bytes move.
+/// Joins two borrowed sockets; see [`tcp`] for how bytes move, and
+/// [`Joined`] for a pair that owns its sockets.
 pub async fn join_tcp(
     client: &TcpStream,
     target: &TcpStream,

@@ -5,6 +5,7 @@
 //! no buffer or pipe at all.
 
 use std::io;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -192,45 +193,111 @@ impl Direction {
     }
 }
 
-/// Joins two sockets until both directions end, one fails, or nothing moves
-/// for `idle`.
-pub async fn join(client: &TcpStream, target: &TcpStream, idle: Duration, mode: Mode) -> Transfer {
-    let mut up = Direction::new(Side::Client, mode);
-    let mut down = Direction::new(Side::Target, mode);
-    let sleep = tokio::time::sleep(idle);
-    tokio::pin!(sleep);
-    let end = std::future::poll_fn(|cx| {
+pin_project_lite::pin_project! {
+    /// Both directions and the idle deadline of one joined pair: everything
+    /// a joined connection holds besides its sockets.
+    struct State {
+        up: Direction,
+        down: Direction,
+        idle: Duration,
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
+
+impl State {
+    fn new(idle: Duration, mode: Mode) -> Self {
+        State {
+            up: Direction::new(Side::Client, mode),
+            down: Direction::new(Side::Target, mode),
+            idle,
+            sleep: tokio::time::sleep(idle),
+        }
+    }
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        client: &TcpStream,
+        target: &TcpStream,
+    ) -> Poll<Transfer> {
+        let mut this = self.project();
         let mut progress = false;
+        let mut end = None;
         for upward in [true, false] {
             let (dir, other, ends) = if upward {
-                (&mut up, &down, (client, target))
+                (&mut *this.up, &*this.down, (client, target))
             } else {
-                (&mut down, &up, (target, client))
+                (&mut *this.down, &*this.up, (target, client))
             };
             if dir.done {
                 continue;
             }
             match dir.poll(cx, ends, other.done, &mut progress) {
                 Poll::Ready(Ok(())) => dir.done = true,
-                Poll::Ready(Err((side, e))) => return Poll::Ready(End::Error(side, e)),
+                Poll::Ready(Err((side, e))) => {
+                    end = Some(End::Error(side, e));
+                    break;
+                }
                 Poll::Pending => {}
             }
         }
-        if up.done && down.done {
-            return Poll::Ready(End::Closed);
+        if end.is_none() && this.up.done && this.down.done {
+            end = Some(End::Closed);
         }
-        if progress {
-            sleep.as_mut().reset(Instant::now() + idle);
+        if end.is_none() {
+            if progress {
+                this.sleep.as_mut().reset(Instant::now() + *this.idle);
+            }
+            if this.sleep.as_mut().poll(cx).is_ready() {
+                end = Some(End::Idle);
+            }
         }
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(End::Idle),
-            Poll::Pending => Poll::Pending,
+        match end {
+            Some(end) => Poll::Ready(Transfer {
+                to_target: this.up.moved,
+                to_client: this.down.moved,
+                end,
+            }),
+            None => Poll::Pending,
         }
-    })
-    .await;
-    Transfer {
-        to_target: up.moved,
-        to_client: down.moved,
-        end,
+    }
+}
+
+/// Joins two sockets until both directions end, one fails, or nothing moves
+/// for `idle`.
+pub async fn join(client: &TcpStream, target: &TcpStream, idle: Duration, mode: Mode) -> Transfer {
+    let state = State::new(idle, mode);
+    tokio::pin!(state);
+    std::future::poll_fn(|cx| state.as_mut().poll(cx, client, target)).await
+}
+
+pin_project_lite::pin_project! {
+    /// A joined pair that owns its sockets: a future small enough (a few
+    /// hundred bytes) to be a connection's whole task once routing is done.
+    pub struct Joined {
+        client: TcpStream,
+        target: TcpStream,
+        #[pin]
+        state: State,
+    }
+}
+
+impl Joined {
+    pub fn new(client: TcpStream, target: TcpStream, idle: Duration, mode: Mode) -> Self {
+        Joined {
+            client,
+            target,
+            state: State::new(idle, mode),
+        }
+    }
+}
+
+impl Future for Joined {
+    type Output = Transfer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Transfer> {
+        let this = self.project();
+        this.state.poll(cx, this.client, this.target)
     }
 }

@@ -1,6 +1,8 @@
-//! Raw forwarding of a connection whose first bytes were peeked: to a
-//! passthrough backend, a plain-HTTP upstream, or holder nodes with failover. Nothing has reached the client until a target answers, so the
-//! peeked bytes can be replayed to the next holder when one fails.
+//! Opening the far side of a connection whose first bytes were peeked: a
+//! passthrough backend, a plain-HTTP upstream, or holder nodes with
+//! failover. Nothing has reached the client until a target answers, so the
+//! peeked bytes can be replayed to the next holder when one fails. The
+//! caller joins the two sockets (see [`crate::splice`]).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +14,7 @@ use crate::config::Config;
 use crate::connect::{self, ConnectError};
 use crate::metrics::{CONNECT_FAILURES, FAILOVERS};
 use crate::peers::PeerHealth;
-use crate::splice::{self, Transfer};
+use crate::splice;
 
 /// Enough for a server's first flight in one read; passed on at once.
 const FIRST_READ: usize = 16 * 1024;
@@ -46,10 +48,15 @@ impl Target {
     }
 }
 
+/// A target that took the replayed bytes, ready to be joined.
 #[derive(Debug)]
-pub struct Forwarded {
+pub struct Opened {
     pub target: SocketAddr,
-    pub transfer: Transfer,
+    pub stream: TcpStream,
+    /// Bytes replayed to the target (the peeked hello or request head).
+    pub replayed: u64,
+    /// Bytes of the target's answer already passed to the client.
+    pub answered: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,37 +100,29 @@ pub struct Via<'a> {
     pub source: Option<IpAddr>,
 }
 
-impl Via<'_> {
-    fn mode(&self) -> splice::Mode {
-        if self.config.limits.zero_copy {
-            splice::Mode::default_for_platform()
-        } else {
-            splice::Mode::Copy
-        }
+/// How joined sockets move bytes under `config`.
+pub fn mode(config: &Config) -> splice::Mode {
+    if config.limits.zero_copy {
+        splice::Mode::default_for_platform()
+    } else {
+        splice::Mode::Copy
     }
 }
 
-/// Joins the client to the first of `targets` that accepts a connection,
-/// after sending it the optional header and the replayed bytes. Used for
-/// passthrough backends and plain HTTP, where the target may wait for more
-/// of the request before it answers.
+/// Opens the first of `targets` that accepts a connection and sends it the
+/// optional header and the replayed bytes. Used for passthrough backends
+/// and plain HTTP, where the target may wait for more of the request before
+/// it answers.
 pub async fn to_first_reachable(
     via: Via<'_>,
-    client: &mut TcpStream,
     targets: &[Target],
     header: Option<Vec<u8>>,
     replay: Vec<u8>,
-) -> Result<Forwarded, ForwardError> {
+) -> Result<Opened, ForwardError> {
     let mut last = None;
     let mut connected = None;
     for target in targets {
-        match Box::pin(connect::connect(
-            target.addr,
-            via.source,
-            via.config.timeouts.connect,
-        ))
-        .await
-        {
+        match connect::connect(target.addr, via.source, via.config.timeouts.connect).await {
             Ok(stream) => {
                 target.connected(via.peers);
                 connected = Some((target, stream));
@@ -153,34 +152,32 @@ pub async fn to_first_reachable(
         .write_all(&prefix)
         .await
         .map_err(|e| ForwardError::Replay(target.addr, e))?;
-    // Nothing per connection outlives the replay but the two sockets.
-    drop(prefix);
-    let mut transfer =
-        splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
-    transfer.to_target += replayed;
-    Ok(Forwarded {
+    Ok(Opened {
         target: target.addr,
-        transfer,
+        stream,
+        replayed,
+        answered: 0,
     })
 }
 
-/// Tries holders in order. A holder that cannot be reached, closes before
-/// answering (a holder that cannot terminate refuses silently: see the
-/// loop guard), or stays silent past the connect timeout is skipped.
+/// Tries holders in order and passes the first answer on to `client`. A
+/// holder that cannot be reached, closes before answering (a holder that
+/// cannot terminate refuses silently: see the loop guard), or stays silent
+/// past the connect timeout is skipped.
 pub async fn to_holders(
     via: Via<'_>,
     client: &mut TcpStream,
     holders: &[Target],
     header: Vec<u8>,
     replay: Vec<u8>,
-) -> Result<Forwarded, ForwardError> {
+) -> Result<Opened, ForwardError> {
     let replayed = replay.len() as u64;
     let mut prefix = header;
     prefix.extend_from_slice(&replay);
     drop(replay);
     let mut opened = None;
     for holder in holders {
-        match Box::pin(open_holder(via.config, holder.addr, via.source, &prefix)).await {
+        match open_holder(via.config, holder.addr, via.source, &prefix).await {
             Ok(pair) => {
                 holder.connected(via.peers);
                 opened = Some((holder, pair));
@@ -206,15 +203,11 @@ pub async fn to_holders(
         .write_all(&first)
         .await
         .map_err(ForwardError::Client)?;
-    let answered = first.len() as u64;
-    drop(first);
-    let mut transfer =
-        splice::join_tcp(client, &stream, via.config.timeouts.idle, via.mode()).await;
-    transfer.to_target += replayed;
-    transfer.to_client += answered;
-    Ok(Forwarded {
+    Ok(Opened {
         target: holder.addr,
-        transfer,
+        stream,
+        replayed,
+        answered: first.len() as u64,
     })
 }
 
