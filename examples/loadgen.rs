@@ -5,18 +5,27 @@
 //! loadgen connrate TARGET SECS CONCURRENCY   new connections/s, p50/p99 ms
 //! loadgen bulk TARGET SECS STREAMS           MiB/s client -> backend
 //! loadgen idle TARGET COUNT SECS             hold COUNT routed connections
+//! loadgen tls TARGET SECS CONCURRENCY full|resume   TLS 1.3 handshakes/s
+//! loadgen tlsidle TARGET COUNT SECS          hold COUNT live TLS connections
 //! ```
-//! Clients replay the captured ClientHello over raw TCP, so no TLS work
-//! hides the router's own cost, and spread over 127.0.0.10-.59 as source
-//! addresses so loopback does not run out of ephemeral ports.
+//! Raw clients replay the captured ClientHello over TCP, so no TLS work
+//! hides the router's own cost. TLS clients (SNI `tls.test`, TLS 1.3,
+//! X25519 only, the server's certificate not verified: only the server's
+//! work is being measured) send the same bytes as application data. All
+//! spread over 127.0.0.10-.59 as source addresses so loopback does not run
+//! out of ephemeral ports.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
 
 const HELLO: &[u8] = include_bytes!("../tests/data/hello-rustls-mlkem.bin");
 const SOURCES: u32 = 50;
@@ -27,7 +36,7 @@ fn arg(args: &[String], i: usize) -> &str {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen backend ADDR reply1k|sink | connrate TARGET SECS CONC | bulk TARGET SECS STREAMS | idle TARGET COUNT SECS"
+        "usage: loadgen backend ADDR reply1k|sink | connrate TARGET SECS CONC | bulk TARGET SECS STREAMS | idle TARGET COUNT SECS | tls TARGET SECS CONC full|resume | tlsidle TARGET COUNT SECS"
     );
     std::process::exit(2)
 }
@@ -43,6 +52,29 @@ async fn main() {
         "backend" => backend(parse(arg(&args, 1)), arg(&args, 2) == "sink").await,
         "connrate" => {
             connrate(
+                parse(arg(&args, 1)),
+                parse(arg(&args, 2)),
+                parse(arg(&args, 3)),
+                None,
+            )
+            .await
+        }
+        "tls" => {
+            let resume = match arg(&args, 4) {
+                "full" => false,
+                "resume" => true,
+                _ => usage(),
+            };
+            connrate(
+                parse(arg(&args, 1)),
+                parse(arg(&args, 2)),
+                parse(arg(&args, 3)),
+                Some(tls_connector(resume)),
+            )
+            .await
+        }
+        "tlsidle" => {
+            tls_idle(
                 parse(arg(&args, 1)),
                 parse(arg(&args, 2)),
                 parse(arg(&args, 3)),
@@ -108,39 +140,72 @@ async fn connect(target: SocketAddr, n: u64) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-async fn connrate(target: SocketAddr, secs: u64, concurrency: usize) {
+/// Sends the hello bytes and reads the backend's 1 KiB answer to EOF.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, reply: &mut [u8]) -> bool {
+    if s.write_all(HELLO).await.is_err() {
+        return false;
+    }
+    let mut got = 0;
+    loop {
+        match s.read(reply).await {
+            Ok(0) => break,
+            Ok(m) => got += m,
+            // A TLS peer may close without close_notify once all is sent.
+            Err(_) => break,
+        }
+    }
+    got == 1024
+}
+
+/// One connection: (answered in full, TLS session resumed).
+async fn one(
+    target: SocketAddr,
+    n: u64,
+    tls: Option<&TlsConnector>,
+    reply: &mut [u8],
+) -> (bool, bool) {
+    let Ok(mut s) = connect(target, n).await else {
+        return (false, false);
+    };
+    let Some(tls) = tls else {
+        return (exchange(&mut s, reply).await, false);
+    };
+    let name = ServerName::try_from("tls.test").expect("static name");
+    let Ok(mut s) = tls.connect(name, s).await else {
+        return (false, false);
+    };
+    let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    (exchange(&mut s, reply).await, resumed)
+}
+
+async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option<TlsConnector>) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     let started = Instant::now();
     for _ in 0..concurrency {
-        let (counter, errors) = (counter.clone(), errors.clone());
+        let (counter, errors, resumed, tls) = (
+            counter.clone(),
+            errors.clone(),
+            resumed.clone(),
+            tls.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut reply = vec![0u8; 2048];
             while Instant::now() < deadline {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                let ok = async {
-                    let mut s = connect(target, n).await?;
-                    s.write_all(HELLO).await?;
-                    let mut got = 0;
-                    loop {
-                        let m = s.read(&mut reply).await?;
-                        if m == 0 {
-                            break;
-                        }
-                        got += m;
-                    }
-                    Ok::<_, std::io::Error>(got == 1024)
+                let (ok, was_resumed) = one(target, n, tls.as_ref(), &mut reply).await;
+                if ok {
+                    latencies.push(t.elapsed());
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
                 }
-                .await;
-                match ok {
-                    Ok(true) => latencies.push(t.elapsed()),
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                if was_resumed {
+                    resumed.fetch_add(1, Ordering::Relaxed);
                 }
             }
             latencies
@@ -157,12 +222,97 @@ async fn connrate(target: SocketAddr, secs: u64, concurrency: usize) {
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     println!(
-        "{{\"conns_per_sec\": {:.0}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"errors\": {}}}",
+        "{{\"conns_per_sec\": {:.0}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"errors\": {}, \"resumed\": {}}}",
         all.len() as f64 / elapsed,
         pct(0.50),
         pct(0.99),
-        errors.load(Ordering::Relaxed)
+        errors.load(Ordering::Relaxed),
+        resumed.load(Ordering::Relaxed)
     );
+}
+
+/// TLS 1.3 with X25519 only (what OpenSSL 3.0 peers offer too), sessions
+/// cached across connections when resuming.
+fn tls_connector(resume: bool) -> TlsConnector {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 is supported")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify))
+        .with_no_client_auth();
+    config.resumption = if resume {
+        rustls::client::Resumption::in_memory_sessions(1024)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Accepts any server certificate: the benchmark measures servers, and
+/// both get the same client.
+#[derive(Debug)]
+struct NoVerify;
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ECDSA_NISTP256_SHA256]
+    }
+}
+
+async fn tls_idle(target: SocketAddr, count: usize, secs: u64) {
+    let tls = tls_connector(false);
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let Ok(s) = connect(target, i as u64).await else {
+            eprintln!("connection {i} failed");
+            break;
+        };
+        let name = ServerName::try_from("tls.test").expect("static name");
+        match tls.connect(name, s).await {
+            Ok(mut s) => {
+                // Less than the backend waits for: the upstream stays open, idle.
+                let _ = s.write_all(&HELLO[..100]).await;
+                held.push(s);
+            }
+            Err(e) => {
+                eprintln!("handshake {i}: {e}");
+                break;
+            }
+        }
+    }
+    println!("{{\"idle_tls_connections\": {}}}", held.len());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
 async fn bulk(target: SocketAddr, secs: u64, streams: usize) {

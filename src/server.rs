@@ -274,15 +274,8 @@ impl Server {
             certs,
             admin,
         } = self;
-        // Peer probes feed only the status page, so they run with it.
-        let admin = admin.map(|listener| {
-            let metrics = crate::metrics::install();
-            let serve = crate::admin::serve(listener, handle.shared.clone(), metrics);
-            (
-                tokio::spawn(serve),
-                tokio::spawn(crate::peers::probe(handle.clone())),
-            )
-        });
+        // The recorder goes in before the first accept, so no count is lost.
+        let admin = admin.map(|listener| (listener, crate::metrics::install()));
         let live = handle.shared.config();
         let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
         let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
@@ -310,6 +303,15 @@ impl Server {
             accept_loops.push(tokio::spawn(ctx.run()));
         }
         handle.shared.ready.store(true, Ordering::Relaxed);
+        // Served after `ready`, so the first /readyz answered is true. Peer
+        // probes feed only the status page, so they run with it.
+        let admin = admin.map(|(listener, metrics)| {
+            let serve = crate::admin::serve(listener, handle.shared.clone(), metrics);
+            (
+                tokio::spawn(serve),
+                tokio::spawn(crate::peers::probe(handle.clone())),
+            )
+        });
         handle.shutdown.cancelled().await;
         handle.shared.ready.store(false, Ordering::Relaxed);
         // Each loop returns on shutdown and drops its listener, so new

@@ -463,3 +463,38 @@ async fn probe_writes_a_chain_that_openssl_reads() {
     .await;
     assert!(ok && out.contains("does NOT verify"), "{out}");
 }
+
+#[tokio::test]
+async fn megabytes_cross_a_terminated_connection_intact_both_ways_and_half_close_passes() {
+    let ca = TestCa::new();
+    let echo = Backend::echo("127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = ca.leaf(&["bulk.test"]).write(dir.path(), "bulk");
+    let node = free_addr("127.0.0.2");
+    let site = held("\"bulk.test\"", "\"a\"", echo.addr, &files);
+    let router = Router::start(&fleet_toml("a", &[("a", node)], "", &site)).await;
+    let (tls, _) = tls_connect(router.addr(), ca.client_config(&[], true), "bulk.test")
+        .await
+        .unwrap();
+    let mut rng = fastrand::Rng::with_seed(3);
+    let sent: Vec<u8> = (0..4 * 1024 * 1024).map(|_| rng.u8(..)).collect();
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let payload = sent.clone();
+    let writing = tokio::spawn(async move {
+        // Uneven writes, so records and copy buffers never line up.
+        for chunk in payload.chunks(7001) {
+            writer.write_all(chunk).await.unwrap();
+        }
+        // close_notify + FIN: the upstream must see EOF while the echo
+        // still flows back.
+        writer.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(WAIT * 4, reader.read_to_end(&mut echoed))
+        .await
+        .expect("the echo ends once the client's EOF has passed through")
+        .unwrap();
+    writing.await.unwrap();
+    assert_eq!(echoed.len(), sent.len());
+    assert!(echoed == sent, "bytes changed on the way");
+}

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::{End, Side, Transfer};
 
@@ -199,9 +198,8 @@ pin_project_lite::pin_project! {
     struct State {
         up: Direction,
         down: Direction,
-        idle: Duration,
         #[pin]
-        sleep: tokio::time::Sleep,
+        deadline: super::IdleDeadline,
     }
 }
 
@@ -210,8 +208,7 @@ impl State {
         State {
             up: Direction::new(Side::Client, mode),
             down: Direction::new(Side::Target, mode),
-            idle,
-            sleep: tokio::time::sleep(idle),
+            deadline: super::IdleDeadline::new(idle),
         }
     }
 
@@ -221,7 +218,7 @@ impl State {
         client: &TcpStream,
         target: &TcpStream,
     ) -> Poll<Transfer> {
-        let mut this = self.project();
+        let this = self.project();
         let mut progress = false;
         let mut end = None;
         for upward in [true, false] {
@@ -242,25 +239,9 @@ impl State {
                 Poll::Pending => {}
             }
         }
-        if end.is_none() && this.up.done && this.down.done {
-            end = Some(End::Closed);
-        }
-        if end.is_none() {
-            if progress {
-                this.sleep.as_mut().reset(Instant::now() + *this.idle);
-            }
-            if this.sleep.as_mut().poll(cx).is_ready() {
-                end = Some(End::Idle);
-            }
-        }
-        match end {
-            Some(end) => Poll::Ready(Transfer {
-                to_target: this.up.moved,
-                to_client: this.down.moved,
-                end,
-            }),
-            None => Poll::Pending,
-        }
+        let done = (this.up.done && this.down.done, progress);
+        let moved = (this.up.moved, this.down.moved);
+        this.deadline.settle(cx, end, done, moved)
     }
 }
 

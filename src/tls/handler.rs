@@ -12,9 +12,11 @@ use std::time::{Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use super::client_hello::{ClientHello, Invalid};
 use super::forward::{self, ForwardError, Opened, Target, Via};
+use super::prefixed::Prefixed;
 use super::route::{self, Decision, Peer};
 use super::terminate::{self, Ends};
 use crate::config::ProxyVersion;
@@ -25,7 +27,7 @@ use crate::metrics::{
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
 use crate::server::{Admission, Live, Shared};
-use crate::splice::{Joined, Transfer};
+use crate::splice::{Copied, Joined, Transfer};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
@@ -80,19 +82,36 @@ pub struct Accepted {
     pub admission: Admission,
 }
 
-/// Where routing left a connection.
+/// Where routing left a connection. Returned once and moved straight into
+/// its task, so the size gap between variants costs one copy, where a box
+/// would cost an allocation per connection.
+#[allow(clippy::large_enum_variant)]
 enum Routed {
     Done(Outcome),
-    /// A target took the replayed bytes: join it to the client.
-    Opened {
-        decision: &'static str,
-        opened: Opened,
-        client: SocketAddr,
-        sni: Option<String>,
-    },
+    /// Both ends connected: join them in a task of their own.
+    Joining(Pair, Joining),
 }
 
-pub async fn handle(accepted: Accepted, mut stream: TcpStream) {
+/// The two ends of a routed connection.
+#[allow(clippy::large_enum_variant)]
+enum Pair {
+    /// Raw TCP to a backend or holder node.
+    Spliced(Joined),
+    /// TLS terminated here, plaintext to the upstream.
+    Terminated(Copied<TlsStream<Prefixed<TcpStream>>, TcpStream>),
+}
+
+/// What the log line needs of a joined connection besides its transfer.
+struct Joining {
+    decision: &'static str,
+    client: SocketAddr,
+    target: SocketAddr,
+    /// Bytes replayed to the target and answered to the client while routing.
+    prefix: (u64, u64),
+    sni: Option<String>,
+}
+
+pub async fn handle(accepted: Accepted, stream: TcpStream) {
     let started = Instant::now();
     let Accepted {
         shared,
@@ -102,8 +121,7 @@ pub async fn handle(accepted: Accepted, mut stream: TcpStream) {
         local,
         admission,
     } = accepted;
-    let routed =
-        route_connection(&shared, &live, listener, &mut stream, peer, local, started).await;
+    let routed = route_connection(&shared, &live, listener, stream, peer, local, started).await;
     let report = Report {
         shared,
         listener: label,
@@ -120,29 +138,21 @@ pub async fn handle(accepted: Accepted, mut stream: TcpStream) {
             }
             report.finish(outcome);
         }
-        Routed::Opened {
-            decision,
-            opened,
-            client,
-            sni,
-        } => {
-            let config = &live.config;
-            let joined = Joined::new(
-                stream,
-                opened.stream,
-                config.timeouts.idle,
-                forward::mode(config),
-            );
+        Routed::Joining(pair, joining) => {
             let tasks = report.shared.tasks.clone();
-            tasks.spawn(Spliced {
-                joined,
-                report: Some(report),
-                decision,
-                client,
-                target: opened.target,
-                prefix: (opened.replayed, opened.answered),
-                sni,
-            });
+            let report = Some(report);
+            match pair {
+                Pair::Spliced(join) => tasks.spawn(Connected {
+                    join,
+                    report,
+                    joining,
+                }),
+                Pair::Terminated(join) => tasks.spawn(Connected {
+                    join,
+                    report,
+                    joining,
+                }),
+            };
         }
     }
 }
@@ -195,33 +205,30 @@ impl Report {
 }
 
 pin_project_lite::pin_project! {
-    /// A spliced connection after routing: its whole task, a few hundred
-    /// bytes, written as a plain future so nothing is stored twice.
-    struct Spliced {
+    /// A connection after routing: its whole task, the joined ends and what
+    /// its log line needs, written as a plain future so nothing is stored
+    /// twice.
+    struct Connected<J> {
         #[pin]
-        joined: Joined,
+        join: J,
         // Taken when the join ends.
         report: Option<Report>,
-        decision: &'static str,
-        client: SocketAddr,
-        target: SocketAddr,
-        // Bytes replayed to the target and answered to the client while routing.
-        prefix: (u64, u64),
-        sni: Option<String>,
+        joining: Joining,
     }
 }
 
-impl Future for Spliced {
+impl<J: Future<Output = Transfer>> Future for Connected<J> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        let mut transfer = std::task::ready!(this.joined.poll(cx));
-        transfer.to_target += this.prefix.0;
-        transfer.to_client += this.prefix.1;
-        let mut outcome = Outcome::joined(this.decision, *this.target, transfer);
-        outcome.client = Some(*this.client);
-        outcome.sni = this.sni.take();
+        let mut transfer = std::task::ready!(this.join.poll(cx));
+        let joining = this.joining;
+        transfer.to_target += joining.prefix.0;
+        transfer.to_client += joining.prefix.1;
+        let mut outcome = Outcome::joined(joining.decision, joining.target, transfer);
+        outcome.client = Some(joining.client);
+        outcome.sni = joining.sni.take();
         if let Some(report) = this.report.take() {
             report.finish(outcome);
         }
@@ -233,7 +240,7 @@ async fn route_connection(
     shared: &Shared,
     live: &Live,
     listener: usize,
-    stream: &mut TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     accepted: Instant,
@@ -243,7 +250,8 @@ async fn route_connection(
     let allow_proxy = config.may_send_proxy(peer.ip());
     let deadline = config.timeouts.hello;
     let slots = &shared.hello_slots;
-    let read = preface::read_in_slot::<ClientHello, _>(stream, allow_proxy, deadline, slots).await;
+    let read =
+        preface::read_in_slot::<ClientHello, _>(&mut stream, allow_proxy, deadline, slots).await;
     let preamble = match read {
         Ok(preamble) => preamble,
         Err(e) => return Routed::Done(hello_failed(e)),
@@ -275,7 +283,14 @@ async fn route_connection(
                 .is_some()
         },
     );
-    let (decision, opened) = match decision {
+    let idle = config.timeouts.idle;
+    // Raw TCP: join the client to the target that took the replayed bytes.
+    let spliced = |stream, opened: Opened| {
+        let join = Joined::new(stream, opened.stream, idle, forward::mode(config));
+        let prefix = (opened.replayed, opened.answered);
+        (Pair::Spliced(join), opened.target, prefix)
+    };
+    let (decision, pair) = match decision {
         Decision::Reject(reject) => {
             if reject == route::Reject::LoopGuard {
                 tracing::warn!(
@@ -288,10 +303,8 @@ async fn route_connection(
             if sni.is_some() && !from_node {
                 let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             }
-            (
-                "reject",
-                Err(Outcome::new("reject", reject.kind(), reject.kind())),
-            )
+            let outcome = Outcome::new("reject", reject.kind(), reject.kind());
+            ("reject", Err(outcome))
         }
         Decision::Passthrough { site, backend } => {
             let site = config.site(site);
@@ -309,9 +322,10 @@ async fn route_connection(
                 source: None,
             };
             let result = forward::to_first_reachable(via, &[target], header, preamble.bytes).await;
+            let pair = result.map(|opened| spliced(stream, opened));
             (
                 "passthrough",
-                result.map_err(|e| forward_failed("passthrough", e)),
+                pair.map_err(|e| forward_failed("passthrough", e)),
             )
         }
         Decision::Splice { site, holders } => {
@@ -340,8 +354,10 @@ async fn route_connection(
                 peers: &shared.peers,
                 source: Some(config.this().tls.ip()),
             };
-            let result = forward::to_holders(via, stream, &targets, header, preamble.bytes).await;
-            ("splice", result.map_err(|e| forward_failed("splice", e)))
+            let result =
+                forward::to_holders(via, &mut stream, &targets, header, preamble.bytes).await;
+            let pair = result.map(|opened| spliced(stream, opened));
+            ("splice", pair.map_err(|e| forward_failed("splice", e)))
         }
         Decision::Terminate { site } => {
             let ends = Ends {
@@ -357,25 +373,33 @@ async fn route_connection(
                 preamble.bytes,
                 ends,
             ));
-            let outcome = match serve.await {
-                Ok((upstream, transfer)) => Outcome::joined("terminate", upstream, transfer),
+            let pair = match serve.await {
+                Ok(done) => {
+                    let join = Copied::new(done.tls, done.upstream, idle);
+                    Ok((Pair::Terminated(join), done.addr, (0, 0)))
+                }
                 Err(e) => {
                     if e.is_handshake() {
                         metrics::counter!(HANDSHAKE_FAILURES, "reason" => e.kind()).increment(1);
                     }
-                    Outcome::new("terminate", e.kind(), format!("{}: {e}", e.kind()))
+                    let detail = format!("{}: {e}", e.kind());
+                    Err(Outcome::new("terminate", e.kind(), detail))
                 }
             };
-            ("terminate", Err(outcome))
+            ("terminate", pair)
         }
     };
-    match opened {
-        Ok(opened) => Routed::Opened {
-            decision,
-            opened,
-            client,
-            sni,
-        },
+    match pair {
+        Ok((pair, target, prefix)) => Routed::Joining(
+            pair,
+            Joining {
+                decision,
+                client,
+                target,
+                prefix,
+                sni,
+            },
+        ),
         Err(mut outcome) => {
             outcome.sni = sni;
             outcome.client = Some(client);
@@ -401,7 +425,7 @@ mod tests {
     /// this future grows every idle connection.
     #[test]
     fn a_spliced_connection_task_stays_small() {
-        let size = std::mem::size_of::<super::Spliced>();
-        assert!(size <= 576, "Spliced grew to {size} bytes");
+        let size = std::mem::size_of::<super::Connected<crate::splice::Joined>>();
+        assert!(size <= 576, "a spliced connection grew to {size} bytes");
     }
 }

@@ -1,5 +1,6 @@
 //! Local TLS termination: one rustls context per held site, the handshake
-//! under a deadline over the replayed hello, then plaintext to the upstream.
+//! under a deadline over the replayed hello, then a connected upstream for
+//! the plaintext (the caller joins the two: see [`crate::splice::Copied`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use rustls::{ServerConfig, version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::prefixed::Prefixed;
 use crate::certs::disk::provider;
@@ -18,7 +20,6 @@ use crate::certs::store::{CertStore, SiteResolver};
 use crate::config::{Config, SiteId, SiteRoute};
 use crate::connect::{self, ConnectError};
 use crate::proxy_protocol;
-use crate::splice::{self, Transfer};
 
 /// Session cache entries shared by every site: enough for the resumption
 /// of recent clients, bounded so a flood of new clients cannot grow it.
@@ -134,16 +135,23 @@ pub struct Ends {
     pub destination: SocketAddr,
 }
 
-/// Completes the handshake over the replayed hello, connects to the site's
-/// upstream and joins the two. Returns the upstream address and transfer.
+/// A finished handshake and its connected upstream, ready to be joined.
+pub struct Terminated {
+    pub tls: TlsStream<Prefixed<TcpStream>>,
+    pub upstream: TcpStream,
+    pub addr: SocketAddr,
+}
+
+/// Completes the handshake over the replayed hello and connects to the
+/// site's upstream, sending it the PROXY header when configured.
 pub async fn serve(
     config: &Config,
     contexts: &Contexts,
     site: SiteId,
-    stream: &mut TcpStream,
+    stream: TcpStream,
     replay: Vec<u8>,
     ends: Ends,
-) -> Result<(SocketAddr, Transfer), TerminateError> {
+) -> Result<Terminated, TerminateError> {
     let acceptor = contexts.get(site).ok_or(TerminateError::NoContext)?;
     let SiteRoute::Held { upstream, .. } = &config.site(site).route else {
         return Err(TerminateError::NoContext);
@@ -166,6 +174,9 @@ pub async fn serve(
             .await
             .map_err(TerminateError::Upstream)?;
     }
-    let transfer = splice::join(tls, target, config.timeouts.idle).await;
-    Ok((*upstream, transfer))
+    Ok(Terminated {
+        tls,
+        upstream: target,
+        addr: *upstream,
+    })
 }
