@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Side-by-side L4 comparison: sni-router vs HAProxy, nginx (stream +
+# Side-by-side comparison: sni-router vs HAProxy, nginx (stream +
 # ssl_preread) and sniproxy, one worker each, raw-byte backends, a captured
-# post-quantum ClientHello replayed over TCP (no TLS work on either side).
-# Installs the peers from Debian when missing, alternates runs, and prints
-# medians and ratios; writes docs/benchmarks-results.{json,md} and a chart.
+# post-quantum ClientHello replayed over TCP (no TLS work on either side);
+# then TLS 1.3 termination against nginx (stream + ssl) with the same ECDSA
+# P-256 certificate. Installs the peers from Debian when missing, alternates
+# runs, and prints medians and ratios; writes
+# docs/benchmarks-results.{json,md} and a chart.
 #
 #   benches/compare.sh [ROUNDS] [SECONDS] [IDLE_CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-3}; secs=${2:-5}; idle=${3:-2000}
+rounds=${1:-3}; secs=${2:-5}; idle=${3:-5000}
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 need=()
@@ -28,10 +30,14 @@ sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
 
 cargo build --release --quiet --bin sni-router --example loadgen
 bin=target/release/sni-router; gen=target/release/examples/loadgen
-backend=127.0.0.1:19001
-$gen backend $backend reply1k & sleep 0.3
+backend=127.0.0.1:19001; sink=127.0.0.1:19002
+$gen backend $backend reply1k & $gen backend $sink sink & sleep 0.3
 
-port=19443
+port=19443; tls_port=19444
+# One ECDSA P-256 certificate for both TLS terminators.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj /CN=tls.test -addext subjectAltName=DNS:tls.test \
+  -keyout "$work/tls-key.pem" -out "$work/tls-cert.pem" 2>/dev/null
 cat > "$work/sni-router.toml" <<CFG
 this_node = "bench"
 workers = 1
@@ -45,11 +51,20 @@ http = "127.0.0.2:19080"
 [[sites]]
 names = ["pass.test"]
 passthrough = "$backend"
+[[sites]]
+names = ["bulk.test"]
+passthrough = "$sink"
+[[sites]]
+names = ["tls.test"]
+held_by = ["bench"]
+upstream = "$backend"
+cert_file = "$work/tls-cert.pem"
+key_file = "$work/tls-key.pem"
 CFG
 cat > "$work/haproxy.cfg" <<CFG
 global
   nbthread 1
-  maxconn 6000
+  maxconn 7500  # HAProxy asks for 2.5 descriptors per connection; this machine caps them at 20000
 defaults
   mode tcp
   timeout connect 5s
@@ -60,9 +75,13 @@ frontend fe
   tcp-request inspect-delay 5s
   tcp-request content accept if { req_ssl_hello_type 1 }
   use_backend be if { req_ssl_sni -i pass.test }
+  use_backend bulk if { req_ssl_sni -i bulk.test }
 backend be
   option splice-auto
   server s1 $backend
+backend bulk
+  option splice-auto
+  server s2 $sink
 CFG
 cat > "$work/nginx.conf" <<CFG
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
@@ -71,10 +90,18 @@ worker_rlimit_nofile 19000;
 daemon off;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log;
-events { worker_connections 9000; }
+events { worker_connections 12000; }
 stream {
-  map \$ssl_preread_server_name \$target { pass.test $backend; }
+  map \$ssl_preread_server_name \$target { pass.test $backend; bulk.test $sink; }
   server { listen 127.0.0.4:$port; ssl_preread on; proxy_pass \$target; }
+  server {
+    listen 127.0.0.4:$tls_port ssl;
+    ssl_certificate $work/tls-cert.pem;
+    ssl_certificate_key $work/tls-key.pem;
+    ssl_protocols TLSv1.3;
+    ssl_session_tickets on;
+    proxy_pass $backend;
+  }
 }
 CFG
 cat > "$work/sniproxy.conf" <<CFG
@@ -87,10 +114,13 @@ listener 127.0.0.5:$port {
 }
 table bench {
   pass\.test $backend
+  bulk\.test $sink
 }
 CFG
 
 declare -A addr=([sni-router]=127.0.0.2:$port [haproxy]=127.0.0.3:$port [nginx]=127.0.0.4:$port [sniproxy]=127.0.0.5:$port)
+# Where each TLS terminator listens (sni-router terminates on its one port by SNI).
+declare -A tls_addr=([sni-router]=127.0.0.2:$port [nginx]=127.0.0.4:$tls_port)
 start() {
   case $1 in
     sni-router) RUST_LOG=warn $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
@@ -104,6 +134,12 @@ start() {
 stop() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pkill -f "nginx: worker" 2>/dev/null || true; sleep 0.3; }
 # User-space memory of a router: RSS of its process tree, in KiB.
 rss() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $total; }
+# CPU time (user + system) of a router's process tree, in clock ticks.
+ticks() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $total; }
+hz=$(getconf CLK_TCK)
+# Runs a load command against the router, printing its JSON with the
+# router's CPU seconds added as "cpu_s".
+measured() { local t0 out; t0=$(ticks "$pid"); out=$("$@"); echo "${out%\}}, \"cpu_s\": $(python3 -c "print(($(ticks "$pid") - $t0) / $hz)")}"; }
 
 routers=(sni-router haproxy nginx sniproxy)
 results="$work/results.jsonl"; : > "$results"
@@ -112,19 +148,27 @@ for round in $(seq "$rounds"); do
   order=("${routers[@]:$((round % 4))}" "${routers[@]:0:$((round % 4))}")
   for r in "${order[@]}"; do
     start "$r"
-    c=$($gen connrate "${addr[$r]}" "$secs" 32)
-    b=$($gen bulk "${addr[$r]}" "$secs" 4)
-    echo "{\"router\":\"$r\",\"round\":$round,\"connrate\":$c,\"bulk\":$b}" >> "$results"
+    c=$(measured $gen connrate "${addr[$r]}" "$secs" 32)
+    b=$(measured $gen bulk "${addr[$r]}" "$secs" 4)
+    echo "{\"router\":\"$r\",\"round\":$round,\"secs\":$secs,\"connrate\":$c,\"bulk\":$b}" >> "$results"
     echo "round $round $r: $c $b"
+    if [ -n "${tls_addr[$r]:-}" ]; then
+      f=$(measured $gen tls "${tls_addr[$r]}" "$secs" 32 full)
+      s=$(measured $gen tls "${tls_addr[$r]}" "$secs" 32 resume)
+      echo "{\"router\":\"$r\",\"round\":$round,\"secs\":$secs,\"tls_full\":$f,\"tls_resume\":$s}" >> "$results"
+      echo "round $round $r TLS: $f $s"
+    fi
     stop
   done
 done
 # Reference: the same load straight at the backend, no router.
-direct_c=$($gen connrate "$backend" "$secs" 32); direct_b=$($gen bulk "$backend" "$secs" 4)
+direct_c=$($gen connrate "$backend" "$secs" 32); direct_b=$($gen bulk "$sink" "$secs" 4)
 echo "{\"router\":\"direct\",\"connrate\":$direct_c,\"bulk\":$direct_b}" >> "$results"
 echo "direct: $direct_c $direct_b"
 for r in "${routers[@]}"; do
   start "$r"; sleep 0.5
+  # Warm up first (pooled pipes, buffers), so only per-connection state counts.
+  $gen connrate "${addr[$r]}" 1 8 > /dev/null
   before=$(rss "$pid")
   $gen idle "${addr[$r]}" "$idle" 8 > /dev/null & holder=$!
   sleep 6
@@ -132,6 +176,18 @@ for r in "${routers[@]}"; do
   wait $holder || true
   echo "{\"router\":\"$r\",\"idle\":$idle,\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$results"
   echo "idle $r: $before KiB -> $after KiB for $idle connections"
+  if [ -n "${tls_addr[$r]:-}" ]; then
+    # Live TLS connections: handshaken, upstream connected, then quiet.
+    tls_idle=$((idle / 2))
+    $gen tls "${tls_addr[$r]}" 1 8 full > /dev/null
+    before=$(rss "$pid")
+    $gen tlsidle "${tls_addr[$r]}" "$tls_idle" 10 > /dev/null & holder=$!
+    sleep 8
+    after=$(rss "$pid")
+    wait $holder || true
+    echo "{\"router\":\"$r\",\"tls_idle\":$tls_idle,\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$results"
+    echo "TLS idle $r: $before KiB -> $after KiB for $tls_idle connections"
+  fi
   stop
 done
 
@@ -139,36 +195,69 @@ python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 routers = ["sni-router", "haproxy", "nginx", "sniproxy"]
-def med(r, f): 
-    v = [f(x) for x in rows if x["router"] == r and "connrate" in x]
+def med(r, key, f):
+    v = [f(x) for x in rows if x["router"] == r and key in x]
     return statistics.median(v) if v else 0
+def per_conn_us(x):  # router CPU per connection, microseconds
+    n = x["connrate"]["conns_per_sec"] * x["secs"]
+    return x["connrate"]["cpu_s"] / n * 1e6 if n else 0
+def per_gib_s(x):    # router CPU per GiB moved, seconds
+    gib = x["bulk"]["mib_per_sec"] * x["secs"] / 1024
+    return x["bulk"]["cpu_s"] / gib if gib else 0
 table = {}
 for r in routers:
     idle = next(x for x in rows if x["router"] == r and "idle" in x)
     table[r] = {
-        "conns_per_sec": med(r, lambda x: x["connrate"]["conns_per_sec"]),
-        "p50_ms": med(r, lambda x: x["connrate"]["p50_ms"]),
-        "p99_ms": med(r, lambda x: x["connrate"]["p99_ms"]),
-        "bulk_mib_per_sec": med(r, lambda x: x["bulk"]["mib_per_sec"]),
+        "conns_per_sec": med(r, "connrate", lambda x: x["connrate"]["conns_per_sec"]),
+        "p50_ms": med(r, "connrate", lambda x: x["connrate"]["p50_ms"]),
+        "p99_ms": med(r, "connrate", lambda x: x["connrate"]["p99_ms"]),
+        "cpu_us_per_conn": med(r, "connrate", per_conn_us),
+        "bulk_mib_per_sec": med(r, "connrate", lambda x: x["bulk"]["mib_per_sec"]),
+        "cpu_s_per_gib": med(r, "connrate", per_gib_s),
         "idle_kib_per_conn": max(0, idle["rss_after_kib"] - idle["rss_before_kib"]) / idle["idle"],
     }
-json.dump(table, open("docs/benchmarks-results.json", "w"), indent=2)
+tls = {}
+for r in ["sni-router", "nginx"]:
+    idle = next(x for x in rows if x["router"] == r and "tls_idle" in x)
+    tls[r] = {
+        "full_per_sec": med(r, "tls_full", lambda x: x["tls_full"]["conns_per_sec"]),
+        "full_p99_ms": med(r, "tls_full", lambda x: x["tls_full"]["p99_ms"]),
+        "full_cpu_us": med(r, "tls_full", lambda x: x["tls_full"]["cpu_s"] / max(1, x["tls_full"]["conns_per_sec"] * x["secs"]) * 1e6),
+        "resumed_per_sec": med(r, "tls_resume", lambda x: x["tls_resume"]["conns_per_sec"]),
+        "resumed_share": med(r, "tls_resume", lambda x: x["tls_resume"]["resumed"] / max(1, x["tls_resume"]["conns_per_sec"] * x["secs"])),
+        "kib_per_tls_conn": max(0, idle["rss_after_kib"] - idle["rss_before_kib"]) / idle["tls_idle"],
+    }
+json.dump({"l4": table, "tls": tls}, open("docs/benchmarks-results.json", "w"), indent=2)
 h = table["haproxy"]
-lines = ["| router | new conn/s | p50 ms | p99 ms | bulk MiB/s | KiB per idle conn |", "|---|---|---|---|---|---|"]
+lines = ["| router | new conn/s | p50 ms | p99 ms | CPU us/conn | bulk MiB/s | CPU s/GiB | KiB per idle conn |",
+         "|---|---|---|---|---|---|---|---|"]
 d = next(x for x in rows if x["router"] == "direct")
-lines.append(f"| direct, no router | {d['connrate']['conns_per_sec']:.0f} | {d['connrate']['p50_ms']:.2f} | {d['connrate']['p99_ms']:.2f} | {d['bulk']['mib_per_sec']:.0f} | - |")
+lines.append(f"| direct, no router | {d['connrate']['conns_per_sec']:.0f} | {d['connrate']['p50_ms']:.2f} | {d['connrate']['p99_ms']:.2f} | - | {d['bulk']['mib_per_sec']:.0f} | - | - |")
 for r in routers:
     t = table[r]
-    lines.append(f"| {r} | {t['conns_per_sec']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['bulk_mib_per_sec']:.0f} | {t['idle_kib_per_conn']:.2f} |")
+    lines.append(f"| {r} | {t['conns_per_sec']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['cpu_us_per_conn']:.0f} | {t['bulk_mib_per_sec']:.0f} | {t['cpu_s_per_gib']:.2f} | {t['idle_kib_per_conn']:.2f} |")
 s = table["sni-router"]
 lines.append("")
 lines.append(f"sni-router / HAProxy: new conn/s {s['conns_per_sec']/h['conns_per_sec']:.2f}x, "
-             f"p99 {s['p99_ms']/h['p99_ms']:.2f}x, bulk {s['bulk_mib_per_sec']/h['bulk_mib_per_sec']:.2f}x")
+             f"p99 {s['p99_ms']/h['p99_ms']:.2f}x, CPU per conn {s['cpu_us_per_conn']/h['cpu_us_per_conn']:.2f}x, "
+             f"bulk {s['bulk_mib_per_sec']/h['bulk_mib_per_sec']:.2f}x, CPU per GiB {s['cpu_s_per_gib']/h['cpu_s_per_gib']:.2f}x, "
+             f"idle memory {s['idle_kib_per_conn']/h['idle_kib_per_conn']:.2f}x")
+lines.append("")
+lines.append("| TLS 1.3 terminator | full handshakes/s | p99 ms | CPU us/handshake | resumed handshakes/s | resumed share | KiB per live TLS conn |")
+lines.append("|---|---|---|---|---|---|---|")
+for r in ["sni-router", "nginx"]:
+    t = tls[r]
+    lines.append(f"| {r} | {t['full_per_sec']:.0f} | {t['full_p99_ms']:.2f} | {t['full_cpu_us']:.0f} | {t['resumed_per_sec']:.0f} | {t['resumed_share']:.0%} | {t['kib_per_tls_conn']:.2f} |")
+a, n = tls["sni-router"], tls["nginx"]
+lines.append("")
+lines.append(f"sni-router / nginx: full handshakes/s {a['full_per_sec']/n['full_per_sec']:.2f}x, "
+             f"resumed {a['resumed_per_sec']/n['resumed_per_sec']:.2f}x, "
+             f"memory per TLS conn {a['kib_per_tls_conn']/n['kib_per_tls_conn']:.2f}x")
 open("docs/benchmarks-results.md", "w").write("\n".join(lines) + "\n")
 with open("docs/benchmarks-ratios.dat", "w") as f:
     for r in routers:
         t = table[r]
-        f.write(f"{r} {t['conns_per_sec']/h['conns_per_sec']:.3f} {t['bulk_mib_per_sec']/h['bulk_mib_per_sec']:.3f}\n")
+        f.write(f"{r} {t['conns_per_sec']/h['conns_per_sec']:.3f} {t['bulk_mib_per_sec']/h['bulk_mib_per_sec']:.3f} {h['idle_kib_per_conn']/max(t['idle_kib_per_conn'], 0.01):.3f}\n")
 print("\n".join(lines))
 PY
 gnuplot <<'GP'
@@ -181,7 +270,7 @@ set style fill solid 0.8 border -1
 set yrange [0:*]
 set grid ytics
 set key top right
-plot "docs/benchmarks-ratios.dat" using 2:xtic(1) title "new connections/s", "" using 3 title "bulk MiB/s"
+plot "docs/benchmarks-ratios.dat" using 2:xtic(1) title "new connections/s", "" using 3 title "bulk MiB/s", "" using 4 title "idle connections per KiB"
 GP
 echo "wrote docs/benchmarks-results.md, docs/benchmarks-results.json, docs/benchmarks.png"
 

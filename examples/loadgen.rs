@@ -3,8 +3,8 @@
 //! ```text
 //! loadgen backend ADDR reply1k|sink          serve until killed
 //! loadgen connrate TARGET SECS CONCURRENCY   new connections/s, p50/p99 ms
-//! loadgen bulk TARGET SECS STREAMS           MiB/s client -> backend
-//! loadgen idle TARGET COUNT SECS             hold COUNT routed connections
+//! loadgen bulk TARGET SECS STREAMS           MiB/s client -> sink (SNI bulk.test)
+//! loadgen idle TARGET COUNT SECS             hold COUNT routed connections (SNI bulk.test)
 //! loadgen tls TARGET SECS CONCURRENCY full|resume   TLS 1.3 handshakes/s
 //! loadgen tlsidle TARGET COUNT SECS          hold COUNT live TLS connections
 //! ```
@@ -315,45 +315,65 @@ async fn tls_idle(target: SocketAddr, count: usize, secs: u64) {
     tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
+/// The captured hello with its SNI `pass.test` swapped for `bulk.test`
+/// (same length): bulk and idle load go to a sink backend that never
+/// answers, so no router sees the backend close while the client stays
+/// (not every router passes a half-close on).
+fn sink_hello() -> Vec<u8> {
+    let mut hello = HELLO.to_vec();
+    if let Some(at) = hello.windows(9).position(|w| w == b"pass.test") {
+        hello[at..at + 9].copy_from_slice(b"bulk.test");
+    }
+    hello
+}
+
 async fn bulk(target: SocketAddr, secs: u64, streams: usize) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let sent = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let hello: Arc<[u8]> = sink_hello().into();
     let started = Instant::now();
     let mut workers = Vec::new();
     for i in 0..streams {
-        let sent = sent.clone();
+        let (sent, errors, hello) = (sent.clone(), errors.clone(), hello.clone());
         workers.push(tokio::spawn(async move {
-            let Ok(mut s) = connect(target, i as u64).await else {
-                return;
-            };
-            if s.write_all(HELLO).await.is_err() {
-                return;
-            }
-            let chunk = vec![0x17u8; 256 * 1024];
-            while Instant::now() < deadline {
-                if s.write_all(&chunk).await.is_err() {
-                    return;
+            let ok = async {
+                let mut s = connect(target, i as u64).await?;
+                s.write_all(&hello).await?;
+                let chunk = vec![0x17u8; 256 * 1024];
+                while Instant::now() < deadline {
+                    s.write_all(&chunk).await?;
+                    sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 }
-                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(())
+            }
+            .await;
+            if ok.is_err() {
+                // A stream cut short: reported, and the rate still spans
+                // the whole run, so an early close cannot inflate it.
+                errors.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
     for w in workers {
         let _ = w.await;
     }
+    let elapsed = started.elapsed().max(Duration::from_secs(secs));
     let mib = sent.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0);
     println!(
-        "{{\"mib_per_sec\": {:.0}}}",
-        mib / started.elapsed().as_secs_f64()
+        "{{\"mib_per_sec\": {:.0}, \"errors\": {}}}",
+        mib / elapsed.as_secs_f64(),
+        errors.load(Ordering::Relaxed)
     );
 }
 
 async fn idle(target: SocketAddr, count: usize, secs: u64) {
+    let hello = sink_hello();
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
         match connect(target, i as u64).await {
             Ok(mut s) => {
-                let _ = s.write_all(HELLO).await;
+                let _ = s.write_all(&hello).await;
                 held.push(s);
             }
             Err(e) => {
