@@ -470,3 +470,42 @@ async fn the_portable_copy_path_relays_and_half_closes_like_splice() {
     assert!(eof);
     assert_eq!(back, [HELLO, &payload].concat());
 }
+
+#[tokio::test]
+async fn silent_clients_wait_in_the_kernel_and_are_still_closed() {
+    use std::sync::atomic::Ordering;
+    let backend = Backend::recorder("127.0.0.1").await;
+    let router = single_node(backend.addr, "[timeouts]\nhello = \"1s\"", "").await;
+    let accepted = || router.handle.shared.stats.accepted.load(Ordering::Relaxed);
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(router.addr()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        accepted(),
+        0,
+        "a client that said nothing reached the router"
+    );
+
+    // The first bytes hand the connection over at once.
+    let mut speaker = silent.pop().unwrap();
+    speaker.write_all(HELLO).await.unwrap();
+    speaker.shutdown().await.unwrap();
+    assert_eq!(backend.wait_for(1).await.len(), 1);
+    assert_eq!(accepted(), 1, "silent clients were handed over too early");
+
+    // The rest are closed: the kernel hands them over after the deferral,
+    // then the router's own hello deadline applies.
+    let started = Instant::now();
+    for mut client in silent {
+        let left = Duration::from_secs(10).saturating_sub(started.elapsed());
+        let mut buf = [0u8; 1];
+        let closed = matches!(
+            tokio::time::timeout(left, client.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        );
+        assert!(closed, "a silent client was never closed");
+    }
+    assert_eq!(backend.connections(), 1);
+}
