@@ -12,17 +12,22 @@
 //!            tls::route::decide ── pure: terminate | splice | passthrough | reject
 //!              │
 //!              ├─ terminate: tls::terminate (rustls over the replayed hello,
-//!              │    certificate from certs::store) -> upstream, splice::join
+//!              │    certificate from certs::store) -> upstream, splice::Copied
 //!              ├─ splice / passthrough: tls::forward (connect with deadline,
-//!              │    failover) -> replay PROXY header + peeked bytes, splice::join
+//!              │    failover) -> replay PROXY header + peeked bytes, splice::Joined
 //!              └─ reject: unrecognized_name alert, close
+//!
+//! Routing runs in the accept's task; a joined connection then lives in a
+//! small task of its own (tls::handler::Connected) holding no buffers while
+//! idle.
 //!
 //! certs::watch (PEM files on disk) ──► certs::store ◄── read by every handshake
 //! ```
 //!
 //! `names` holds the exact/wildcard lookup shared by config and routing;
-//! `proxy_protocol` encodes and decodes PROXY v1/v2; `splice` is the one
-//! place two streams are joined; `probe` is the `sni-router probe` command.
+//! `proxy_protocol` encodes and decodes PROXY v1/v2; `sockopt` sets the
+//! socket options socket2 lacks; `splice` is the one place two streams are
+//! joined; `probe` is the `sni-router probe` command.
 
 // Nothing that handles network bytes may panic; tests may.
 #![cfg_attr(
