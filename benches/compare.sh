@@ -141,6 +141,19 @@ hz=$(getconf CLK_TCK)
 # router's CPU seconds added as "cpu_s".
 measured() { local t0 out; t0=$(ticks "$pid"); out=$("$@"); echo "${out%\}}, \"cpu_s\": $(python3 -c "print(($(ticks "$pid") - $t0) / $hz)")}"; }
 
+# held KEY COUNT WAIT CMD...: the router's RSS before and WAIT seconds into
+# CMD, which opens COUNT connections and holds them; one result row.
+held() {
+  local key=$1 count=$2 wait=$3 before after holder; shift 3
+  before=$(rss "$pid")
+  "$@" > /dev/null & holder=$!
+  sleep "$wait"
+  after=$(rss "$pid")
+  wait $holder || true
+  echo "{\"router\":\"$r\",\"$key\":$count,\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$results"
+  echo "$key $r: $before KiB -> $after KiB for $count connections"
+}
+
 routers=(sni-router haproxy nginx sniproxy)
 results="$work/results.jsonl"; : > "$results"
 for round in $(seq "$rounds"); do
@@ -169,24 +182,11 @@ for r in "${routers[@]}"; do
   start "$r"; sleep 0.5
   # Warm up first (pooled pipes, buffers), so only per-connection state counts.
   $gen connrate "${addr[$r]}" 1 8 > /dev/null
-  before=$(rss "$pid")
-  $gen idle "${addr[$r]}" "$idle" 8 > /dev/null & holder=$!
-  sleep 6
-  after=$(rss "$pid")
-  wait $holder || true
-  echo "{\"router\":\"$r\",\"idle\":$idle,\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$results"
-  echo "idle $r: $before KiB -> $after KiB for $idle connections"
+  held idle "$idle" 6 $gen idle "${addr[$r]}" "$idle" 8
   if [ -n "${tls_addr[$r]:-}" ]; then
     # Live TLS connections: handshaken, upstream connected, then quiet.
-    tls_idle=$((idle / 2))
     $gen tls "${tls_addr[$r]}" 1 8 full > /dev/null
-    before=$(rss "$pid")
-    $gen tlsidle "${tls_addr[$r]}" "$tls_idle" 10 > /dev/null & holder=$!
-    sleep 8
-    after=$(rss "$pid")
-    wait $holder || true
-    echo "{\"router\":\"$r\",\"tls_idle\":$tls_idle,\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$results"
-    echo "TLS idle $r: $before KiB -> $after KiB for $tls_idle connections"
+    held tls_idle $((idle / 2)) 8 $gen tlsidle "${tls_addr[$r]}" $((idle / 2)) 10
   fi
   stop
 done

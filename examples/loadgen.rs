@@ -48,55 +48,28 @@ fn parse<T: std::str::FromStr>(s: &str) -> T {
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if arg(&args, 0) == "backend" {
+        return backend(parse(arg(&args, 1)), arg(&args, 2) == "sink").await;
+    }
+    // Every load command: TARGET, then two counts (seconds, concurrency...).
+    let (target, a, b) = (
+        parse(arg(&args, 1)),
+        parse(arg(&args, 2)),
+        parse(arg(&args, 3)),
+    );
     match arg(&args, 0) {
-        "backend" => backend(parse(arg(&args, 1)), arg(&args, 2) == "sink").await,
-        "connrate" => {
-            connrate(
-                parse(arg(&args, 1)),
-                parse(arg(&args, 2)),
-                parse(arg(&args, 3)),
-                None,
-            )
-            .await
-        }
+        "connrate" => connrate(target, a, b as usize, None).await,
         "tls" => {
             let resume = match arg(&args, 4) {
                 "full" => false,
                 "resume" => true,
                 _ => usage(),
             };
-            connrate(
-                parse(arg(&args, 1)),
-                parse(arg(&args, 2)),
-                parse(arg(&args, 3)),
-                Some(tls_connector(resume)),
-            )
-            .await
+            connrate(target, a, b as usize, Some(tls_connector(resume))).await
         }
-        "tlsidle" => {
-            tls_idle(
-                parse(arg(&args, 1)),
-                parse(arg(&args, 2)),
-                parse(arg(&args, 3)),
-            )
-            .await
-        }
-        "bulk" => {
-            bulk(
-                parse(arg(&args, 1)),
-                parse(arg(&args, 2)),
-                parse(arg(&args, 3)),
-            )
-            .await
-        }
-        "idle" => {
-            idle(
-                parse(arg(&args, 1)),
-                parse(arg(&args, 2)),
-                parse(arg(&args, 3)),
-            )
-            .await
-        }
+        "tlsidle" => tls_idle(target, a as usize, b).await,
+        "bulk" => bulk(target, a, b as usize).await,
+        "idle" => idle(target, a as usize, b).await,
         _ => usage(),
     }
 }
