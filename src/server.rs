@@ -122,6 +122,9 @@ pub struct Shared {
     pub reloaded: watch::Sender<u64>,
     /// Every connection task, so shutdown can wait for them to drain.
     pub tasks: TaskTracker,
+    /// Where routed TCP pairs live once joined.
+    #[cfg(target_os = "linux")]
+    pub engines: crate::splice::engine::Engines,
 }
 
 impl Live {
@@ -227,6 +230,9 @@ impl Server {
         let resumption = Resumption::new()?;
         let live = Live::build(config, &certs, &resumption)?;
         let limits = live.config.limits.clone();
+        let workers = live.config.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        });
         let shared = Arc::new(Shared {
             live: ArcSwap::from_pointee(live),
             certs,
@@ -240,6 +246,8 @@ impl Server {
             resumption,
             reloaded: watch::Sender::new(0),
             tasks: TaskTracker::new(),
+            #[cfg(target_os = "linux")]
+            engines: crate::splice::engine::Engines::new(workers),
         });
         Ok(Server {
             handle: Handle {
@@ -281,6 +289,8 @@ impl Server {
         let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
         let acme = tokio::spawn(crate::acme::Manager::new(handle.shared.clone()).run());
         let tracker = handle.shared.tasks.clone();
+        #[cfg(target_os = "linux")]
+        handle.shared.engines.start();
         let mut accept_loops = Vec::new();
         let http = listeners.len().saturating_sub(1);
         for (index, listener) in listeners.into_iter().enumerate() {

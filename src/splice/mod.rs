@@ -3,8 +3,11 @@
 //! reverse direction keeps flowing), an idle timeout, and byte counts.
 //! [`Copied`] takes any streams (TLS terminated here; see [`streams`]);
 //! [`join_tcp`] and [`Joined`] take two sockets and move bytes without
-//! copying them through user space (see [`tcp`]).
+//! copying them through user space (see [`tcp`]); on Linux an [`engine`]
+//! holds routed pairs without a task each.
 
+#[cfg(target_os = "linux")]
+pub mod engine;
 #[cfg(target_os = "linux")]
 mod pipe;
 mod streams;

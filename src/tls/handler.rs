@@ -27,7 +27,7 @@ use crate::metrics::{
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
 use crate::server::{Admission, Live, Shared};
-use crate::splice::{Copied, Joined, Transfer};
+use crate::splice::{Copied, Joined, Mode, Transfer};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
@@ -96,7 +96,11 @@ enum Routed {
 #[allow(clippy::large_enum_variant)]
 enum Pair {
     /// Raw TCP to a backend or holder node.
-    Spliced(Joined),
+    Spliced {
+        client: TcpStream,
+        target: TcpStream,
+        mode: Mode,
+    },
     /// TLS terminated here, plaintext to the upstream.
     Terminated(Copied<TlsStream<Prefixed<TcpStream>>, TcpStream>),
 }
@@ -140,18 +144,40 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
         }
         Routed::Joining(pair, joining) => {
             let tasks = report.shared.tasks.clone();
-            let report = Some(report);
             match pair {
-                Pair::Spliced(join) => tasks.spawn(Connected {
-                    join,
-                    report,
-                    joining,
-                }),
-                Pair::Terminated(join) => tasks.spawn(Connected {
-                    join,
-                    report,
-                    joining,
-                }),
+                Pair::Spliced {
+                    client,
+                    target,
+                    mode,
+                } => {
+                    let idle = live.config.timeouts.idle;
+                    #[cfg(target_os = "linux")]
+                    if mode == Mode::Splice
+                        && let Some(engine) = report.shared.engines.pick().cloned()
+                    {
+                        // The token keeps the drain waiting for this pair.
+                        let token = tasks.token();
+                        let finish = move |transfer| {
+                            let mut joining = joining;
+                            report.finish(joining.outcome(transfer));
+                            drop(token);
+                        };
+                        engine.adopt(client, target, idle, Box::new(finish));
+                        return;
+                    }
+                    tasks.spawn(Connected {
+                        join: Joined::new(client, target, idle, mode),
+                        report: Some(report),
+                        joining,
+                    });
+                }
+                Pair::Terminated(join) => {
+                    tasks.spawn(Connected {
+                        join,
+                        report: Some(report),
+                        joining,
+                    });
+                }
             };
         }
     }
@@ -222,17 +248,23 @@ impl<J: Future<Output = Transfer>> Future for Connected<J> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        let mut transfer = std::task::ready!(this.join.poll(cx));
-        let joining = this.joining;
-        transfer.to_target += joining.prefix.0;
-        transfer.to_client += joining.prefix.1;
-        let mut outcome = Outcome::joined(joining.decision, joining.target, transfer);
-        outcome.client = Some(joining.client);
-        outcome.sni = joining.sni.take();
+        let transfer = std::task::ready!(this.join.poll(cx));
         if let Some(report) = this.report.take() {
-            report.finish(outcome);
+            report.finish(this.joining.outcome(transfer));
         }
         Poll::Ready(())
+    }
+}
+
+impl Joining {
+    /// The outcome of a joined connection, counting the routing prefix.
+    fn outcome(&mut self, mut transfer: Transfer) -> Outcome {
+        transfer.to_target += self.prefix.0;
+        transfer.to_client += self.prefix.1;
+        let mut outcome = Outcome::joined(self.decision, self.target, transfer);
+        outcome.client = Some(self.client);
+        outcome.sni = self.sni.take();
+        outcome
     }
 }
 
@@ -285,10 +317,14 @@ async fn route_connection(
     );
     let idle = config.timeouts.idle;
     // Raw TCP: join the client to the target that took the replayed bytes.
-    let spliced = |stream, opened: Opened| {
-        let join = Joined::new(stream, opened.stream, idle, forward::mode(config));
+    let spliced = |client, opened: Opened| {
+        let pair = Pair::Spliced {
+            client,
+            target: opened.stream,
+            mode: forward::mode(config),
+        };
         let prefix = (opened.replayed, opened.answered);
-        (Pair::Spliced(join), opened.target, prefix)
+        (pair, opened.target, prefix)
     };
     let (decision, pair) = match decision {
         Decision::Reject(reject) => {

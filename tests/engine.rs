@@ -1,0 +1,165 @@
+//! The splice engine over real sockets: joined pairs held in an epoll set
+//! instead of a task each, ended by EOF both ways, errors or the idle time.
+#![cfg(target_os = "linux")]
+
+use std::time::Duration;
+
+use sni_router::splice::engine::Engines;
+use sni_router::splice::{End, Side, Transfer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A client and a target, each connected to the router's end of a pair
+/// that one engine joins. Returns the test's ends and the pair's outcome.
+async fn joined(
+    engines: &Engines,
+    idle: Duration,
+) -> (TcpStream, TcpStream, oneshot::Receiver<Transfer>) {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(front.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = front.accept().await.unwrap();
+    let outbound = TcpStream::connect(back.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (backend, _) = back.accept().await.unwrap();
+    let (tx, rx) = oneshot::channel();
+    let finish = Box::new(move |transfer| {
+        let _ = tx.send(transfer);
+    });
+    let engine = engines.pick().expect("an engine").clone();
+    engine.adopt(accepted, outbound, idle, finish);
+    (client, backend, rx)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut got))
+        .await
+        .expect("EOF in time")
+        .unwrap();
+    got
+}
+
+fn engines() -> Engines {
+    let engines = Engines::new(2);
+    engines.start();
+    engines
+}
+
+#[tokio::test]
+async fn megabytes_cross_both_ways_with_half_close_and_the_pair_ends_closed() {
+    let engines = engines();
+    let (mut client, mut backend, done) = joined(&engines, Duration::from_secs(30)).await;
+    let up = pattern(3 << 20, 7);
+    let down = pattern(2 << 20, 9);
+    let (send_up, send_down) = (up.clone(), down.clone());
+    let writer = tokio::spawn(async move {
+        client.write_all(&send_up).await.unwrap();
+        // Half-close: the reply must still arrive.
+        client.shutdown().await.unwrap();
+        read_to_end(&mut client).await
+    });
+    let got_up = read_to_end(&mut backend).await;
+    assert!(got_up == up, "client bytes arrived changed or short");
+    backend.write_all(&send_down).await.unwrap();
+    drop(backend);
+    let got_down = timeout(WAIT, writer).await.unwrap().unwrap();
+    assert!(got_down == down, "target bytes arrived changed or short");
+    let transfer = timeout(WAIT, done).await.unwrap().unwrap();
+    assert!(matches!(transfer.end, End::Closed), "{:?}", transfer.end);
+    assert_eq!(
+        (transfer.to_target, transfer.to_client),
+        (up.len() as u64, down.len() as u64)
+    );
+    assert!(engines.is_empty());
+}
+
+#[tokio::test]
+async fn a_quiet_pair_ends_at_its_idle_time_and_both_ends_see_eof() {
+    let engines = engines();
+    let idle = Duration::from_millis(300);
+    let started = tokio::time::Instant::now();
+    let (mut client, mut backend, done) = joined(&engines, idle).await;
+    let transfer = timeout(WAIT, done).await.unwrap().unwrap();
+    assert!(matches!(transfer.end, End::Idle), "{:?}", transfer.end);
+    assert!(started.elapsed() >= idle);
+    assert!(read_to_end(&mut client).await.is_empty());
+    assert!(read_to_end(&mut backend).await.is_empty());
+    assert!(engines.is_empty());
+}
+
+#[tokio::test]
+async fn traffic_keeps_a_pair_past_its_idle_time() {
+    let engines = engines();
+    let idle = Duration::from_millis(400);
+    let (mut client, mut backend, mut done) = joined(&engines, idle).await;
+    let mut byte = [0u8; 1];
+    for i in 0..8u8 {
+        client.write_all(&[i]).await.unwrap();
+        timeout(WAIT, backend.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(byte[0], i);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(done.try_recv().is_err(), "ended while bytes moved");
+    }
+    let transfer = timeout(WAIT, done).await.unwrap().unwrap();
+    assert!(matches!(transfer.end, End::Idle), "{:?}", transfer.end);
+    assert_eq!(transfer.to_target, 8);
+}
+
+#[tokio::test]
+async fn a_reset_target_ends_the_pair_as_a_target_error() {
+    let engines = engines();
+    let (mut client, backend, done) = joined(&engines, Duration::from_secs(30)).await;
+    // Unread bytes at close make the kernel send a reset, not a FIN.
+    client.write_all(b"unread").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    socket2::SockRef::from(&backend)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(backend);
+    let transfer = timeout(WAIT, done).await.unwrap().unwrap();
+    assert!(
+        matches!(transfer.end, End::Error(Side::Target, _)),
+        "{:?}",
+        transfer.end
+    );
+    assert!(read_to_end(&mut client).await.is_empty());
+}
+
+#[tokio::test]
+async fn hundreds_of_pairs_share_the_engines() {
+    let engines = engines();
+    let mut pairs = Vec::new();
+    for _ in 0..300 {
+        pairs.push(joined(&engines, Duration::from_secs(30)).await);
+    }
+    assert_eq!(engines.len(), 300);
+    for (i, (mut client, mut backend, done)) in pairs.into_iter().enumerate() {
+        let message = format!("pair {i}");
+        client.write_all(message.as_bytes()).await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(read_to_end(&mut backend).await, message.as_bytes());
+        backend.write_all(b"ok").await.unwrap();
+        drop(backend);
+        assert_eq!(read_to_end(&mut client).await, b"ok");
+        let transfer = timeout(WAIT, done).await.unwrap().unwrap();
+        assert!(matches!(transfer.end, End::Closed), "{:?}", transfer.end);
+    }
+    assert!(engines.is_empty());
+}
