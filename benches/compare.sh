@@ -10,7 +10,7 @@
 #   benches/compare.sh [ROUNDS] [SECONDS] [IDLE_CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-3}; secs=${2:-5}; idle=${3:-5000}
+rounds=${1:-3}; secs=${2:-5}; idle=${3:-7000}
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 need=()
@@ -90,7 +90,7 @@ worker_rlimit_nofile 19000;
 daemon off;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log;
-events { worker_connections 12000; }
+events { worker_connections 19000; }  # both ends count: 9500 routed
 stream {
   map \$ssl_preread_server_name \$target { pass.test $backend; bulk.test $sink; }
   server { listen 127.0.0.4:$port; ssl_preread on; proxy_pass \$target; }

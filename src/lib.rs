@@ -18,8 +18,9 @@
 //!              └─ reject: unrecognized_name alert, close
 //!
 //! Routing runs in the accept's task; a joined connection then lives in a
-//! small task of its own (tls::handler::Connected) holding no buffers while
-//! idle.
+//! small task of its own (tls::handler::Connected). A spliced pair quiet
+//! for a second moves on to a splice::engine (Linux: an epoll set, no task
+//! per pair). None holds a buffer while idle.
 //!
 //! certs::watch (PEM files on disk) ──► certs::store ◄── read by every handshake
 //! ```

@@ -509,3 +509,37 @@ async fn silent_clients_wait_in_the_kernel_and_are_still_closed() {
     }
     assert_eq!(backend.connections(), 1);
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_connection_quiet_past_the_hand_over_carries_on() {
+    use std::sync::atomic::Ordering;
+    let backend = Backend::echo("127.0.0.1").await;
+    let router = single_node(backend.addr, "", "").await;
+    let shared = &router.handle.shared;
+    let mut client = TcpStream::connect(router.addr()).await.unwrap();
+    client.write_all(HELLO).await.unwrap();
+    let mut echoed = vec![0u8; HELLO.len()];
+    client.read_exact(&mut echoed).await.unwrap();
+    // Quiet for longer than the hand-over time: the pair leaves its task.
+    let started = Instant::now();
+    while shared.engines.is_empty() && started.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        shared.engines.len(),
+        1,
+        "the quiet pair was not handed over"
+    );
+    client.write_all(b"after the hand-over").await.unwrap();
+    let mut got = [0u8; 19];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"after the hand-over");
+    client.shutdown().await.unwrap();
+    assert_eq!(read_until_eof(&mut client).await, (Vec::new(), true));
+    while shared.stats.finished.load(Ordering::Relaxed) == 0 && started.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shared.stats.finished.load(Ordering::Relaxed), 1);
+    assert!(shared.engines.is_empty());
+}

@@ -1,11 +1,12 @@
-//! The splice engine over real sockets: joined pairs held in an epoll set
-//! instead of a task each, ended by EOF both ways, errors or the idle time.
+//! The splice engine over real sockets: quiet joined pairs handed over from
+//! their task and held in an epoll set, ended by EOF both ways, errors or
+//! the idle time.
 #![cfg(target_os = "linux")]
 
 use std::time::Duration;
 
 use sni_router::splice::engine::Engines;
-use sni_router::splice::{End, Side, Transfer};
+use sni_router::splice::{End, Joined, Joint, Mode, Quiet, Side, Transfer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -19,22 +20,21 @@ async fn joined(
     engines: &Engines,
     idle: Duration,
 ) -> (TcpStream, TcpStream, oneshot::Receiver<Transfer>) {
-    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client = TcpStream::connect(front.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (accepted, _) = front.accept().await.unwrap();
-    let outbound = TcpStream::connect(back.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (backend, _) = back.accept().await.unwrap();
+    let (client, accepted, outbound, backend) = sockets().await;
     let (tx, rx) = oneshot::channel();
     let finish = Box::new(move |transfer| {
         let _ = tx.send(transfer);
     });
+    let quiet = Quiet {
+        client: accepted,
+        target: outbound,
+        moved: (0, 0),
+        done: (false, false),
+        quiet_for: Duration::ZERO,
+        idle,
+    };
     let engine = engines.pick().expect("an engine").clone();
-    engine.adopt(accepted, outbound, idle, finish);
+    engine.adopt(quiet, finish);
     (client, backend, rx)
 }
 
@@ -162,4 +162,76 @@ async fn hundreds_of_pairs_share_the_engines() {
         assert!(matches!(transfer.end, End::Closed), "{:?}", transfer.end);
     }
     assert!(engines.is_empty());
+}
+
+/// Two connected socket pairs: (test's client end, router's client side,
+/// router's target side, test's backend end).
+async fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(front.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = front.accept().await.unwrap();
+    let outbound = TcpStream::connect(back.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (backend, _) = back.accept().await.unwrap();
+    (client, accepted, outbound, backend)
+}
+
+#[tokio::test]
+async fn a_quiet_join_hands_over_and_the_engine_carries_on_counting() {
+    let engines = engines();
+    let (mut client, accepted, outbound, mut backend) = sockets().await;
+    let quiet = Duration::from_millis(200);
+    let join =
+        Joined::new(accepted, outbound, Duration::from_secs(30), Mode::Splice).quiet_after(quiet);
+    let task = tokio::spawn(join);
+    // A half-close before the hand-over must carry over too.
+    client.write_all(b"before").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = [0u8; 6];
+    backend.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"before");
+    let Joint::Quiet(handed) = timeout(WAIT, task).await.unwrap().unwrap() else {
+        panic!("the join ended instead of going quiet");
+    };
+    assert_eq!(handed.moved, (6, 0));
+    assert_eq!(handed.done, (true, false));
+    assert!(handed.quiet_for >= quiet);
+    let (tx, done) = oneshot::channel();
+    let finish = Box::new(move |transfer| {
+        let _ = tx.send(transfer);
+    });
+    engines.pick().unwrap().clone().adopt(handed, finish);
+    assert_eq!(read_to_end(&mut backend).await, b"");
+    backend.write_all(b"after").await.unwrap();
+    drop(backend);
+    assert_eq!(read_to_end(&mut client).await, b"after");
+    let transfer = timeout(WAIT, done).await.unwrap().unwrap();
+    assert!(matches!(transfer.end, End::Closed), "{:?}", transfer.end);
+    assert_eq!((transfer.to_target, transfer.to_client), (6, 5));
+}
+
+#[tokio::test]
+async fn a_busy_join_never_goes_quiet() {
+    let (mut client, accepted, outbound, mut backend) = sockets().await;
+    let join = Joined::new(accepted, outbound, Duration::from_secs(30), Mode::Splice)
+        .quiet_after(Duration::from_millis(300));
+    let task = tokio::spawn(join);
+    let mut byte = [0u8; 1];
+    for i in 0..8u8 {
+        client.write_all(&[i]).await.unwrap();
+        timeout(WAIT, backend.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!task.is_finished(), "went quiet while bytes moved");
+    }
+    drop(client);
+    drop(backend);
+    let joint = timeout(WAIT, task).await.unwrap().unwrap();
+    assert!(matches!(joint, Joint::Ended(_)));
 }

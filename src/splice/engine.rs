@@ -1,7 +1,7 @@
-//! Joined socket pairs without a task each (Linux). Once routing is done,
-//! both sockets leave tokio for an engine's own epoll set, and the
-//! connection becomes a slab entry of about a hundred bytes plus what its
-//! log line needs. A tokio task and two socket registrations cost well over
+//! Quiet joined socket pairs without a task each (Linux). Once a spliced
+//! pair has moved nothing for a moment, both sockets leave tokio for an
+//! engine's own epoll set, and the connection becomes a slab entry of about
+//! a hundred bytes plus what its log line needs. A tokio task and two socket registrations cost well over
 //! a kilobyte per idle connection; this is how a router holds tens of
 //! thousands of quiet connections in a few megabytes (docs/benchmarks.md).
 //!
@@ -9,7 +9,10 @@
 //! with tokio), moves bytes with `splice(2)` for every pair the kernel
 //! reports ready, and sweeps idle pairs at the earliest idle deadline.
 //! Readiness is edge-triggered and tracked per socket as tokio does, so a
-//! pair costs the same syscalls as before and none while it is quiet.
+//! pair costs the same splice calls and none while it is quiet. Each wake-up
+//! costs one more `epoll_wait` than a task's would: with every pair here
+//! from the start, bulk transfers ran 13% slower, hence the hand-over only
+//! once a pair is quiet.
 
 use std::io;
 use std::net::TcpStream as StdTcpStream;
@@ -22,11 +25,10 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::pipe::{self, Pipe};
-use super::{End, Side, Transfer};
+use super::{End, Quiet, Side, Transfer};
 
 /// Readiness events taken per `epoll_wait`.
 const EVENTS: usize = 256;
@@ -74,6 +76,11 @@ impl Engines {
         for engine in &self.engines {
             tokio::spawn(engine.clone().run());
         }
+    }
+
+    /// Whether pairs can be handed over at all.
+    pub fn available(&self) -> bool {
+        !self.engines.is_empty()
     }
 
     /// The next engine in turn, if there is one.
@@ -131,7 +138,6 @@ struct Socket {
     side: Side,
 }
 
-#[derive(Default)]
 struct Flow {
     /// Held only while bytes wait in it.
     pipe: Option<Pipe>,
@@ -145,6 +151,15 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 impl Flow {
+    fn carried(moved: u64, done: bool) -> Flow {
+        Flow {
+            pipe: None,
+            pending: 0,
+            moved,
+            done,
+        }
+    }
+
     /// Moves bytes `from` -> `to` until the socket that must act next is not
     /// ready. EOF half-closes `to` unless this is the last flow to end.
     /// True if any byte moved.
@@ -290,34 +305,29 @@ impl Engine {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes over a joined pair; `finish` is called when it ends, or at
-    /// once if the sockets cannot be moved here.
-    pub fn adopt(&self, client: TcpStream, target: TcpStream, idle: Duration, finish: Finish) {
-        if let Err(e) = self.insert(client, target, idle, finish) {
+    /// Takes over a quiet pair; `finish` is called when it ends, or at once
+    /// if the sockets cannot be moved here.
+    pub fn adopt(&self, quiet: Quiet, finish: Finish) {
+        let moved = quiet.moved;
+        if let Err(e) = self.insert(quiet, finish) {
             let (finish, e) = *e;
             finish(Transfer {
-                to_target: 0,
-                to_client: 0,
+                to_target: moved.0,
+                to_client: moved.1,
                 end: End::Error(Side::Client, e),
             });
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn insert(
-        &self,
-        client: TcpStream,
-        target: TcpStream,
-        idle: Duration,
-        finish: Finish,
-    ) -> Result<(), Box<(Finish, io::Error)>> {
-        let (client, target) = match (client.into_std(), target.into_std()) {
+    fn insert(&self, quiet: Quiet, finish: Finish) -> Result<(), Box<(Finish, io::Error)>> {
+        let (client, target) = match (quiet.client.into_std(), quiet.target.into_std()) {
             (Ok(client), Ok(target)) => (client, target),
             (Err(e), _) | (_, Err(e)) => return Err(Box::new((finish, e))),
         };
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let last = inner.started.elapsed().as_millis() as u64;
+        let now = inner.started.elapsed().as_millis() as u64;
+        let last = now.saturating_sub(quiet.quiet_for.as_millis() as u64);
         let entry = inner.pairs.vacant_entry();
         let key = entry.key();
         for (index, socket) in [&client, &target].into_iter().enumerate() {
@@ -331,7 +341,7 @@ impl Engine {
                 return Err(Box::new((finish, e)));
             }
         }
-        let idle = u32::try_from(idle.as_millis()).unwrap_or(u32::MAX);
+        let idle = u32::try_from(quiet.idle.as_millis()).unwrap_or(u32::MAX);
         let socket = |stream, side| Socket {
             stream,
             ready: 0,
@@ -340,8 +350,8 @@ impl Engine {
         let pair = entry.insert(Pair {
             client: socket(client, Side::Client),
             target: socket(target, Side::Target),
-            up: Flow::default(),
-            down: Flow::default(),
+            up: Flow::carried(quiet.moved.0, quiet.done.0),
+            down: Flow::carried(quiet.moved.1, quiet.done.1),
             last,
             idle,
             finish,

@@ -14,7 +14,7 @@ mod streams;
 pub mod tcp;
 
 pub use streams::Copied;
-pub use tcp::{Joined, Mode};
+pub use tcp::{Joined, Joint, Mode, Quiet};
 
 use std::io;
 use std::pin::Pin;
