@@ -1,9 +1,10 @@
 //! Quiet joined socket pairs without a task each (Linux). Once a spliced
 //! pair has moved nothing for a moment, both sockets leave tokio for an
 //! engine's own epoll set, and the connection becomes a slab entry of about
-//! a hundred bytes plus what its log line needs. A tokio task and two socket registrations cost well over
-//! a kilobyte per idle connection; this is how a router holds tens of
-//! thousands of quiet connections in a few megabytes (docs/benchmarks.md).
+//! a hundred bytes plus what its log line needs. A tokio task and two
+//! socket registrations cost well over a kilobyte per idle connection; this
+//! is how a router holds tens of thousands of quiet connections in a few
+//! megabytes (docs/benchmarks.md).
 //!
 //! One task per engine waits on the epoll descriptor (itself registered
 //! with tokio), moves bytes with `splice(2)` for every pair the kernel
