@@ -1,6 +1,6 @@
 //! The splice engine over real sockets: quiet joined pairs handed over from
 //! their task and held in an epoll set, ended by EOF both ways, errors or
-//! the idle time.
+//! the idle time; and the task join they leave, going quiet or idle.
 #![cfg(target_os = "linux")]
 
 use std::time::Duration;
@@ -234,4 +234,35 @@ async fn a_busy_join_never_goes_quiet() {
     drop(backend);
     let joint = timeout(WAIT, task).await.unwrap().unwrap();
     assert!(matches!(joint, Joint::Ended(_)));
+}
+
+/// The task join's idle timer only notes the time while bytes move, and
+/// moves itself on when it fires early: it must still end a pair exactly
+/// `idle` after its last byte, and never while bytes move.
+#[tokio::test]
+async fn a_task_join_ends_idle_after_its_last_byte_not_its_first() {
+    let (mut client, accepted, outbound, mut backend) = sockets().await;
+    let idle = Duration::from_millis(300);
+    let task = tokio::spawn(Joined::new(accepted, outbound, idle, Mode::Splice));
+    let mut byte = [0u8; 1];
+    for i in 0..8u8 {
+        backend.write_all(&[i]).await.unwrap();
+        timeout(WAIT, client.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!task.is_finished(), "ended while bytes moved");
+    }
+    let last_byte = tokio::time::Instant::now();
+    let Joint::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
+        panic!("a join without a quiet time went quiet");
+    };
+    let waited = last_byte.elapsed();
+    assert!(matches!(transfer.end, End::Idle), "{:?}", transfer.end);
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(2),
+        "ended {waited:?} after the last byte"
+    );
+    assert_eq!(transfer.to_client, 8);
 }

@@ -34,6 +34,9 @@ use super::{End, Quiet, Side, Transfer};
 /// Readiness events taken per `epoll_wait`.
 const EVENTS: usize = 256;
 
+/// The shortest gap between two idle sweeps, in milliseconds.
+const SWEEP_EVERY_MS: u64 = 100;
+
 const READ: u8 = 1;
 const WRITE: u8 = 2;
 
@@ -461,10 +464,12 @@ impl Engine {
             .into_iter()
             .map(|key| inner.pairs.remove(key).end(End::Idle))
             .collect();
+        // A sweep reads every pair: pairs expiring one after another must
+        // not each cost one, so idle times are kept to this granularity.
         inner.next_sweep = inner
             .pairs
             .iter()
-            .map(|(_, pair)| pair.deadline())
+            .map(|(_, pair)| pair.deadline().max(now + SWEEP_EVERY_MS))
             .min()
             .unwrap_or(u64::MAX);
         finished
