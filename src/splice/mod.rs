@@ -90,12 +90,17 @@ pub async fn join_tcp(
 }
 
 pin_project_lite::pin_project! {
-    /// The idle timer both joins share. Bytes moving only note the time;
-    /// the timer is moved on when it fires early, since resetting a tokio
-    /// timer at every burst cost bulk transfers several per cent.
+    /// The one timer of a joined pair: its idle time and, for a pair that
+    /// may go quiet, its quiet time. Bytes moving only note the time; the
+    /// timer is moved on when it fires early, since resetting a tokio timer
+    /// at every burst cost bulk transfers several per cent.
     struct IdleDeadline {
         idle: Duration,
+        // When the last byte moved.
         last: Instant,
+        quiet: Option<Duration>,
+        // Set once nothing has moved for `quiet` and nothing waits.
+        went_quiet: bool,
         #[pin]
         sleep: tokio::time::Sleep,
     }
@@ -103,21 +108,32 @@ pin_project_lite::pin_project! {
 
 impl IdleDeadline {
     fn new(idle: Duration) -> Self {
+        let last = Instant::now();
         IdleDeadline {
             idle,
-            last: Instant::now(),
-            sleep: tokio::time::sleep(idle),
+            last,
+            quiet: None,
+            went_quiet: false,
+            sleep: tokio::time::sleep_until(last + idle),
         }
+    }
+
+    /// Also watch for `quiet` without a byte (see `went_quiet`).
+    fn with_quiet(mut self, quiet: Duration) -> Self {
+        self.quiet = Some(quiet);
+        self.sleep = tokio::time::sleep_until(self.last + quiet.min(self.idle));
+        self
     }
 
     /// Ends a poll of both directions: with `end` if one failed, `Closed`
     /// once both are done, `Idle` when nothing has moved for `idle`; else
-    /// Pending.
+    /// Pending, having set `went_quiet` if the pair may now be handed on
+    /// (`can_quiet`: nothing waits to be written).
     fn settle(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         end: Option<End>,
-        (both_done, progress): (bool, bool),
+        (both_done, progress, can_quiet): (bool, bool, bool),
         (to_target, to_client): (u64, u64),
     ) -> Poll<Transfer> {
         let mut this = self.project();
@@ -127,15 +143,25 @@ impl IdleDeadline {
         let end = end
             .or_else(|| both_done.then_some(End::Closed))
             .or_else(|| {
-                // At most twice: a fired timer moved on fires no sooner
-                // than the new deadline.
+                // At most twice: a timer moved on fires no sooner than its
+                // new deadline.
                 for _ in 0..2 {
                     this.sleep.as_mut().poll(cx).is_ready().then_some(())?;
-                    let due = *this.last + *this.idle;
-                    if due <= Instant::now() {
+                    let now = Instant::now();
+                    let idle_due = *this.last + *this.idle;
+                    if idle_due <= now {
                         return Some(End::Idle);
                     }
-                    this.sleep.as_mut().reset(due);
+                    let mut next = idle_due;
+                    if let Some(quiet) = *this.quiet {
+                        let quiet_due = *this.last + quiet;
+                        if quiet_due <= now && can_quiet {
+                            *this.went_quiet = true;
+                            return None;
+                        }
+                        next = next.min(quiet_due.max(now + quiet));
+                    }
+                    this.sleep.as_mut().reset(next);
                 }
                 None
             });

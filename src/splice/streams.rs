@@ -194,6 +194,7 @@ where
         }
         let done = (this.up.done && this.down.done, progress);
         let moved = (this.up.moved, this.down.moved);
-        this.deadline.settle(cx, end, done, moved)
+        this.deadline
+            .settle(cx, end, (done.0, done.1, false), moved)
     }
 }
