@@ -296,7 +296,7 @@ pub struct Quiet {
     pub moved: (u64, u64),
     /// Which directions already reached EOF (and passed it on).
     pub done: (bool, bool),
-    /// At least this long nothing has moved.
+    /// How long nothing has moved.
     pub quiet_for: Duration,
     /// The pair's idle time, counted from its last byte.
     pub idle: Duration,
