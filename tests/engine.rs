@@ -53,6 +53,27 @@ async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
     got
 }
 
+/// Sends 8 single bytes `from` -> `to`, one every `gap`, and checks after
+/// each that the pair is still `open`.
+async fn trickle(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    gap: Duration,
+    mut open: impl FnMut() -> bool,
+) {
+    let mut byte = [0u8; 1];
+    for i in 0..8u8 {
+        from.write_all(&[i]).await.unwrap();
+        timeout(WAIT, to.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(byte[0], i);
+        tokio::time::sleep(gap).await;
+        assert!(open(), "the pair ended or went quiet while bytes moved");
+    }
+}
+
 fn engines() -> Engines {
     let engines = Engines::new(2);
     engines.start();
@@ -106,17 +127,8 @@ async fn traffic_keeps_a_pair_past_its_idle_time() {
     let engines = engines();
     let idle = Duration::from_millis(400);
     let (mut client, mut backend, mut done) = joined(&engines, idle).await;
-    let mut byte = [0u8; 1];
-    for i in 0..8u8 {
-        client.write_all(&[i]).await.unwrap();
-        timeout(WAIT, backend.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(byte[0], i);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(done.try_recv().is_err(), "ended while bytes moved");
-    }
+    let gap = Duration::from_millis(150);
+    trickle(&mut client, &mut backend, gap, || done.try_recv().is_err()).await;
     let transfer = timeout(WAIT, done).await.unwrap().unwrap();
     assert!(matches!(transfer.end, End::Idle), "{:?}", transfer.end);
     assert_eq!(transfer.to_target, 8);
@@ -220,16 +232,8 @@ async fn a_busy_join_never_goes_quiet() {
     let join = Joined::new(accepted, outbound, Duration::from_secs(30), Mode::Splice)
         .quiet_after(Duration::from_millis(300));
     let task = tokio::spawn(join);
-    let mut byte = [0u8; 1];
-    for i in 0..8u8 {
-        client.write_all(&[i]).await.unwrap();
-        timeout(WAIT, backend.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!task.is_finished(), "went quiet while bytes moved");
-    }
+    let gap = Duration::from_millis(100);
+    trickle(&mut client, &mut backend, gap, || !task.is_finished()).await;
     drop(client);
     drop(backend);
     let joint = timeout(WAIT, task).await.unwrap().unwrap();
@@ -244,16 +248,8 @@ async fn a_task_join_ends_idle_after_its_last_byte_not_its_first() {
     let (mut client, accepted, outbound, mut backend) = sockets().await;
     let idle = Duration::from_millis(300);
     let task = tokio::spawn(Joined::new(accepted, outbound, idle, Mode::Splice));
-    let mut byte = [0u8; 1];
-    for i in 0..8u8 {
-        backend.write_all(&[i]).await.unwrap();
-        timeout(WAIT, client.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!task.is_finished(), "ended while bytes moved");
-    }
+    let gap = Duration::from_millis(100);
+    trickle(&mut backend, &mut client, gap, || !task.is_finished()).await;
     let last_byte = tokio::time::Instant::now();
     let Joint::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
         panic!("a join without a quiet time went quiet");
