@@ -192,9 +192,9 @@ where
                 Poll::Pending => {}
             }
         }
-        let done = (this.up.done && this.down.done, progress);
+        // Terminated TLS never goes quiet: it stays in its task.
+        let done = (this.up.done && this.down.done, progress, false);
         let moved = (this.up.moved, this.down.moved);
-        this.deadline
-            .settle(cx, end, (done.0, done.1, false), moved)
+        this.deadline.settle(cx, end, done, moved)
     }
 }

@@ -27,7 +27,7 @@ use crate::metrics::{
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
 use crate::server::{Admission, Live, Shared};
-use crate::splice::{Copied, Joined, Joint, Mode, Quiet, Transfer};
+use crate::splice::{Copied, Joined, Joint, Quiet, Transfer};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
@@ -96,11 +96,7 @@ enum Routed {
 #[allow(clippy::large_enum_variant)]
 enum Pair {
     /// Raw TCP to a backend or holder node.
-    Spliced {
-        client: TcpStream,
-        target: TcpStream,
-        mode: Mode,
-    },
+    Spliced(Joined),
     /// TLS terminated here, plaintext to the upstream.
     Terminated(Copied<TlsStream<Prefixed<TcpStream>>, TcpStream>),
 }
@@ -145,17 +141,7 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
         Routed::Joining(pair, joining) => {
             let tasks = report.shared.tasks.clone();
             match pair {
-                Pair::Spliced {
-                    client,
-                    target,
-                    mode,
-                } => {
-                    let idle = live.config.timeouts.idle;
-                    let mut join = Joined::new(client, target, idle, mode);
-                    #[cfg(target_os = "linux")]
-                    if mode == Mode::Splice && report.shared.engines.available() {
-                        join = join.quiet_after(QUIET);
-                    }
+                Pair::Spliced(join) => {
                     tasks.spawn(Connected {
                         join,
                         ending: Some((report, joining)),
@@ -342,13 +328,14 @@ async fn route_connection(
     let idle = config.timeouts.idle;
     // Raw TCP: join the client to the target that took the replayed bytes.
     let spliced = |client, opened: Opened| {
-        let pair = Pair::Spliced {
-            client,
-            target: opened.stream,
-            mode: forward::mode(config),
-        };
+        let mode = forward::mode(config);
+        let mut join = Joined::new(client, opened.stream, idle, mode);
+        #[cfg(target_os = "linux")]
+        if mode == crate::splice::Mode::Splice && shared.engines.available() {
+            join = join.quiet_after(QUIET);
+        }
         let prefix = (opened.replayed, opened.answered);
-        (pair, opened.target, prefix)
+        (Pair::Spliced(join), opened.target, prefix)
     };
     let (decision, pair) = match decision {
         Decision::Reject(reject) => {
