@@ -391,7 +391,9 @@ impl Engine {
             };
             tokio::select! {
                 ready = epoll.readable() => {
-                    let Ok(mut guard) = ready else { continue };
+                    // Only a runtime shutting down refuses: polling on
+                    // would spin.
+                    let Ok(mut guard) = ready else { return };
                     let (drained, finished) = self.turn();
                     if drained {
                         guard.clear_ready();
