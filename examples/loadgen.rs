@@ -153,8 +153,8 @@ async fn one(
 
 /// `tls`: `Some(resume)` for TLS handshakes. Each client keeps its own
 /// session store, as a browser does: a shared store holds 8 tickets per
-/// name, fewer than 32 clients in flight take, so a third of the
-/// "resumed" run used to fall back to full handshakes.
+/// name, fewer than 32 clients in flight take, so 22% of the "resumed"
+/// run used to fall back to full handshakes.
 async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option<bool>) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let counter = Arc::new(AtomicU64::new(0));
