@@ -33,6 +33,7 @@ pub async fn connect(
 ) -> Result<TcpStream, ConnectError> {
     let attempt = async {
         let socket = socket_from(target, source)?;
+        let _ = crate::sockopt::delay_acks(&socket);
         let stream = socket.connect(target).await?;
         stream.set_nodelay(true)?;
         Ok::<_, io::Error>(stream)

@@ -543,3 +543,26 @@ async fn a_connection_quiet_past_the_hand_over_carries_on() {
     assert_eq!(shared.stats.finished.load(Ordering::Relaxed), 1);
     assert!(shared.engines.is_empty());
 }
+
+/// The router's outbound connect holds back the handshake's last ACK and
+/// sends it with the ClientHello: the backend receives two segments, the
+/// SYN and the hello.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_replayed_hello_carries_the_handshake_ack() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router = single_node(backend.local_addr().unwrap(), "", "").await;
+    let mut client = TcpStream::connect(router.addr()).await.unwrap();
+    client.write_all(HELLO).await.unwrap();
+    let (mut accepted, _) = tokio::time::timeout(WAIT, backend.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut hello = vec![0u8; HELLO.len()];
+    tokio::time::timeout(WAIT, accepted.read_exact(&mut hello))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hello, HELLO);
+    assert_eq!(segments_in(&accepted), 2);
+}

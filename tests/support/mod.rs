@@ -529,3 +529,27 @@ pub async fn sh(script: String) -> (bool, String) {
     .await
     .expect("command thread")
 }
+
+/// Segments `stream` has received (`tcpi_segs_in`, Linux 4.2+).
+#[cfg(target_os = "linux")]
+pub fn segments_in(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // struct tcp_info: 8 bytes of u8 fields, 24 u32, 4 u64, then
+    // tcpi_segs_out and tcpi_segs_in.
+    const SEGS_IN: usize = 8 + 24 * 4 + 4 * 8 + 4;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: a live descriptor and a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    assert!(len as usize >= SEGS_IN + 4, "tcp_info too short: {len}");
+    u32::from_ne_bytes(info[SEGS_IN..SEGS_IN + 4].try_into().unwrap())
+}
