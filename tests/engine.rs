@@ -5,8 +5,11 @@
 
 use std::time::Duration;
 
+mod support;
+
 use sni_router::splice::engine::Engines;
 use sni_router::splice::{End, Joined, Joint, Mode, Quiet, Side, Transfer};
+use support::segments_in;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -261,4 +264,63 @@ async fn a_task_join_ends_idle_after_its_last_byte_not_its_first() {
         "ended {waited:?} after the last byte"
     );
     assert_eq!(transfer.to_client, 8);
+}
+
+/// A reply that arrives with its FIN is read to the end before it is
+/// written, so the last bytes and the half-close leave in one segment,
+/// whichever way the bytes are moved.
+#[tokio::test]
+async fn a_reply_and_its_fin_leave_in_one_segment() {
+    for mode in [Mode::Splice, Mode::Copy] {
+        let (mut client, accepted, outbound, mut backend) = sockets().await;
+        let reply = pattern(1024, 7);
+        backend.write_all(&reply).await.unwrap();
+        backend.shutdown().await.unwrap();
+        let before = segments_in(&client);
+        let task = tokio::spawn(Joined::new(
+            accepted,
+            outbound,
+            Duration::from_secs(30),
+            mode,
+        ));
+        assert_eq!(read_to_end(&mut client).await, reply, "{mode:?}");
+        assert_eq!(segments_in(&client) - before, 1, "{mode:?}");
+        client.shutdown().await.unwrap();
+        let Joint::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
+            panic!("{mode:?}: the join went quiet");
+        };
+        assert!(matches!(transfer.end, End::Closed), "{:?}", transfer.end);
+        assert_eq!(transfer.to_client, 1024);
+    }
+}
+
+/// More than one read's worth arrives before the FIN: every byte crosses
+/// in order, whichever way the bytes are moved.
+#[tokio::test]
+async fn a_long_reply_read_ahead_before_its_fin_arrives_whole() {
+    for mode in [Mode::Splice, Mode::Copy] {
+        let (mut client, accepted, outbound, mut backend) = sockets().await;
+        let reply = pattern(3 << 20, 9);
+        let writer = {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                backend.write_all(&reply).await.unwrap();
+                backend.shutdown().await.unwrap();
+                backend
+            })
+        };
+        let task = tokio::spawn(Joined::new(
+            accepted,
+            outbound,
+            Duration::from_secs(30),
+            mode,
+        ));
+        assert!(read_to_end(&mut client).await == reply, "{mode:?}");
+        drop(client);
+        let _backend = timeout(WAIT, writer).await.unwrap().unwrap();
+        let Joint::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
+            panic!("{mode:?}: the join went quiet");
+        };
+        assert_eq!(transfer.to_client, 3 << 20, "{mode:?}");
+    }
 }

@@ -179,7 +179,7 @@ impl Flow {
                 if to.ready & WRITE == 0 {
                     return Ok(progress);
                 }
-                match pipe::drain(pipe, &to.stream, self.pending) {
+                match pipe::drain(pipe, &to.stream, self.pending, false) {
                     Ok(n) => {
                         self.pending -= n;
                         self.moved += n as u64;

@@ -71,8 +71,11 @@ pub fn give(pipe: Pipe) {
     });
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
+    let mut flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    if more {
+        flags |= libc::SPLICE_F_MORE;
+    }
     // SAFETY: both descriptors are open for the duration of the call (owned
     // by live streams and pipes); null offsets are valid for sockets and pipes.
     let n = unsafe {
@@ -94,10 +97,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// Socket -> pipe, at most `len` bytes.
 pub fn fill(socket: &impl AsRawFd, pipe: &Pipe, len: usize) -> io::Result<usize> {
-    splice(socket.as_raw_fd(), pipe.write.as_raw_fd(), len)
+    splice(socket.as_raw_fd(), pipe.write.as_raw_fd(), len, false)
 }
 
-/// Pipe -> socket, at most `len` bytes.
-pub fn drain(pipe: &Pipe, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
-    splice(pipe.read.as_raw_fd(), socket.as_raw_fd(), len)
+/// Pipe -> socket, at most `len` bytes; with `more`, held back (like
+/// `MSG_MORE`) for a FIN or further bytes that follow at once.
+pub fn drain(pipe: &Pipe, socket: &impl AsRawFd, len: usize, more: bool) -> io::Result<usize> {
+    splice(pipe.read.as_raw_fd(), socket.as_raw_fd(), len, more)
 }

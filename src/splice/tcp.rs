@@ -4,6 +4,7 @@
 //! fns, so an idle joined connection holds a few hundred bytes of state and
 //! no buffer or pipe at all.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -36,6 +37,27 @@ impl Mode {
     }
 }
 
+/// `send(2)`, with `MSG_MORE` where Linux has it.
+fn send(to: &TcpStream, bytes: &[u8], more: bool) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    let flags = if more { libc::MSG_MORE } else { 0 };
+    #[cfg(not(target_os = "linux"))]
+    let flags = {
+        let _ = more;
+        0
+    };
+    socket2::SockRef::from(to).send_with_flags(bytes, flags)
+}
+
+/// Whether `stream`'s readiness already carries the peer's FIN. Only asked
+/// right after `poll_read_ready` was ready, so the readiness future answers
+/// at once and registers no waiter.
+fn peer_has_closed(stream: &TcpStream) -> bool {
+    let ready = std::pin::pin!(stream.ready(Interest::READABLE));
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    matches!(ready.poll(&mut cx), Poll::Ready(Ok(r)) if r.is_read_closed())
+}
+
 /// Bytes read but not yet written, and where they wait.
 enum Held {
     Nothing,
@@ -50,6 +72,8 @@ struct Direction {
     mode: Mode,
     held: Held,
     moved: u64,
+    /// `from` has sent its FIN; what is held is the last of it.
+    eof: bool,
     done: bool,
 }
 
@@ -64,6 +88,7 @@ impl Direction {
             mode,
             held: Held::Nothing,
             moved: 0,
+            eof: false,
             done: false,
         }
     }
@@ -81,36 +106,27 @@ impl Direction {
         let to_side = self.from.other();
         loop {
             // First write out what is held.
-            let wrote = match &mut self.held {
-                Held::Nothing => None,
-                #[cfg(target_os = "linux")]
-                Held::Pipe(pipe, pending) if *pending > 0 => {
-                    ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
-                    Some(
-                        to.try_io(Interest::WRITABLE, || {
-                            super::pipe::drain(pipe, to, *pending)
-                        })
-                        .inspect(|n| *pending -= n),
-                    )
+            if !self.holds_nothing() {
+                ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
+                match self.flush(to) {
+                    Ok(n) => {
+                        self.moved += n as u64;
+                        *progress = true;
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Poll::Ready(Err((to_side, e))),
                 }
-                #[cfg(target_os = "linux")]
-                Held::Pipe(..) => None,
-                Held::Buffer(buf, start, end) if *start < *end => {
-                    ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
-                    let pending = buf.get(*start..*end).unwrap_or_default();
-                    Some(to.try_write(pending).inspect(|n| *start += n))
+                continue;
+            }
+            if self.eof {
+                self.release();
+                // Half-close: pass the EOF on; the other direction keeps
+                // flowing. The last direction to end leaves it to close,
+                // which sends the same FIN: one syscall fewer.
+                if !last {
+                    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
                 }
-                Held::Buffer(..) => None,
-            };
-            match wrote {
-                Some(Ok(n)) => {
-                    self.moved += n as u64;
-                    *progress = true;
-                    continue;
-                }
-                Some(Err(e)) if would_block(&e) => continue,
-                Some(Err(e)) => return Poll::Ready(Err((to_side, e))),
-                None => {}
+                return Poll::Ready(Ok(()));
             }
             // Nothing held: wait to read, returning any pipe or buffer first.
             if from
@@ -121,25 +137,51 @@ impl Direction {
                 self.release();
                 return Poll::Pending;
             }
-            match self.fill(from) {
-                Ok(0) => {
-                    self.release();
-                    // Half-close: pass the EOF on; the other direction keeps
-                    // flowing. The last direction to end leaves it to close,
-                    // which sends the same FIN: one syscall fewer.
-                    if !last {
-                        let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            match from.try_io(Interest::READABLE, || self.fill(from)) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {
+                    *progress = true;
+                    if peer_has_closed(from) {
+                        self.read_to_fin(from).map_err(|e| (self.from, e))?;
                     }
-                    return Poll::Ready(Ok(()));
                 }
-                Ok(_) => *progress = true,
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Poll::Ready(Err((self.from, e))),
             }
         }
     }
 
-    /// Reads what is available into the held pipe or buffer.
+    /// The peer's FIN is queued behind what was just read: read on to it,
+    /// so the last bytes go out corked and leave with our FIN in one
+    /// segment. Costs no syscall, as the read that meets EOF has to happen
+    /// anyway. A socket past its FIN never would block, so a `WouldBlock`
+    /// here means the pipe is full (and must not clear the readiness).
+    fn read_to_fin(&mut self, from: &TcpStream) -> io::Result<()> {
+        while self.has_room() {
+            match self.fill(from) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether another read fits after what is held.
+    fn has_room(&self) -> bool {
+        match &self.held {
+            Held::Nothing => true,
+            #[cfg(target_os = "linux")]
+            Held::Pipe(pipe, pending) => *pending < pipe.capacity,
+            Held::Buffer(buf, _, end) => *end < buf.len(),
+        }
+    }
+
+    /// Reads what is available after what is already held.
     fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
         #[cfg(target_os = "linux")]
         if self.mode == Mode::Splice {
@@ -150,15 +192,14 @@ impl Direction {
                 }
             }
             if let Held::Pipe(pipe, pending) = &mut self.held {
-                match from.try_io(Interest::READABLE, || {
-                    super::pipe::fill(from, pipe, pipe.capacity)
-                }) {
+                match super::pipe::fill(from, pipe, pipe.capacity - *pending) {
                     Ok(n) => {
-                        *pending = n;
+                        *pending += n;
                         return Ok(n);
                     }
-                    // E.g. an exotic socket: fall back to copying for good.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // E.g. an exotic socket: fall back to copying for good,
+                    // once nothing spliced waits in the pipe.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) && *pending == 0 => {
                         self.release();
                         self.mode = Mode::Copy;
                     }
@@ -172,9 +213,31 @@ impl Direction {
         let Held::Buffer(buf, start, end) = &mut self.held else {
             return Ok(0);
         };
-        let n = from.try_read(buf)?;
-        (*start, *end) = (0, n);
+        if start == end {
+            (*start, *end) = (0, 0);
+        }
+        let n = from.try_read(buf.get_mut(*end..).unwrap_or_default())?;
+        *end += n;
         Ok(n)
+    }
+
+    /// Writes out what is held, corked when our FIN follows at once.
+    fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let more = self.eof;
+        match &mut self.held {
+            Held::Nothing => Ok(0),
+            #[cfg(target_os = "linux")]
+            Held::Pipe(pipe, pending) => to
+                .try_io(Interest::WRITABLE, || {
+                    super::pipe::drain(pipe, to, *pending, more)
+                })
+                .inspect(|n| *pending -= n),
+            Held::Buffer(buf, start, end) => {
+                let pending = buf.get(*start..*end).unwrap_or_default();
+                to.try_io(Interest::WRITABLE, || send(to, pending, more))
+                    .inspect(|n| *start += n)
+            }
+        }
     }
 
     /// True when no bytes wait to be written.
