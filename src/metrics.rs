@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const CONNECTIONS_ACCEPTED: &str = "sni_router_connections_accepted_total";
 pub const CONNECTIONS_FINISHED: &str = "sni_router_connections_finished_total";
 pub const CONNECTIONS_ACTIVE: &str = "sni_router_connections_active";
+pub const CONNECTIONS_QUIET: &str = "sni_router_connections_quiet";
 pub const REJECTED: &str = "sni_router_rejected_total";
 pub const BYTES: &str = "sni_router_bytes_total";
 pub const HELLO_SECONDS: &str = "sni_router_client_hello_duration_seconds";
@@ -60,6 +61,10 @@ fn describe() {
         "Connections finished, by listener and decision."
     );
     describe_gauge!(CONNECTIONS_ACTIVE, "Connections open now, by listener.");
+    describe_gauge!(
+        CONNECTIONS_QUIET,
+        "Spliced connections the splice engine holds, quiet for a second or more (also counted as active)."
+    );
     describe_counter!(REJECTED, "Connections refused, by reason.");
     describe_counter!(
         BYTES,

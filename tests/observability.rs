@@ -132,6 +132,22 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
             .all(|l| !l.contains(".x\""))
     );
 
+    // A spliced connection quiet for a second moves to the splice engine,
+    // and leaves its gauge when it ends.
+    let mut quiet = TcpStream::connect(node).await.unwrap();
+    quiet.write_all(HELLO).await.unwrap();
+    let quiet_now = || async { value(&scrape(admin).await, "sni_router_connections_quiet ") };
+    assert!(
+        wait_until(|| async { quiet_now().await == 1.0 }).await,
+        "never held quiet"
+    );
+    quiet.shutdown().await.unwrap();
+    let _ = read_until_eof(&mut quiet).await;
+    assert!(
+        wait_until(|| async { quiet_now().await == 0.0 }).await,
+        "still held"
+    );
+
     let (status, _, json) = http_get(admin, "admin", "/status", "").await;
     assert_eq!(status, 200);
     let status: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -250,7 +250,10 @@ fn hand_over(report: Report, mut joining: Joining, quiet: Quiet) {
     #[cfg(target_os = "linux")]
     if let Some(engine) = report.shared.engines.pick().cloned() {
         let token = report.shared.tasks.token();
+        let held = metrics::gauge!(crate::metrics::CONNECTIONS_QUIET);
+        held.increment(1.0);
         let finish = move |transfer| {
+            held.decrement(1.0);
             report.finish(joining.outcome(transfer));
             drop(token);
         };

@@ -199,6 +199,22 @@ impl Leaf {
     }
 }
 
+/// Polls `check` every 50 ms until it holds or `WAIT` passes.
+pub async fn wait_until<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Replaces a file the way certbot and lego do: write aside, then rename.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp");
