@@ -8,7 +8,8 @@
 use std::borrow::Cow;
 
 use tls_parser::{
-    SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions,
+    SNIType, TlsExtension, TlsExtensionType, TlsMessage, TlsMessageHandshake,
+    parse_tls_extension_alpn_content, parse_tls_extension_sni_content, parse_tls_extension_unknown,
     parse_tls_message_handshake,
 };
 
@@ -196,15 +197,29 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
     let Some(ext) = hello.ext else {
         return Ok((None, Vec::new()));
     };
-    let extensions = match parse_tls_extensions(ext) {
-        Ok(([], extensions)) => extensions,
-        _ => return Err(Invalid::Malformed),
-    };
+    // Only SNI and ALPN are ours to read. Every other extension (key shares,
+    // groups, signature schemes) is the terminator's or the backend's
+    // business: its framing is checked, its content is not parsed. That
+    // halves the work per hello and lets through extensions newer than
+    // tls-parser.
     let mut sni = None;
     let mut alpn = Vec::new();
-    for extension in extensions {
-        match extension {
-            TlsExtension::SNI(entries) => {
+    let mut rest = ext;
+    while !rest.is_empty() {
+        let Ok((after, TlsExtension::Unknown(kind, data))) = parse_tls_extension_unknown(rest)
+        else {
+            return Err(Invalid::Malformed);
+        };
+        rest = after;
+        let content = match kind {
+            TlsExtensionType::ServerName => parse_tls_extension_sni_content(data),
+            TlsExtensionType::ApplicationLayerProtocolNegotiation => {
+                parse_tls_extension_alpn_content(data)
+            }
+            _ => continue,
+        };
+        match content {
+            Ok((_, TlsExtension::SNI(entries))) => {
                 let host = entries
                     .iter()
                     .find(|(kind, _)| *kind == SNIType::HostName)
@@ -213,10 +228,10 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
                     sni = Some(normalize_name(host).ok_or(Invalid::BadServerName)?);
                 }
             }
-            TlsExtension::ALPN(protocols) => {
+            Ok((_, TlsExtension::ALPN(protocols))) => {
                 alpn = protocols.iter().map(|p| p.to_vec()).collect();
             }
-            _ => {}
+            _ => return Err(Invalid::Malformed),
         }
     }
     Ok((sni, alpn))
@@ -350,6 +365,33 @@ mod tests {
             parse(&[0x16, 3, 1, 0x40, 0, 1, 0x01, 0, 0]),
             Parse::Invalid(Invalid::TooLarge)
         );
+    }
+
+    /// The content of extensions other than SNI and ALPN is not ours to
+    /// judge: garbage inside the key share still routes, by its SNI.
+    #[test]
+    fn other_extensions_are_framed_not_parsed() {
+        let mut buf = RUSTLS_HELLO.to_vec();
+        let message = &RUSTLS_HELLO[RECORD_HEADER_LEN..];
+        let Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) =
+            parse_tls_message_handshake(message)
+        else {
+            panic!("the capture is a ClientHello");
+        };
+        let mut rest = hello.ext.expect("extensions");
+        let mut key_share = None;
+        while let Ok((after, TlsExtension::Unknown(kind, data))) = parse_tls_extension_unknown(rest)
+        {
+            if kind == TlsExtensionType::KeyShare {
+                let start = data.as_ptr() as usize - RUSTLS_HELLO.as_ptr() as usize;
+                key_share = Some(start..start + data.len());
+            }
+            rest = after;
+        }
+        let key_share = key_share.expect("the capture has a key share");
+        assert!(key_share.len() > 1000, "the ML-KEM share");
+        buf[key_share].fill(0xff);
+        assert_eq!(complete(&buf).sni.as_deref(), Some("pass.test"));
     }
 
     #[test]
