@@ -2,9 +2,9 @@
 //! from closed sets only (listener addresses and site names from the config,
 //! decisions, reasons): never a client's SNI, Host or token.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use ::metrics::{Counter, Gauge, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS_ACCEPTED: &str = "sni_router_connections_accepted_total";
@@ -34,6 +34,78 @@ pub const UNKNOWN: &str = "unknown";
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// The decisions a finished TLS-port connection is counted under
+/// (`Decision::kind`).
+const DECISIONS: [&str; 4] = ["terminate", "splice", "passthrough", "reject"];
+
+/// One listener's per-connection series, looked up once when it starts
+/// accepting. A labelled `counter!` builds its key, hashes it and takes the
+/// registry's lock on every call; a held handle is one atomic add.
+pub struct ListenerMetrics {
+    /// The listener as metrics name it: its bound address.
+    pub label: Arc<str>,
+    pub accepted: Counter,
+    pub active: Gauge,
+    /// TLS listeners only: finished connections and bytes by decision.
+    outcomes: Option<Outcomes>,
+}
+
+struct Outcomes {
+    finished: [Counter; 4],
+    /// Bytes (up, down); by decision, not by listener.
+    bytes: [(Counter, Counter); 4],
+}
+
+impl ListenerMetrics {
+    /// Handles for the listener `label`, from the recorder installed now
+    /// (if any); with `tls`, also its outcome series.
+    pub fn new(label: Arc<str>, tls: bool) -> Self {
+        let outcomes = tls.then(|| Outcomes {
+            finished: DECISIONS.map(|decision| {
+                ::metrics::counter!(CONNECTIONS_FINISHED, "listener" => label.clone(), "decision" => decision)
+            }),
+            bytes: DECISIONS.map(|decision| {
+                (
+                    ::metrics::counter!(BYTES, "direction" => "up", "decision" => decision),
+                    ::metrics::counter!(BYTES, "direction" => "down", "decision" => decision),
+                )
+            }),
+        });
+        ListenerMetrics {
+            accepted: ::metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label.clone()),
+            active: ::metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => label.clone()),
+            outcomes,
+            label,
+        }
+    }
+
+    /// Counts a finished connection and the bytes it moved each way.
+    pub fn finished(&self, decision: &'static str, up: u64, down: u64) {
+        let i = DECISIONS.iter().position(|d| *d == decision);
+        let held = i.and_then(|i| {
+            let outcomes = self.outcomes.as_ref()?;
+            Some((outcomes.finished.get(i)?, outcomes.bytes.get(i)?))
+        });
+        if let Some((finished, (to_target, to_client))) = held {
+            finished.increment(1);
+            to_target.increment(up);
+            to_client.increment(down);
+            return;
+        }
+        ::metrics::counter!(CONNECTIONS_FINISHED, "listener" => self.label.clone(), "decision" => decision).increment(1);
+        ::metrics::counter!(BYTES, "direction" => "up", "decision" => decision).increment(up);
+        ::metrics::counter!(BYTES, "direction" => "down", "decision" => decision).increment(down);
+    }
+}
+
+impl std::fmt::Debug for ListenerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerMetrics")
+            .field("label", &self.label)
+            .finish()
+    }
+}
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

@@ -21,7 +21,7 @@ use crate::config::{Config, ConfigError};
 use crate::http::challenge::ChallengeStore;
 use crate::http::guard::ForwardGuard;
 use crate::limits::{HelloSlots, SourceGuard, SourceLimits};
-use crate::metrics::{CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE, REJECTED};
+use crate::metrics::{CONFIG_RELOADS, REJECTED};
 use crate::peers::PeerHealth;
 use crate::tls::terminate::{Contexts, Resumption};
 use std::collections::HashMap;
@@ -297,14 +297,16 @@ impl Server {
             let addr = listener.local_addr().ok();
             let label: Arc<str> = addr.map_or_else(|| "unknown".into(), |a| a.to_string().into());
             let bound = addr.filter(|a| !a.ip().is_unspecified());
+            let port = if index == http {
+                Port::Http
+            } else {
+                Port::Tls(index)
+            };
+            let tls = matches!(port, Port::Tls(_));
             let ctx = AcceptLoop {
                 bound,
-                label,
-                port: if index == http {
-                    Port::Http
-                } else {
-                    Port::Tls(index)
-                },
+                metrics: Arc::new(crate::metrics::ListenerMetrics::new(label, tls)),
+                port,
                 listener,
                 handle: handle.clone(),
                 limit: limit.clone(),
@@ -360,8 +362,7 @@ enum Port {
 
 struct AcceptLoop {
     port: Port,
-    /// The listener as metrics name it: its bound address.
-    label: Arc<str>,
+    metrics: Arc<crate::metrics::ListenerMetrics>,
     /// The bound address, unless it is a wildcard.
     bound: Option<SocketAddr>,
     listener: TcpListener,
@@ -413,9 +414,9 @@ impl AcceptLoop {
             }
             let shared = self.handle.shared.clone();
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let label = self.label.clone();
-            metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label.clone()).increment(1);
-            let active = metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => label.clone());
+            let metrics = self.metrics.clone();
+            metrics.accepted.increment(1);
+            let active = metrics.active.clone();
             active.increment(1.0);
             let admission = Admission {
                 _permit: permit,
@@ -430,7 +431,7 @@ impl AcceptLoop {
                         let accepted = crate::tls::handler::Accepted {
                             shared,
                             live,
-                            listener: (index, label),
+                            listener: (index, metrics),
                             peer,
                             local,
                             admission,

@@ -21,7 +21,7 @@ use super::route::{self, Decision, Peer};
 use super::terminate::{self, Ends};
 use crate::config::ProxyVersion;
 use crate::metrics::{
-    BYTES, CONNECTIONS_FINISHED, HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, REJECTED,
+    HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
     TERMINATE_FALLBACKS,
 };
 use crate::preface::{self, PrefaceError};
@@ -75,8 +75,8 @@ impl Outcome {
 pub struct Accepted {
     pub shared: Arc<Shared>,
     pub live: Arc<Live>,
-    /// Index into `config.listeners`, and the listener's metric label.
-    pub listener: (usize, Arc<str>),
+    /// Index into `config.listeners`, and the listener's metric handles.
+    pub listener: (usize, Arc<ListenerMetrics>),
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub admission: Admission,
@@ -162,7 +162,7 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
 /// dropping it releases the connection's admission.
 struct Report {
     shared: Arc<Shared>,
-    listener: Arc<str>,
+    listener: Arc<ListenerMetrics>,
     peer: SocketAddr,
     started: Instant,
     _admission: Admission,
@@ -182,13 +182,10 @@ impl Report {
             .as_ref()
             .map_or((0, 0), |t| (t.to_target, t.to_client));
         shared.stats.finished(outcome.decision);
-        metrics::counter!(CONNECTIONS_FINISHED, "listener" => listener.clone(), "decision" => outcome.decision).increment(1);
+        listener.finished(outcome.decision, up, down);
         if outcome.decision == "reject" {
             metrics::counter!(REJECTED, "reason" => outcome.kind).increment(1);
         }
-        metrics::counter!(BYTES, "direction" => "up", "decision" => outcome.decision).increment(up);
-        metrics::counter!(BYTES, "direction" => "down", "decision" => outcome.decision)
-            .increment(down);
         tracing::info!(
             target: "sni_router::conn",
             client = %outcome.client.unwrap_or(*peer),
