@@ -83,6 +83,18 @@ fn engines() -> Engines {
     engines
 }
 
+/// Only an engine whose epoll set tokio watches takes pairs: before that
+/// (or if the runtime refuses it) pairs stay in their tasks, not stall.
+#[tokio::test]
+async fn only_watched_engines_take_pairs() {
+    let engines = Engines::new(2);
+    assert!(!engines.available());
+    assert!(engines.pick().is_none());
+    engines.start();
+    assert!(engines.available());
+    assert!(engines.pick().is_some());
+}
+
 #[tokio::test]
 async fn megabytes_cross_both_ways_with_half_close_and_the_pair_ends_closed() {
     let engines = engines();

@@ -18,7 +18,7 @@
 use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -75,22 +75,36 @@ impl Engines {
         }
     }
 
-    /// Starts each engine's task on the current runtime.
+    /// Has the current runtime watch each engine's epoll set, and starts
+    /// its task. An engine tokio cannot watch takes no pairs: they stay in
+    /// tasks of their own rather than stall in a set nobody polls.
     pub fn start(&self) {
         for engine in &self.engines {
-            tokio::spawn(engine.clone().run());
+            match engine.clone().watch() {
+                Ok(epoll) => {
+                    engine.watched.store(true, Ordering::Release);
+                    tokio::spawn(engine.clone().run(epoll));
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "cannot watch an epoll set for quiet connections: they stay in their tasks"
+                ),
+            }
         }
     }
 
-    /// Whether pairs can be handed over at all.
+    /// Whether pairs can be handed over at all: some engine is watched.
     pub fn available(&self) -> bool {
-        !self.engines.is_empty()
+        self.engines.iter().any(|e| e.is_watched())
     }
 
-    /// The next engine in turn, if there is one.
+    /// The next watched engine in turn, if there is one.
     pub fn pick(&self) -> Option<&Arc<Engine>> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.engines.get(n % self.engines.len().max(1))
+        let count = self.engines.len();
+        (0..count)
+            .filter_map(|i| self.engines.get((n + i) % count))
+            .find(|e| e.is_watched())
     }
 
     /// Pairs held across all engines.
@@ -106,6 +120,8 @@ impl Engines {
 pub struct Engine {
     registry: mio::Registry,
     epoll: RawFd,
+    /// Tokio watches `epoll` and the engine's task runs.
+    watched: AtomicBool,
     inner: Mutex<Inner>,
     /// Wakes the task when a new pair's idle deadline is earlier than the
     /// sweep it sleeps towards.
@@ -300,7 +316,12 @@ impl Engine {
                 next_sweep: u64::MAX,
             }),
             rearm: Notify::new(),
+            watched: AtomicBool::new(false),
         })
+    }
+
+    fn is_watched(&self) -> bool {
+        self.watched.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -368,19 +389,16 @@ impl Engine {
         Ok(())
     }
 
-    async fn run(self: Arc<Self>) {
-        let watched = EpollFd(self.clone());
+    /// Registers the epoll set with the current runtime.
+    fn watch(self: Arc<Self>) -> io::Result<AsyncFd<EpollFd>> {
+        let watched = EpollFd(self);
         // SAFETY: `EpollFd` holds the engine, which owns the descriptor and
         // closes it only when dropped, after this registration is gone.
-        let registered =
-            unsafe { AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE) };
-        let epoll = match registered {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::error!(error = %e, "joined connections stalled: cannot watch the epoll set");
-                return;
-            }
-        };
+        unsafe { AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)
+    }
+
+    async fn run(self: Arc<Self>, epoll: AsyncFd<EpollFd>) {
         loop {
             let sweep = {
                 let inner = self.lock();
