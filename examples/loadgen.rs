@@ -24,7 +24,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 const HELLO: &[u8] = include_bytes!("../tests/data/hello-rustls-mlkem.bin");
@@ -75,7 +75,17 @@ async fn main() {
 }
 
 async fn backend(addr: SocketAddr, sink: bool) {
-    let listener = TcpListener::bind(addr).await.expect("bind backend");
+    // SO_REUSEPORT: several backend processes may share one address when
+    // one process cannot hold enough descriptors (benches/idle-50k.sh).
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .expect("backend socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket.set_reuseport(true).expect("SO_REUSEPORT");
+    socket.bind(addr).expect("bind backend");
+    let listener = socket.listen(4096).expect("listen");
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             continue;
@@ -107,6 +117,10 @@ async fn connect(target: SocketAddr, n: u64) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     let source = Ipv4Addr::new(127, 0, 0, 10 + (n % u64::from(SOURCES)) as u8);
     socket.set_reuseaddr(true)?;
+    // Leave the port to connect: a port bound here is reserved for every
+    // destination, and at 50k connections the router's own connects to
+    // its backends ran out of ports.
+    sni_router::sockopt::bind_address_no_port(&socket)?;
     socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
