@@ -522,10 +522,7 @@ async fn a_connection_quiet_past_the_hand_over_carries_on() {
     let mut echoed = vec![0u8; HELLO.len()];
     client.read_exact(&mut echoed).await.unwrap();
     // Quiet for longer than the hand-over time: the pair leaves its task.
-    let started = Instant::now();
-    while shared.engines.is_empty() && started.elapsed() < WAIT {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(|| async { !shared.engines.is_empty() }).await;
     assert_eq!(
         shared.engines.len(),
         1,
@@ -537,9 +534,7 @@ async fn a_connection_quiet_past_the_hand_over_carries_on() {
     assert_eq!(&got, b"after the hand-over");
     client.shutdown().await.unwrap();
     assert_eq!(read_until_eof(&mut client).await, (Vec::new(), true));
-    while shared.stats.finished.load(Ordering::Relaxed) == 0 && started.elapsed() < WAIT {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(|| async { shared.stats.finished.load(Ordering::Relaxed) > 0 }).await;
     assert_eq!(shared.stats.finished.load(Ordering::Relaxed), 1);
     assert!(shared.engines.is_empty());
 }

@@ -199,7 +199,7 @@ impl Leaf {
     }
 }
 
-/// Polls `check` every 50 ms until it holds or `WAIT` passes.
+/// Polls `check` every 20 ms until it holds or `WAIT` passes.
 pub async fn wait_until<F, Fut>(mut check: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -210,7 +210,7 @@ where
         if check().await {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
 }
@@ -254,14 +254,8 @@ impl Backend {
 
     /// Polls until `n` connections have been recorded.
     pub async fn wait_for(&self, n: usize) -> Vec<Seen> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let seen = self.seen.lock().unwrap().clone();
-            if seen.len() >= n || tokio::time::Instant::now() > deadline {
-                return seen;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(|| async { self.connections() >= n }).await;
+        self.seen.lock().unwrap().clone()
     }
 
     /// Reads each connection to EOF (bounded) and records the bytes.
