@@ -47,6 +47,8 @@ pub struct ListenerMetrics {
     pub label: Arc<str>,
     pub accepted: Counter,
     pub active: Gauge,
+    /// Pairs handed to the splice engines (not by listener).
+    pub quiet: Gauge,
     /// TLS listeners only: finished connections and bytes by decision.
     outcomes: Option<Outcomes>,
 }
@@ -75,6 +77,7 @@ impl ListenerMetrics {
         ListenerMetrics {
             accepted: ::metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label.clone()),
             active: ::metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => label.clone()),
+            quiet: ::metrics::gauge!(CONNECTIONS_QUIET),
             outcomes,
             label,
         }

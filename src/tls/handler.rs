@@ -247,7 +247,7 @@ fn hand_over(report: Report, mut joining: Joining, quiet: Quiet) {
     #[cfg(target_os = "linux")]
     if let Some(engine) = report.shared.engines.pick().cloned() {
         let token = report.shared.tasks.token();
-        let held = metrics::gauge!(crate::metrics::CONNECTIONS_QUIET);
+        let held = report.listener.quiet.clone();
         held.increment(1.0);
         let finish = move |transfer| {
             held.decrement(1.0);
