@@ -35,9 +35,8 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The decisions a finished TLS-port connection is counted under
-/// (`Decision::kind`).
-const DECISIONS: [&str; 4] = ["terminate", "splice", "passthrough", "reject"];
+/// The decisions a finished TLS-port connection is counted under.
+const DECISIONS: [&str; 4] = crate::tls::route::Decision::KINDS;
 
 /// One listener's per-connection series, looked up once when it starts
 /// accepting. A labelled `counter!` builds its key, hashes it and takes the

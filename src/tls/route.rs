@@ -39,13 +39,26 @@ pub enum Reject {
 }
 
 impl Decision {
+    const TERMINATE: &'static str = "terminate";
+    const SPLICE: &'static str = "splice";
+    const PASSTHROUGH: &'static str = "passthrough";
+    const REJECT: &'static str = "reject";
+
+    /// Every value `kind` returns, so metrics can hold a series for each.
+    pub const KINDS: [&'static str; 4] = [
+        Self::TERMINATE,
+        Self::SPLICE,
+        Self::PASSTHROUGH,
+        Self::REJECT,
+    ];
+
     /// A bounded label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Decision::Terminate { .. } => "terminate",
-            Decision::Splice { .. } => "splice",
-            Decision::Passthrough { .. } => "passthrough",
-            Decision::Reject(_) => "reject",
+            Decision::Terminate { .. } => Self::TERMINATE,
+            Decision::Splice { .. } => Self::SPLICE,
+            Decision::Passthrough { .. } => Self::PASSTHROUGH,
+            Decision::Reject(_) => Self::REJECT,
         }
     }
 
