@@ -181,7 +181,8 @@ impl Direction {
         }
     }
 
-    /// Reads what is available after what is already held.
+    /// Reads what is available after what is already held, without
+    /// touching tokio's readiness.
     fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
         #[cfg(target_os = "linux")]
         if self.mode == Mode::Splice {
@@ -216,7 +217,12 @@ impl Direction {
         if start == end {
             (*start, *end) = (0, 0);
         }
-        let n = from.try_read(buf.get_mut(*end..).unwrap_or_default())?;
+        // A plain read: the caller decides whether a `WouldBlock` clears
+        // the readiness (see `read_to_fin`).
+        let n = std::io::Read::read(
+            &mut &*socket2::SockRef::from(from),
+            buf.get_mut(*end..).unwrap_or_default(),
+        )?;
         *end += n;
         Ok(n)
     }
