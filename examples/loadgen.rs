@@ -91,11 +91,10 @@ async fn backend(addr: SocketAddr, sink: bool) {
             continue;
         };
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
             if sink {
-                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-                return;
+                return discard(&s).await;
             }
+            let mut buf = vec![0u8; 64 * 1024];
             // Wait for the whole hello, answer 1 KiB, close.
             let mut got = 0;
             while got < HELLO.len() {
@@ -107,8 +106,37 @@ async fn backend(addr: SocketAddr, sink: bool) {
             let _ = s.write_all(&[0x17; 1024]).await;
             let _ = s.shutdown().await;
             // Then act as a sink, so one backend serves both kinds of load.
-            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            discard(&s).await;
         });
+    }
+}
+
+/// Reads to EOF and throws the bytes away inside the kernel: `MSG_TRUNC`
+/// on a TCP socket consumes data without copying it out. The sink shares
+/// the machine's two cores with the router under test; a copy here would
+/// be the harness's cost, not the router's.
+async fn discard(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    loop {
+        if s.readable().await.is_err() {
+            return;
+        }
+        let got = s.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: with MSG_TRUNC the kernel writes nothing to the buffer.
+            let n = unsafe { libc::recv(fd, std::ptr::null_mut(), 1 << 20, libc::MSG_TRUNC) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n)
+            }
+        });
+        match got {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
     }
 }
 
