@@ -129,17 +129,10 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
     for warning in &config.warnings {
         tracing::warn!(field = %warning.field, "{}", warning.message);
     }
-    // One worker needs no work stealing: a current-thread runtime skips its
-    // queues and wake-ups (about 1k instructions per routed connection).
-    let mut runtime = match config.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(workers) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(workers);
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = config.workers {
+        runtime.worker_threads(workers);
+    }
     let runtime = runtime
         .enable_all()
         .build()

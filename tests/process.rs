@@ -149,8 +149,6 @@ async fn sighup_reloads_while_a_connection_streams() {
     assert_eq!(seen[0].bytes, sent, "no byte lost or reordered");
 }
 
-/// With `workers = 1`, so the single-threaded runtime routes, drains and
-/// exits too (the SIGHUP test runs the default multi-threaded one).
 #[tokio::test]
 async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,7 +158,7 @@ async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     let text = fleet_toml(
         "a",
         &[("a", node)],
-        "workers = 1\n[timeouts]\ndrain = \"5s\"",
+        "[timeouts]\ndrain = \"5s\"",
         &site("pass.test", echo.addr),
     );
     std::fs::write(&config, text).unwrap();
