@@ -330,3 +330,103 @@ async fn a_shared_account_issues_without_forwarding() {
         "every node answered from the shared thumbprint"
     );
 }
+
+/// nginx in front of a CA that is down for maintenance: every request gets
+/// 503 and `Retry-After`, as Let's Encrypt's maintenance answers do. Killed
+/// on drop.
+struct Maintenance {
+    child: std::process::Child,
+    directory: String,
+    access_log: std::path::PathBuf,
+}
+
+impl Maintenance {
+    async fn start(dir: &Path, ca: &TestCa, retry_after_secs: u64) -> Maintenance {
+        let leaf = ca.leaf(&["127.0.0.1"]);
+        let (cert, key) = (dir.join("ca-site.crt"), dir.join("ca-site.key"));
+        std::fs::write(&cert, &leaf.chain_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        let addr = free_addr("127.0.0.1");
+        let access_log = dir.join("access.log");
+        let d = dir.display();
+        let conf = format!(
+            "daemon off; master_process off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{}}\n\
+             http {{\n\
+               access_log {access};\n\
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               server {{\n\
+                 listen {addr} ssl;\n\
+                 ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                 location / {{ add_header Retry-After {retry_after_secs} always; return 503; }}\n\
+               }}\n\
+             }}\n",
+            access = access_log.display(),
+            cert = cert.display(),
+            key = key.display(),
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&path)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .spawn()
+            .expect("start nginx");
+        support::process::wait_listening(addr).await;
+        Maintenance {
+            child,
+            directory: format!("https://{addr}/directory"),
+            access_log,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        std::fs::read_to_string(&self.access_log)
+            .map(|log| log.lines().count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_ca_that_asks_to_retry_later_is_not_asked_sooner() {
+    if !have("nginx") {
+        return;
+    }
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let maintenance = Maintenance::start(dir.path(), &ca, 3600).await;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    // retry_min = 1s: without the CA's wish, 2-4 attempts in 4 s (see above).
+    let acme = format!(
+        "[acme]\ndirectory = \"{}\"\nstate_dir = \"{}\"\nca_file = \"{}\"\nretry_min = \"1s\"\n",
+        maintenance.directory,
+        state.path().display(),
+        ca_file.display()
+    );
+    let node = free_addr("127.0.0.2");
+    let a = Router::start(&fleet_toml(
+        "a",
+        &[("a", node)],
+        &acme,
+        &held("later.test", "\"a\""),
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let failed = a.handle.shared.stats.acme_failed.load(Ordering::Relaxed);
+    assert_eq!(failed, 1, "one refused attempt, then an hour's wait");
+    assert_eq!(maintenance.requests(), 1, "the CA was asked once");
+}

@@ -3,6 +3,7 @@
 //! walks the managed sites, orders what is due, and sleeps until the next
 //! renewal, a reload, or a retry after backoff.
 
+pub mod client;
 pub mod order;
 pub mod schedule;
 pub mod storage;
@@ -71,6 +72,8 @@ pub struct Manager {
     shared: Arc<Shared>,
     account: Option<(String, Account)>,
     sites: HashMap<String, SiteState>,
+    /// The CA's latest refusal's `Retry-After`, noted by the HTTP client.
+    retry_after: client::RetryAfter,
 }
 
 impl Manager {
@@ -79,6 +82,7 @@ impl Manager {
             shared,
             account: None,
             sites: HashMap::new(),
+            retry_after: client::RetryAfter::default(),
         }
     }
 
@@ -207,6 +211,8 @@ impl Manager {
             .as_ref()
             .filter(|_| state.ari)
             .and_then(|c| c.key.cert.first().and_then(certificate_id));
+        // Only this order's refusals count.
+        self.retry_after.take();
         let result = tokio::time::timeout(
             ORDER_DEADLINE,
             self.order(acme, label, &identifiers, replaces),
@@ -254,12 +260,15 @@ impl Manager {
                     acme.retry_max,
                     fastrand::f64(),
                 );
-                state.next = SystemTime::now() + wait;
+                let asked = self.retry_after.take();
+                let now = SystemTime::now();
+                state.next = schedule::after_failure(now, wait, asked);
                 tracing::error!(
                     site = label,
                     step = e.step(),
                     failures = state.failures,
-                    retry_in = ?wait,
+                    retry_in = ?state.next.duration_since(now).unwrap_or_default(),
+                    ca_retry_after = asked.map(humantime::format_rfc3339_seconds).map(tracing::field::display),
                     error = %e,
                     "ACME order failed; serving through peers meanwhile"
                 );
@@ -342,11 +351,9 @@ impl Manager {
         {
             return Ok(account.clone());
         }
-        let builder = match &acme.ca_file {
-            Some(ca) => Account::builder_with_root(ca),
-            None => Account::builder(),
-        }
-        .map_err(AcmeError::Account)?;
+        let http = client::build(acme.ca_file.as_deref(), self.retry_after.clone())
+            .map_err(AcmeError::Account)?;
+        let builder = Account::builder_with_http(http);
         let account = match storage::load_account(&acme.state_dir)? {
             Some(file) if file.directory != acme.directory => {
                 let path = storage::account_path(&acme.state_dir).display().to_string();

@@ -26,9 +26,36 @@ pub fn backoff(failures: u32, min: Duration, max: Duration, r: f64) -> Duration 
     base.mul_f64(0.9 + 0.2 * r.clamp(0.0, 1.0))
 }
 
+/// A CA's `Retry-After` is honoured up to a week, the longest window of
+/// Let's Encrypt's rate limits; a later wish is more likely a broken header.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 86_400);
+
+/// When to order again after a failure: after our backoff, or later if the
+/// CA's refusal asked for that.
+pub fn after_failure(now: SystemTime, backoff: Duration, asked: Option<SystemTime>) -> SystemTime {
+    let ours = now + backoff;
+    asked.map_or(ours, |at| ours.max(at.min(now + MAX_RETRY_AFTER)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_waits_for_the_later_of_backoff_and_the_cas_wish() {
+        let now = SystemTime::UNIX_EPOCH + DAY * 1000;
+        let backoff = Duration::from_secs(60);
+        assert_eq!(after_failure(now, backoff, None), now + backoff);
+        let hour = now + Duration::from_secs(3600);
+        assert_eq!(after_failure(now, backoff, Some(hour)), hour);
+        let past = now - Duration::from_secs(5);
+        assert_eq!(after_failure(now, backoff, Some(past)), now + backoff);
+        let year = now + DAY * 365;
+        assert_eq!(
+            after_failure(now, backoff, Some(year)),
+            now + MAX_RETRY_AFTER
+        );
+    }
 
     const DAY: Duration = Duration::from_secs(86_400);
 

@@ -1,0 +1,190 @@
+//! The HTTP client under instant-acme: its own hyper stack, plus a note of
+//! the `Retry-After` a CA sends with a refusal (429 rate limited, 503 busy).
+//! instant-acme honours `Retry-After` while polling, but an error it returns
+//! carries only the problem document, so the manager could not wait as long
+//! as the CA asked before ordering again.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use hyper_rustls::HttpsConnectorBuilder;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
+
+/// The latest `Retry-After` of a refusal, shared by the client and the
+/// manager; the manager takes it after a failed order.
+#[derive(Clone, Default)]
+pub struct RetryAfter(Arc<Mutex<Option<SystemTime>>>);
+
+impl RetryAfter {
+    pub fn take(&self) -> Option<SystemTime> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn note(&self, at: SystemTime) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Of several refusals in one order, the latest wish wins.
+        *slot = Some(slot.map_or(at, |old| old.max(at)));
+    }
+}
+
+struct Watched {
+    inner: Box<dyn HttpClient>,
+    retry_after: RetryAfter,
+}
+
+impl HttpClient for Watched {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let response = self.inner.request(req);
+        let retry_after = self.retry_after.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            if let Some(at) = refusal_retry_after(&response.parts, SystemTime::now()) {
+                retry_after.note(at);
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The client instant-acme would build (platform roots, or the one CA in
+/// `ca_file`), noting refusals' `Retry-After` into `retry_after`.
+pub fn build(
+    ca_file: Option<&Path>,
+    retry_after: RetryAfter,
+) -> Result<Box<dyn HttpClient>, instant_acme::Error> {
+    let builder = match ca_file {
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let root = rustls::pki_types::CertificateDer::from_pem_file(path)
+                .map_err(|e| instant_acme::Error::Other(e.into()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(root)
+                .map_err(|e| instant_acme::Error::Other(e.into()))?;
+            HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+        None => HttpsConnectorBuilder::new()
+            .try_with_platform_verifier()
+            .map_err(|e| instant_acme::Error::Other(e.into()))?,
+    };
+    let connector = builder.https_only().enable_http1().enable_http2().build();
+    let inner: Client<_, BodyWrapper<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    Ok(Box::new(Watched {
+        inner: Box::new(inner),
+        retry_after,
+    }))
+}
+
+/// When a refusal asks to be retried, if it does.
+fn refusal_retry_after(parts: &http::response::Parts, now: SystemTime) -> Option<SystemTime> {
+    if !matches!(parts.status.as_u16(), 429 | 503) {
+        return None;
+    }
+    let value = parts.headers.get(RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, now)
+}
+
+/// `Retry-After` is delay-seconds or an HTTP-date (RFC 9110, 10.2.3).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<SystemTime> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return now.checked_add(Duration::from_secs(seconds));
+    }
+    httpdate::parse_http_date(value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, retry_after: Option<&str>) -> BytesResponse {
+        let mut builder = http::Response::builder().status(status);
+        if let Some(value) = retry_after {
+            builder = builder.header(RETRY_AFTER, value);
+        }
+        BytesResponse::from(builder.body(String::new()).unwrap())
+    }
+
+    struct Answers(u16, Option<&'static str>);
+
+    impl HttpClient for Answers {
+        fn request(
+            &self,
+            _: http::Request<BodyWrapper<Bytes>>,
+        ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>>
+        {
+            let (status, retry_after) = (self.0, self.1);
+            Box::pin(async move { Ok(response(status, retry_after)) })
+        }
+    }
+
+    async fn noted(status: u16, retry_after: Option<&'static str>) -> Option<SystemTime> {
+        let slot = RetryAfter::default();
+        let client = Watched {
+            inner: Box::new(Answers(status, retry_after)),
+            retry_after: slot.clone(),
+        };
+        let request = http::Request::new(BodyWrapper::from(Vec::new()));
+        let answer = client.request(request).await.unwrap();
+        assert_eq!(answer.parts.status.as_u16(), status, "passed through");
+        slot.take()
+    }
+
+    #[tokio::test]
+    async fn refusals_note_their_retry_after_and_answers_do_not() {
+        let before = SystemTime::now();
+        let at = noted(429, Some("3600")).await.expect("rate limited");
+        let wait = at.duration_since(before).unwrap();
+        assert!((3599..=3601).contains(&wait.as_secs()), "{wait:?}");
+        assert!(
+            noted(503, Some("Wed, 21 Oct 2099 07:28:00 GMT"))
+                .await
+                .is_some()
+        );
+        // A successful answer may carry Retry-After (polling, ARI): not a refusal.
+        assert_eq!(noted(200, Some("3600")).await, None);
+        assert_eq!(noted(429, None).await, None);
+        assert_eq!(noted(429, Some("soon")).await, None);
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(now + Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777))
+        );
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+    }
+
+    #[test]
+    fn the_latest_wish_wins() {
+        let slot = RetryAfter::default();
+        let early = SystemTime::UNIX_EPOCH + Duration::from_secs(10);
+        let late = early + Duration::from_secs(10);
+        slot.note(late);
+        slot.note(early);
+        assert_eq!(slot.take(), Some(late));
+        assert_eq!(slot.take(), None);
+    }
+}
