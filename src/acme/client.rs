@@ -65,12 +65,14 @@ pub fn build(
     let builder = match ca_file {
         Some(path) => {
             use rustls::pki_types::pem::PemObject;
-            let root = rustls::pki_types::CertificateDer::from_pem_file(path)
-                .map_err(|e| instant_acme::Error::Other(e.into()))?;
+            let unusable = |e: &dyn std::fmt::Display| {
+                let message = format!("acme.ca_file {}: {e}", path.display());
+                instant_acme::Error::Other(message.into())
+            };
+            let root =
+                rustls::pki_types::CertificateDer::from_pem_file(path).map_err(|e| unusable(&e))?;
             let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(root)
-                .map_err(|e| instant_acme::Error::Other(e.into()))?;
+            roots.add(root).map_err(|e| unusable(&e))?;
             HttpsConnectorBuilder::new().with_tls_config(
                 rustls::ClientConfig::builder()
                     .with_root_certificates(roots)
@@ -175,6 +177,21 @@ mod tests {
         );
         assert_eq!(parse_retry_after("-5", now), None);
         assert_eq!(parse_retry_after("", now), None);
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roots.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        let Err(e) = build(Some(&path), RetryAfter::default()) else {
+            panic!("a file without a certificate was accepted");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("acme.ca_file") && text.contains("roots.pem"),
+            "{text}"
+        );
     }
 
     #[test]
