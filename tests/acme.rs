@@ -342,10 +342,8 @@ struct Maintenance {
 
 impl Maintenance {
     async fn start(dir: &Path, ca: &TestCa, retry_after_secs: u64) -> Maintenance {
-        let leaf = ca.leaf(&["127.0.0.1"]);
+        ca.leaf(&["127.0.0.1"]).write(dir, "ca-site");
         let (cert, key) = (dir.join("ca-site.crt"), dir.join("ca-site.key"));
-        std::fs::write(&cert, &leaf.chain_pem).unwrap();
-        std::fs::write(&key, &leaf.key_pem).unwrap();
         let addr = free_addr("127.0.0.1");
         let access_log = dir.join("access.log");
         let d = dir.display();
