@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
@@ -106,19 +105,12 @@ pub async fn probe(
 }
 
 fn roots(ca: Option<&Path>) -> Result<RootCertStore, ProbeError> {
-    let mut roots = RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            let shown = path.display().to_string();
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ProbeError::CaFile(shown.clone(), e.to_string()))?;
-            roots.add_parsable_certificates(certs);
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
+    if let Some(path) = ca {
+        return crate::certs::disk::roots_from_file(path)
+            .map_err(|e| ProbeError::CaFile(path.display().to_string(), e));
     }
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     if roots.is_empty() {
         return Err(ProbeError::NoRoots);
     }

@@ -56,7 +56,7 @@ impl HttpClient for Watched {
     }
 }
 
-/// The client instant-acme would build (platform roots, or the one CA in
+/// The client instant-acme would build (platform roots, or the roots in
 /// `ca_file`), noting refusals' `Retry-After` into `retry_after`.
 pub fn build(
     ca_file: Option<&Path>,
@@ -64,15 +64,10 @@ pub fn build(
 ) -> Result<Box<dyn HttpClient>, instant_acme::Error> {
     let builder = match ca_file {
         Some(path) => {
-            use rustls::pki_types::pem::PemObject;
-            let unusable = |e: &dyn std::fmt::Display| {
+            let roots = crate::certs::disk::roots_from_file(path).map_err(|e| {
                 let message = format!("acme.ca_file {}: {e}", path.display());
                 instant_acme::Error::Other(message.into())
-            };
-            let root =
-                rustls::pki_types::CertificateDer::from_pem_file(path).map_err(|e| unusable(&e))?;
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(root).map_err(|e| unusable(&e))?;
+            })?;
             HttpsConnectorBuilder::new().with_tls_config(
                 rustls::ClientConfig::builder()
                     .with_root_certificates(roots)

@@ -93,6 +93,20 @@ pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], source: &str) -> Result<Loaded
 }
 
 /// The crypto provider for every TLS context we build (see README: aws-lc-rs).
+/// Trust roots from a PEM file (every certificate in it), for clients that
+/// talk to servers on a private PKI: `probe --ca`, `acme.ca_file`.
+pub fn roots_from_file(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(certs);
+    if roots.is_empty() {
+        return Err("no usable certificate in it".into());
+    }
+    Ok(roots)
+}
+
 pub fn provider() -> CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
