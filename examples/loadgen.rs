@@ -5,13 +5,16 @@
 //! loadgen connrate TARGET SECS CONCURRENCY   new connections/s, p50/p99 ms
 //! loadgen bulk TARGET SECS STREAMS           MiB/s client -> sink (SNI bulk.test)
 //! loadgen idle TARGET COUNT SECS             hold COUNT routed connections (SNI bulk.test)
-//! loadgen tls TARGET SECS CONCURRENCY full|resume   TLS 1.3 handshakes/s
+//! loadgen tls TARGET SECS CONCURRENCY full|resume [aes128]   TLS 1.3 handshakes/s
 //! loadgen tlsidle TARGET COUNT SECS          hold COUNT live TLS connections
 //! ```
 //! Raw clients replay the captured ClientHello over TCP, so no TLS work
 //! hides the router's own cost. TLS clients (SNI `tls.test`, TLS 1.3,
 //! X25519 only, the server's certificate not verified: only the server's
-//! work is being measured) send the same bytes as application data. All
+//! work is being measured) send the same bytes as application data. They
+//! list cipher suites in rustls's order (AES-256-GCM first, as OpenSSL's
+//! clients do), or with `aes128` AES-128-GCM first, as browsers do; the
+//! suite the server agreed on is reported. All
 //! spread over 127.0.0.10-.59 as source addresses so loopback does not run
 //! out of ephemeral ports.
 
@@ -30,13 +33,16 @@ use tokio_rustls::TlsConnector;
 const HELLO: &[u8] = include_bytes!("../tests/data/hello-rustls-mlkem.bin");
 const SOURCES: u32 = 50;
 
+/// The cipher suite of the first TLS handshake, for the report.
+static AGREED_SUITE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn arg(args: &[String], i: usize) -> &str {
     args.get(i).map(String::as_str).unwrap_or_else(|| usage())
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen backend ADDR reply1k|sink | connrate TARGET SECS CONC | bulk TARGET SECS STREAMS | idle TARGET COUNT SECS | tls TARGET SECS CONC full|resume | tlsidle TARGET COUNT SECS"
+        "usage: loadgen backend ADDR reply1k|sink | connrate TARGET SECS CONC | bulk TARGET SECS STREAMS | idle TARGET COUNT SECS | tls TARGET SECS CONC full|resume [aes128] | tlsidle TARGET COUNT SECS"
     );
     std::process::exit(2)
 }
@@ -65,7 +71,12 @@ async fn main() {
                 "resume" => true,
                 _ => usage(),
             };
-            connrate(target, a, b as usize, Some(resume)).await
+            let aes128 = match args.get(5).map(String::as_str) {
+                None => false,
+                Some("aes128") => true,
+                Some(_) => usage(),
+            };
+            connrate(target, a, b as usize, Some((resume, aes128))).await
         }
         "tlsidle" => tls_idle(target, a as usize, b).await,
         "bulk" => bulk(target, a, b as usize).await,
@@ -189,7 +200,11 @@ async fn one(
     let Ok(mut s) = tls.connect(name, s).await else {
         return (false, false);
     };
-    let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let session = s.get_ref().1;
+    let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if let Some(suite) = session.negotiated_cipher_suite() {
+        AGREED_SUITE.get_or_init(|| format!("{:?}", suite.suite()));
+    }
     (exchange(&mut s, reply).await, resumed)
 }
 
@@ -197,7 +212,7 @@ async fn one(
 /// session store, as a browser does: a shared store holds 8 tickets per
 /// name, fewer than 32 clients in flight take, so 22% of the "resumed"
 /// run used to fall back to full handshakes.
-async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option<bool>) {
+async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option<(bool, bool)>) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -209,7 +224,7 @@ async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option
             counter.clone(),
             errors.clone(),
             resumed.clone(),
-            tls.map(tls_connector),
+            tls.map(|(resume, aes128)| tls_connector(resume, aes128)),
         );
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -241,20 +256,25 @@ async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     println!(
-        "{{\"conns_per_sec\": {:.0}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"errors\": {}, \"resumed\": {}}}",
+        "{{\"conns_per_sec\": {:.0}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"errors\": {}, \"resumed\": {}, \"suite\": \"{}\"}}",
         all.len() as f64 / elapsed,
         pct(0.50),
         pct(0.99),
         errors.load(Ordering::Relaxed),
-        resumed.load(Ordering::Relaxed)
+        resumed.load(Ordering::Relaxed),
+        AGREED_SUITE.get().map_or("", String::as_str)
     );
 }
 
 /// TLS 1.3 with X25519 only (what OpenSSL 3.0 peers offer too), sessions
 /// cached across this connector's connections when resuming.
-fn tls_connector(resume: bool) -> TlsConnector {
+fn tls_connector(resume: bool, aes128_first: bool) -> TlsConnector {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    if aes128_first {
+        let aes128 = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+        provider.cipher_suites.sort_by_key(|s| s.suite() != aes128);
+    }
     let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3 is supported")
@@ -310,7 +330,7 @@ impl ServerCertVerifier for NoVerify {
 }
 
 async fn tls_idle(target: SocketAddr, count: usize, secs: u64) {
-    let tls = tls_connector(false);
+    let tls = tls_connector(false, false);
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
         let Ok(s) = connect(target, i as u64).await else {

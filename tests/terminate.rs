@@ -424,6 +424,46 @@ async fn curl_and_openssl_verify_terminated_names_and_old_tls_is_refused() {
     }
 }
 
+/// The router picks the suite: AES-128-GCM for a client that lists
+/// AES-256-GCM first (OpenSSL's default order), ChaCha20 for one that
+/// lists it before AES-GCM, and still AES-256 for a client offering only that.
+#[tokio::test]
+async fn the_router_prefers_aes_128_unless_the_client_leads_with_chacha() {
+    if !have("openssl") {
+        return;
+    }
+    let OneNode {
+        router, dir: _dir, ..
+    } = one_node("suite.test", "").await;
+    let addr = router.addr();
+    let cases = [
+        ("", "TLSv1.3, Cipher is TLS_AES_128_GCM_SHA256"),
+        (
+            "-ciphersuites TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256",
+            "TLSv1.3, Cipher is TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            "-ciphersuites TLS_AES_256_GCM_SHA384",
+            "TLSv1.3, Cipher is TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            "-tls1_2 -cipher ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256",
+            "TLSv1.2, Cipher is ECDHE-ECDSA-AES128-GCM-SHA256",
+        ),
+        (
+            "-tls1_2 -cipher ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+            "TLSv1.2, Cipher is ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+    ];
+    for (args, agreed) in cases {
+        let (_, out) = sh(format!(
+            "timeout 10 openssl s_client -connect {addr} -servername suite.test {args} </dev/null"
+        ))
+        .await;
+        assert!(out.contains(agreed), "{args:?}: expected {agreed:?}: {out}");
+    }
+}
+
 #[tokio::test]
 async fn probe_writes_a_chain_that_openssl_reads() {
     if !have("openssl") {

@@ -8,9 +8,9 @@
 use std::borrow::Cow;
 
 use tls_parser::{
-    SNIType, TlsExtension, TlsExtensionType, TlsMessage, TlsMessageHandshake,
-    parse_tls_extension_alpn_content, parse_tls_extension_sni_content, parse_tls_extension_unknown,
-    parse_tls_message_handshake,
+    SNIType, TlsCipherEnc, TlsCipherEncMode, TlsCipherSuite, TlsCipherSuiteID, TlsExtension,
+    TlsExtensionType, TlsMessage, TlsMessageHandshake, parse_tls_extension_alpn_content,
+    parse_tls_extension_sni_content, parse_tls_extension_unknown, parse_tls_message_handshake,
 };
 
 /// Largest handshake message we reassemble. Real hellos, even with ML-KEM
@@ -43,6 +43,9 @@ pub struct ClientHello {
     pub alpn: Vec<Vec<u8>>,
     /// Bytes of the input that carry the hello (all its records).
     pub len: usize,
+    /// Of the AEAD suites the client offers, it lists ChaCha20-Poly1305
+    /// before AES-GCM: the sign of a client without AES hardware.
+    pub chacha_first: bool,
 }
 
 /// The outcome of looking at the bytes read so far.
@@ -84,7 +87,12 @@ impl Invalid {
 pub fn parse(buf: &[u8]) -> Parse {
     match reassemble(buf) {
         Ok(Some((handshake, len))) => match extract(&handshake) {
-            Ok((sni, alpn)) => Parse::Complete(ClientHello { sni, alpn, len }),
+            Ok((sni, alpn, chacha_first)) => Parse::Complete(ClientHello {
+                sni,
+                alpn,
+                len,
+                chacha_first,
+            }),
             Err(e) => Parse::Invalid(e),
         },
         Ok(None) => Parse::Incomplete,
@@ -186,16 +194,18 @@ fn join_prefix<'a>(fragments: &[&'a [u8]], len: usize) -> Cow<'a, [u8]> {
     Cow::Owned(joined)
 }
 
-type Extracted = (Option<String>, Vec<Vec<u8>>);
+type Extracted = (Option<String>, Vec<Vec<u8>>, bool);
 
-/// Reads SNI and ALPN out of one complete ClientHello handshake message.
+/// Reads SNI, ALPN and the AEAD preference out of one complete ClientHello
+/// handshake message.
 fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
     let hello = match parse_tls_message_handshake(message) {
         Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => hello,
         _ => return Err(Invalid::Malformed),
     };
+    let chacha_first = chacha_first(&hello.ciphers);
     let Some(ext) = hello.ext else {
-        return Ok((None, Vec::new()));
+        return Ok((None, Vec::new(), chacha_first));
     };
     // Only SNI and ALPN are ours to read. Every other extension (key shares,
     // groups, signature schemes) is the terminator's or the backend's
@@ -234,7 +244,22 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
             _ => return Err(Invalid::Malformed),
         }
     }
-    Ok((sni, alpn))
+    Ok((sni, alpn, chacha_first))
+}
+
+/// Whether the first AEAD suite in the client's list is ChaCha20-Poly1305
+/// rather than AES-GCM. GREASE values and suites unknown to tls-parser are
+/// skipped.
+fn chacha_first(suites: &[TlsCipherSuiteID]) -> bool {
+    suites
+        .iter()
+        .filter_map(|id| TlsCipherSuite::from_id(id.0))
+        .find_map(|suite| match (suite.enc, suite.enc_mode) {
+            (TlsCipherEnc::Chacha20_Poly1305, _) => Some(true),
+            (TlsCipherEnc::Aes, TlsCipherEncMode::Gcm) => Some(false),
+            _ => None,
+        })
+        .unwrap_or(false)
 }
 
 /// Lowercases a server name and strips one trailing dot, accepting only what
@@ -286,11 +311,27 @@ mod tests {
     }
 
     #[test]
+    fn the_first_aead_suite_decides_chacha_first() {
+        let ids = |list: &[u16]| -> Vec<TlsCipherSuiteID> {
+            list.iter().map(|&id| TlsCipherSuiteID(id)).collect()
+        };
+        // GREASE, then TLS 1.3 ChaCha20 before AES-128-GCM: a phone without AES.
+        assert!(chacha_first(&ids(&[0x0a0a, 0x1303, 0x1301])));
+        // AES-CBC and the renegotiation SCSV are not AEAD choices: skipped.
+        assert!(chacha_first(&ids(&[0x00ff, 0xc009, 0xcca9, 0xc02b])));
+        assert!(!chacha_first(&ids(&[0x1302, 0x1303])));
+        assert!(!chacha_first(&ids(&[0xc02f, 0xcca8])));
+        assert!(!chacha_first(&ids(&[])));
+    }
+
+    #[test]
     fn real_capture_yields_sni_and_alpn() {
         let hello = complete(RUSTLS_HELLO);
         assert_eq!(hello.sni.as_deref(), Some("pass.test"));
         assert_eq!(hello.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
         assert_eq!(hello.len, RUSTLS_HELLO.len());
+        // rustls lists AES-256-GCM, AES-128-GCM, then ChaCha20.
+        assert!(!hello.chacha_first);
         assert!(
             RUSTLS_HELLO.len() > 1200,
             "capture should carry an ML-KEM share"

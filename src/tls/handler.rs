@@ -418,6 +418,7 @@ async fn route_connection(
                 site,
                 stream,
                 preamble.bytes,
+                preamble.parsed.chacha_first,
                 ends,
             ));
             let pair = match serve.await {

@@ -6,4 +6,5 @@ pub mod forward;
 pub mod handler;
 pub mod route;
 pub mod prefixed;
+pub mod suites;
 pub mod terminate;

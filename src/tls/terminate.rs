@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::crypto::CryptoProvider;
 use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
 use rustls::{ServerConfig, version};
 use tokio::io::AsyncWriteExt;
@@ -15,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::prefixed::Prefixed;
-use crate::certs::disk::provider;
+use super::suites;
 use crate::certs::store::{CertStore, SiteResolver};
 use crate::config::{Config, SiteId, SiteRoute};
 use crate::connect::{self, ConnectError};
@@ -47,10 +48,11 @@ impl Resumption {
     }
 }
 
-/// rustls contexts for the sites this node holds.
+/// rustls contexts for the sites this node holds, two per site: one
+/// preferring AES-128-GCM and one ChaCha20 (see [`suites`]).
 #[derive(Default)]
 pub struct Contexts {
-    by_site: HashMap<SiteId, TlsAcceptor>,
+    by_site: HashMap<SiteId, [TlsAcceptor; 2]>,
 }
 
 impl std::fmt::Debug for Contexts {
@@ -66,6 +68,7 @@ impl Contexts {
         resumption: &Resumption,
     ) -> Result<Self, rustls::Error> {
         let mut by_site = HashMap::new();
+        let providers = [false, true].map(|chacha| Arc::new(suites::preferring(chacha)));
         for (index, site) in config.sites.iter().enumerate() {
             let id = SiteId(index);
             let SiteRoute::Held { alpn, .. } = &site.route else {
@@ -74,24 +77,31 @@ impl Contexts {
             if !config.holds(id) {
                 continue;
             }
-            // TLS 1.2 and 1.3 only: rustls implements nothing older.
-            let mut tls = ServerConfig::builder_with_provider(Arc::new(provider()))
-                .with_protocol_versions(&[&version::TLS13, &version::TLS12])?
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(SiteResolver {
-                    store: store.clone(),
-                    site: site.label.clone(),
-                }));
-            tls.alpn_protocols = alpn.clone();
-            tls.session_storage = resumption.sessions.clone();
-            tls.ticketer = resumption.tickets.clone();
-            by_site.insert(id, TlsAcceptor::from(Arc::new(tls)));
+            let resolver = Arc::new(SiteResolver {
+                store: store.clone(),
+                site: site.label.clone(),
+            });
+            let acceptor = |provider: &Arc<CryptoProvider>| {
+                // TLS 1.2 and 1.3 only: rustls implements nothing older.
+                let mut tls = ServerConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&version::TLS13, &version::TLS12])?
+                    .with_no_client_auth()
+                    .with_cert_resolver(resolver.clone());
+                tls.ignore_client_order = true;
+                tls.alpn_protocols = alpn.clone();
+                tls.session_storage = resumption.sessions.clone();
+                tls.ticketer = resumption.tickets.clone();
+                Ok::<_, rustls::Error>(TlsAcceptor::from(Arc::new(tls)))
+            };
+            let [aes, chacha] = &providers;
+            by_site.insert(id, [acceptor(aes)?, acceptor(chacha)?]);
         }
         Ok(Contexts { by_site })
     }
 
-    fn get(&self, site: SiteId) -> Option<&TlsAcceptor> {
-        self.by_site.get(&site)
+    fn get(&self, site: SiteId, chacha_first: bool) -> Option<&TlsAcceptor> {
+        let [aes, chacha] = self.by_site.get(&site)?;
+        Some(if chacha_first { chacha } else { aes })
     }
 }
 
@@ -150,9 +160,12 @@ pub async fn serve(
     site: SiteId,
     stream: TcpStream,
     replay: Vec<u8>,
+    chacha_first: bool,
     ends: Ends,
 ) -> Result<Terminated, TerminateError> {
-    let acceptor = contexts.get(site).ok_or(TerminateError::NoContext)?;
+    let acceptor = contexts
+        .get(site, chacha_first)
+        .ok_or(TerminateError::NoContext)?;
     let SiteRoute::Held { upstream, .. } = &config.site(site).route else {
         return Err(TerminateError::NoContext);
     };
