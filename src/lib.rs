@@ -12,7 +12,8 @@
 //!            tls::route::decide ── pure: terminate | splice | passthrough | reject
 //!              │
 //!              ├─ terminate: tls::terminate (rustls over the replayed hello,
-//!              │    certificate from certs::store) -> upstream, splice::Copied
+//!              │    certificate from certs::store, suite order from
+//!              │    tls::suites) -> upstream, splice::Copied
 //!              ├─ splice / passthrough: tls::forward (connect with deadline,
 //!              │    failover) -> replay PROXY header + peeked bytes, splice::Joined
 //!              └─ reject: unrecognized_name alert, close
