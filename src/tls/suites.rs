@@ -28,9 +28,10 @@ pub fn preferring(chacha_first: bool) -> CryptoProvider {
     provider
 }
 
+/// 0 and 1 for the two preferred AEADs, 2 for the rest.
 fn rank(suite: &SupportedCipherSuite, chacha_first: bool) -> u8 {
     let Some(known) = TlsCipherSuite::from_id(u16::from(suite.suite())) else {
-        return 3;
+        return 2;
     };
     match (known.enc, known.enc_size, chacha_first) {
         (TlsCipherEnc::Chacha20_Poly1305, _, true) => 0,
@@ -54,9 +55,16 @@ mod tests {
             .collect()
     }
 
+    fn is_tls13(suite: &S) -> bool {
+        u16::from(*suite) >> 8 == 0x13
+    }
+
     fn tls13(chacha_first: bool) -> Vec<S> {
-        let is_tls13 = |s: &S| u16::from(*s) >> 8 == 0x13;
         order(chacha_first).into_iter().filter(is_tls13).collect()
+    }
+
+    fn first_tls12(chacha_first: bool) -> Option<S> {
+        order(chacha_first).into_iter().find(|s| !is_tls13(s))
     }
 
     #[test]
@@ -69,9 +77,10 @@ mod tests {
                 S::TLS13_AES_256_GCM_SHA384
             ]
         );
-        let tls12 = order(false);
-        let first12 = tls12.iter().find(|s| u16::from(**s) >> 8 != 0x13);
-        assert_eq!(first12, Some(&S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256));
+        assert_eq!(
+            first_tls12(false),
+            Some(S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+        );
     }
 
     #[test]
@@ -84,9 +93,8 @@ mod tests {
                 S::TLS13_AES_256_GCM_SHA384
             ]
         );
-        let first12 = order(true).into_iter().find(|s| u16::from(*s) >> 8 != 0x13);
         assert_eq!(
-            first12,
+            first_tls12(true),
             Some(S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
         );
     }
