@@ -14,9 +14,8 @@
 //! work is being measured) send the same bytes as application data. They
 //! list cipher suites in rustls's order (AES-256-GCM first, as OpenSSL's
 //! clients do), or with `aes128` AES-128-GCM first, as browsers do; the
-//! suite the server agreed on is reported. All
-//! spread over 127.0.0.10-.59 as source addresses so loopback does not run
-//! out of ephemeral ports.
+//! suite the server agreed on is reported. All spread over 127.0.0.10-.59
+//! as source addresses so loopback does not run out of ephemeral ports.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
