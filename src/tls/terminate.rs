@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::server::{
+    ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
+};
 use rustls::{ServerConfig, version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -48,11 +50,27 @@ impl Resumption {
     }
 }
 
-/// rustls contexts for the sites this node holds, two per site: one
-/// preferring AES-128-GCM and one ChaCha20 (see [`suites`]).
-#[derive(Default)]
+/// rustls contexts for the sites this node holds: per site one preferring
+/// AES-128-GCM, and one preferring ChaCha20 (see [`suites`]) built on the
+/// first client that asks for it. Few clients do, and a context costs
+/// about 460 bytes of heap, which adds up over thousands of sites.
 pub struct Contexts {
-    by_site: HashMap<SiteId, [TlsAcceptor; 2]>,
+    by_site: HashMap<SiteId, SiteContexts>,
+    chacha: Arc<CryptoProvider>,
+}
+
+struct SiteContexts {
+    aes: TlsAcceptor,
+    chacha: OnceLock<TlsAcceptor>,
+}
+
+impl Default for Contexts {
+    fn default() -> Self {
+        Contexts {
+            by_site: HashMap::new(),
+            chacha: Arc::new(suites::preferring(true)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Contexts {
@@ -68,7 +86,7 @@ impl Contexts {
         resumption: &Resumption,
     ) -> Result<Self, rustls::Error> {
         let mut by_site = HashMap::new();
-        let providers = [false, true].map(|chacha| Arc::new(suites::preferring(chacha)));
+        let aes = Arc::new(suites::preferring(false));
         for (index, site) in config.sites.iter().enumerate() {
             let id = SiteId(index);
             let SiteRoute::Held { alpn, .. } = &site.route else {
@@ -81,28 +99,60 @@ impl Contexts {
                 store: store.clone(),
                 site: site.label.clone(),
             });
-            let acceptor = |provider: &Arc<CryptoProvider>| {
-                // TLS 1.2 and 1.3 only: rustls implements nothing older.
-                let mut tls = ServerConfig::builder_with_provider(provider.clone())
-                    .with_protocol_versions(&[&version::TLS13, &version::TLS12])?
-                    .with_no_client_auth()
-                    .with_cert_resolver(resolver.clone());
-                tls.ignore_client_order = true;
-                tls.alpn_protocols = alpn.clone();
-                tls.session_storage = resumption.sessions.clone();
-                tls.ticketer = resumption.tickets.clone();
-                Ok::<_, rustls::Error>(TlsAcceptor::from(Arc::new(tls)))
+            let tls = server_config(aes.clone(), resolver, alpn.clone(), resumption.clone())?;
+            let contexts = SiteContexts {
+                aes: TlsAcceptor::from(Arc::new(tls)),
+                chacha: OnceLock::new(),
             };
-            let [aes, chacha] = &providers;
-            by_site.insert(id, [acceptor(aes)?, acceptor(chacha)?]);
+            by_site.insert(id, contexts);
         }
-        Ok(Contexts { by_site })
+        Ok(Contexts {
+            by_site,
+            ..Contexts::default()
+        })
     }
 
     fn get(&self, site: SiteId, chacha_first: bool) -> Option<&TlsAcceptor> {
-        let [aes, chacha] = self.by_site.get(&site)?;
-        Some(if chacha_first { chacha } else { aes })
+        let contexts = self.by_site.get(&site)?;
+        if !chacha_first {
+            return Some(&contexts.aes);
+        }
+        Some(contexts.chacha.get_or_init(|| {
+            let aes = contexts.aes.config();
+            let resumption = Resumption {
+                sessions: aes.session_storage.clone(),
+                tickets: aes.ticketer.clone(),
+            };
+            let resolver = aes.cert_resolver.clone();
+            let alpn = aes.alpn_protocols.clone();
+            match server_config(self.chacha.clone(), resolver, alpn, resumption) {
+                Ok(tls) => TlsAcceptor::from(Arc::new(tls)),
+                // The same versions were accepted with the same suites in
+                // another order, so this does not happen; AES serves anyway.
+                Err(_) => contexts.aes.clone(),
+            }
+        }))
     }
+}
+
+/// A site's server context, with the suite order of `provider` chosen by
+/// the server.
+fn server_config(
+    provider: Arc<CryptoProvider>,
+    resolver: Arc<dyn ResolvesServerCert>,
+    alpn: Vec<Vec<u8>>,
+    resumption: Resumption,
+) -> Result<ServerConfig, rustls::Error> {
+    // TLS 1.2 and 1.3 only: rustls implements nothing older.
+    let mut tls = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&version::TLS13, &version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    tls.ignore_client_order = true;
+    tls.alpn_protocols = alpn;
+    tls.session_storage = resumption.sessions;
+    tls.ticketer = resumption.tickets;
+    Ok(tls)
 }
 
 #[derive(Debug, thiserror::Error)]
