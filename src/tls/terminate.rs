@@ -64,15 +64,6 @@ struct SiteContexts {
     chacha: OnceLock<TlsAcceptor>,
 }
 
-impl Default for Contexts {
-    fn default() -> Self {
-        Contexts {
-            by_site: HashMap::new(),
-            chacha: Arc::new(suites::preferring(true)),
-        }
-    }
-}
-
 impl std::fmt::Debug for Contexts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Contexts({} sites)", self.by_site.len())
@@ -108,7 +99,7 @@ impl Contexts {
         }
         Ok(Contexts {
             by_site,
-            ..Contexts::default()
+            chacha: Arc::new(suites::preferring(true)),
         })
     }
 
