@@ -75,7 +75,11 @@ async fn main() {
                 Some("aes128") => true,
                 Some(_) => usage(),
             };
-            connrate(target, a, b as usize, Some((resume, aes128))).await
+            let tls = Tls {
+                resume,
+                aes128_first: aes128,
+            };
+            connrate(target, a, b as usize, Some(tls)).await
         }
         "tlsidle" => tls_idle(target, a as usize, b).await,
         "bulk" => bulk(target, a, b as usize).await,
@@ -207,11 +211,11 @@ async fn one(
     (exchange(&mut s, reply).await, resumed)
 }
 
-/// `tls`: `Some(resume)` for TLS handshakes. Each client keeps its own
+/// `tls`: `Some` for TLS handshakes. Each client keeps its own
 /// session store, as a browser does: a shared store holds 8 tickets per
 /// name, fewer than 32 clients in flight take, so 22% of the "resumed"
 /// run used to fall back to full handshakes.
-async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option<(bool, bool)>) {
+async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option<Tls>) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -223,7 +227,7 @@ async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option
             counter.clone(),
             errors.clone(),
             resumed.clone(),
-            tls.map(|(resume, aes128)| tls_connector(resume, aes128)),
+            tls.map(tls_connector),
         );
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -265,9 +269,23 @@ async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option
     );
 }
 
+/// How a TLS client behaves.
+#[derive(Clone, Copy)]
+struct Tls {
+    /// Keep a session cache and resume.
+    resume: bool,
+    /// List AES-128-GCM first, as browsers do.
+    aes128_first: bool,
+}
+
 /// TLS 1.3 with X25519 only (what OpenSSL 3.0 peers offer too), sessions
 /// cached across this connector's connections when resuming.
-fn tls_connector(resume: bool, aes128_first: bool) -> TlsConnector {
+fn tls_connector(
+    Tls {
+        resume,
+        aes128_first,
+    }: Tls,
+) -> TlsConnector {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
     if aes128_first {
@@ -329,7 +347,10 @@ impl ServerCertVerifier for NoVerify {
 }
 
 async fn tls_idle(target: SocketAddr, count: usize, secs: u64) {
-    let tls = tls_connector(false, false);
+    let tls = tls_connector(Tls {
+        resume: false,
+        aes128_first: false,
+    });
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
         let Ok(s) = connect(target, i as u64).await else {
