@@ -119,13 +119,22 @@ pub async fn to_first_reachable(
     header: Option<Vec<u8>>,
     replay: Vec<u8>,
 ) -> Result<Opened, ForwardError> {
+    let replayed = replay.len() as u64;
+    let prefix = match header {
+        Some(mut header) => {
+            header.extend_from_slice(&replay);
+            header
+        }
+        None => replay,
+    };
     let mut last = None;
     let mut connected = None;
     for target in targets {
-        match connect::connect(target.addr, via.source, via.config.timeouts.connect).await {
-            Ok(stream) => {
+        let timeout = via.config.timeouts.connect;
+        match connect::connect_sending(target.addr, via.source, timeout, &prefix).await {
+            Ok(opened) => {
                 target.connected(via.peers);
-                connected = Some((target, stream));
+                connected = Some((target, opened));
                 break;
             }
             Err(e) => {
@@ -137,19 +146,11 @@ pub async fn to_first_reachable(
             }
         }
     }
-    let Some((target, mut stream)) = connected else {
+    let Some((target, (mut stream, rest))) = connected else {
         return Err(last.unwrap_or(ForwardError::NoHolder(0)));
     };
-    let replayed = replay.len() as u64;
-    let prefix = match header {
-        Some(mut header) => {
-            header.extend_from_slice(&replay);
-            header
-        }
-        None => replay,
-    };
     stream
-        .write_all(&prefix)
+        .write_all(rest)
         .await
         .map_err(|e| ForwardError::Replay(target.addr, e))?;
     Ok(Opened {
@@ -218,9 +219,10 @@ async fn open_holder(
     source: Option<IpAddr>,
     prefix: &[u8],
 ) -> Result<(TcpStream, Vec<u8>), ForwardError> {
-    let mut target = connect::connect(holder, source, config.timeouts.connect).await?;
+    let (mut target, rest) =
+        connect::connect_sending(holder, source, config.timeouts.connect, prefix).await?;
     target
-        .write_all(prefix)
+        .write_all(rest)
         .await
         .map_err(|e| ForwardError::Replay(holder, e))?;
     let mut first = vec![0u8; FIRST_READ];

@@ -215,19 +215,27 @@ pub async fn serve(
         .await
         .map_err(|_| TerminateError::HandshakeTimeout(deadline))?
         .map_err(TerminateError::Handshake)?;
-    let mut target = connect::connect(*upstream, None, config.timeouts.connect)
+    let header = config
+        .site(site)
+        .proxy_protocol
+        .map(|version| proxy_protocol::encode(version, ends.client, ends.destination))
+        .unwrap_or_default();
+    let (mut target, rest) = connect::connect_sending(
+        *upstream,
+        None,
+        config.timeouts.connect,
+        &header,
+    )
+    .await
+    .inspect_err(|_| {
+        let site = config.site(site).label.clone();
+        metrics::counter!(crate::metrics::CONNECT_FAILURES, "kind" => "upstream", "target" => site)
+            .increment(1);
+    })?;
+    target
+        .write_all(rest)
         .await
-        .inspect_err(|_| {
-            let site = config.site(site).label.clone();
-            metrics::counter!(crate::metrics::CONNECT_FAILURES, "kind" => "upstream", "target" => site).increment(1);
-        })?;
-    if let Some(version) = config.site(site).proxy_protocol {
-        let header = proxy_protocol::encode(version, ends.client, ends.destination);
-        target
-            .write_all(&header)
-            .await
-            .map_err(TerminateError::Upstream)?;
-    }
+        .map_err(TerminateError::Upstream)?;
     Ok(Terminated {
         tls,
         upstream: target,
