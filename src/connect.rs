@@ -166,6 +166,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_wait_for_a_handshake_that_is_still_under_way() {
+        // A listener whose accept queue is full drops SYNs, so the connect
+        // is still under way when the early send is tried.
+        let listener = socket2::Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        let listener = std::net::TcpListener::from(listener);
+        let hello = b"hello".to_vec();
+        let short = Duration::from_millis(300);
+        let err = connect_sending(addr, None, short, &hello)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Timeout(..)), "{err}");
+
+        // Once the queue has room the connection completes, on a
+        // retransmitted SYN if the first was dropped, and the bytes follow.
+        let accepting = std::thread::spawn(move || {
+            let first = listener.accept().unwrap();
+            let (mut second, _) = listener.accept().unwrap();
+            second.set_read_timeout(Some(WAIT)).unwrap();
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut second, &mut got).unwrap();
+            drop((first, queued));
+            got
+        });
+        let (mut stream, rest) = connect_sending(addr, None, WAIT, &hello).await.unwrap();
+        stream.write_all(rest).await.unwrap();
+        drop(stream);
+        assert_eq!(accepting.join().unwrap(), hello);
+    }
+
+    #[tokio::test]
     async fn a_refused_connect_is_an_error_whether_or_not_bytes_wait() {
         let closed = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
