@@ -137,8 +137,25 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    runtime.spawn(trim_allocator());
     runtime.block_on(server::serve(source, config))?;
     Ok(())
+}
+
+/// mimalloc hands freed memory back to the OS only a while after it was
+/// freed, and only when it is next called: a router that goes quiet after
+/// a burst of connections would hold their memory for good. A tick does
+/// what jemalloc's background thread does, returning what has been free
+/// for a second (`purge_delay`) without touching the per-connection path.
+async fn trim_allocator() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        // SAFETY: mi_collect takes no pointers and may be called from any
+        // thread at any time; it only walks the allocator's own state.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
 }
 
 fn probe(args: ProbeArgs) -> anyhow::Result<()> {
