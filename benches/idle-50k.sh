@@ -19,6 +19,11 @@ port=19643
 
 ulimit -n "$(ulimit -Hn)"
 sysctl -qw net.ipv4.ip_local_port_range="1024 65000" 2>/dev/null || true
+# ...which then takes in the ports the benches listen on: a connection left
+# in TIME_WAIT on one of them makes the next run's bind fail. Keep 19000-19999
+# out of the ephemeral range.
+reserved=$(sysctl -n net.ipv4.ip_local_reserved_ports 2>/dev/null || true)
+case ",$reserved," in *,19000-19999,*) ;; *) sysctl -qw net.ipv4.ip_local_reserved_ports="${reserved:+$reserved,}19000-19999" 2>/dev/null || true ;; esac
 sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
 limit=$(ulimit -n)
 per_router=$(( (total + routers - 1) / routers ))
@@ -52,9 +57,15 @@ established() { # connections in ESTABLISHED state with local port $1
   ss -Htn state established "( sport = :$1 )" | wc -l
 }
 
+sink_pids=()
 for _ in $(seq "$sinks"); do
   "$gen" backend "127.0.0.1:$((port + 1))" sink &
+  sink_pids+=($!)
   pids+=($!)
+done
+sleep 0.5
+for pid in "${sink_pids[@]}"; do
+  kill -0 "$pid" 2>/dev/null || { echo "a sink could not listen on 127.0.0.1:$((port + 1))" >&2; exit 1; }
 done
 cat >"$work/router.toml" <<CFG
 this_node = "bench"
