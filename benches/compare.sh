@@ -25,14 +25,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 ulimit -n "$(ulimit -Hn)"  # this machine caps it at 20000: size the peers to fit
-# Loopback load runs out of ephemeral ports quickly.
-sysctl -qw net.ipv4.ip_local_port_range="1024 65000" 2>/dev/null || true
-# ...which then takes in the ports the benches listen on: a connection left
-# in TIME_WAIT on one of them makes the next run's bind fail. Keep 19000-19999
-# out of the ephemeral range.
-reserved=$(sysctl -n net.ipv4.ip_local_reserved_ports 2>/dev/null || true)
-case ",$reserved," in *,19000-19999,*) ;; *) sysctl -qw net.ipv4.ip_local_reserved_ports="${reserved:+$reserved,}19000-19999" 2>/dev/null || true ;; esac
-sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
+. benches/loopback.sh
 
 cargo build --release --quiet --bin sni-router --example loadgen
 bin=target/release/sni-router; gen=target/release/examples/loadgen

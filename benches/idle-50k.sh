@@ -18,13 +18,7 @@ hold=600 # longer than any run; killed at the end
 port=19643
 
 ulimit -n "$(ulimit -Hn)"
-sysctl -qw net.ipv4.ip_local_port_range="1024 65000" 2>/dev/null || true
-# ...which then takes in the ports the benches listen on: a connection left
-# in TIME_WAIT on one of them makes the next run's bind fail. Keep 19000-19999
-# out of the ephemeral range.
-reserved=$(sysctl -n net.ipv4.ip_local_reserved_ports 2>/dev/null || true)
-case ",$reserved," in *,19000-19999,*) ;; *) sysctl -qw net.ipv4.ip_local_reserved_ports="${reserved:+$reserved,}19000-19999" 2>/dev/null || true ;; esac
-sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
+. benches/loopback.sh
 limit=$(ulimit -n)
 per_router=$(( (total + routers - 1) / routers ))
 if (( per_router * 23 / 10 > limit )); then
