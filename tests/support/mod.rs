@@ -357,8 +357,22 @@ impl Backend {
         };
         let seen = backend.seen.clone();
         let serve = Arc::new(serve);
+        let ip = ip.to_owned();
         tokio::spawn(async move {
-            while let Ok((stream, peer)) = listener.accept().await {
+            loop {
+                // A failed accept (out of descriptors while tests run side by
+                // side, say) must not end the loop: dropping the listener
+                // would reset every connection still in its queue, and the
+                // test would blame the router for them. The loop ends with
+                // the test's runtime.
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        eprintln!("test backend {ip}: accept failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
                 let seen = seen.clone();
                 let serve = serve.clone();
                 tokio::spawn(async move {

@@ -78,6 +78,21 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The log lives in the test's temporary directory, gone once the
+        // test ends: show it when the test failed, so a rare failure in CI
+        // says what the router saw.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines
+                .get(lines.len().saturating_sub(80)..)
+                .unwrap_or_default();
+            eprintln!(
+                "--- router log, last {} lines ---\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
