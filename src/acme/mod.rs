@@ -63,9 +63,23 @@ struct SiteState {
     failures: u32,
     /// The certificate being served, for ARI and `replaces`.
     current: Option<Loaded>,
-    /// The CA answered ARI for `current`: the next order may say `replaces`.
-    ari: bool,
+    /// The CA's suggested window for `current`, when it answered ARI: the
+    /// next order then says `replaces`.
+    window: Option<Window>,
+    /// When to ask the CA's renewal information again; `None` when it
+    /// offers none.
+    recheck: Option<SystemTime>,
     identifiers: Vec<String>,
+}
+
+/// An ARI suggested window: start, end.
+type Window = (SystemTime, SystemTime);
+
+/// When to renew a certificate, and what the CA said about it.
+struct Plan {
+    renew: SystemTime,
+    window: Option<Window>,
+    recheck: Option<SystemTime>,
 }
 
 pub struct Manager {
@@ -135,12 +149,14 @@ impl Manager {
                 let state = self.restore(acme, &label, identifiers).await;
                 self.sites.insert(label.clone(), state);
             }
-            let due = self
-                .sites
-                .get(&label)
-                .is_some_and(|s| s.next <= SystemTime::now());
-            if due {
+            let now = SystemTime::now();
+            let Some(state) = self.sites.get(&label) else {
+                continue;
+            };
+            if state.next <= now {
                 self.attempt(acme, &label).await;
+            } else if state.recheck.is_some_and(|at| at <= now) {
+                self.recheck(acme, &label).await;
             }
         }
         if let Ok(mut renewals) = self.shared.renewals.lock() {
@@ -150,7 +166,11 @@ impl Manager {
                 .map(|(site, s)| (site.clone(), s.next))
                 .collect();
         }
-        self.sites.values().map(|s| s.next).min()
+        self.sites
+            .values()
+            .flat_map(|s| [Some(s.next), s.recheck])
+            .flatten()
+            .min()
     }
 
     /// A stored certificate for the same identifiers goes live at once and
@@ -160,7 +180,8 @@ impl Manager {
             next: SystemTime::now(),
             failures: 0,
             current: None,
-            ari: false,
+            window: None,
+            recheck: None,
             identifiers,
         };
         let stored = match storage::load_site(&acme.state_dir, label) {
@@ -190,7 +211,8 @@ impl Manager {
                     "stored ACME certificate loaded"
                 );
                 self.install(label, &loaded);
-                (state.next, state.ari) = self.renewal_time(acme, &loaded).await;
+                let plan = self.plan(acme, label, &loaded).await;
+                (state.next, state.window, state.recheck) = (plan.renew, plan.window, plan.recheck);
                 state.current = Some(loaded);
             }
             Ok(_) => tracing::info!(site = label, "stored certificate expired; ordering anew"),
@@ -209,7 +231,7 @@ impl Manager {
         let replaces = state
             .current
             .as_ref()
-            .filter(|_| state.ari)
+            .filter(|_| state.window.is_some())
             .and_then(|c| c.key.cert.first().and_then(certificate_id));
         // Only this order's refusals count.
         self.retry_after.take();
@@ -219,8 +241,8 @@ impl Manager {
         )
         .await
         .unwrap_or(Err(AcmeError::Deadline(ORDER_DEADLINE)));
-        let renew = match &result {
-            Ok(loaded) => Some(self.renewal_time(acme, loaded).await),
+        let plan = match &result {
+            Ok(loaded) => Some(self.plan(acme, label, loaded).await),
             Err(_) => None,
         };
         let Some(state) = self.sites.get_mut(label) else {
@@ -234,10 +256,14 @@ impl Manager {
                     .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "issued")
                     .increment(1);
-                let (next, ari) = renew.unwrap_or((SystemTime::now(), false));
+                let plan = plan.unwrap_or(Plan {
+                    renew: SystemTime::now(),
+                    window: None,
+                    recheck: None,
+                });
+                let next = plan.renew;
                 state.failures = 0;
-                state.next = next;
-                state.ari = ari;
+                (state.next, state.window, state.recheck) = (next, plan.window, plan.recheck);
                 tracing::info!(
                     site = label,
                     not_after = %humantime::format_rfc3339_seconds(loaded.info.not_after),
@@ -254,6 +280,11 @@ impl Manager {
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "failed")
                     .increment(1);
                 state.failures += 1;
+                // A CA that refuses `replaces` (already replaced, say) gets
+                // a plain order next time.
+                if e.step() == "new_order" {
+                    state.window = None;
+                }
                 let wait = schedule::backoff(
                     state.failures,
                     acme.retry_min,
@@ -317,29 +348,94 @@ impl Manager {
         );
     }
 
-    /// ARI's suggested window when the CA offers it, else a third of the
-    /// lifetime left; both with jitter so holders spread out. Also says
-    /// whether the CA answered ARI, so the renewal order can say `replaces`.
-    async fn renewal_time(&mut self, acme: &Acme, loaded: &Loaded) -> (SystemTime, bool) {
+    /// ARI's suggested window when the CA offers one that ends before the
+    /// certificate does, else a third of the lifetime left; both with
+    /// jitter so holders spread out.
+    async fn plan(&mut self, acme: &Acme, label: &str, loaded: &Loaded) -> Plan {
         let info = &loaded.info;
-        let fallback = (
-            schedule::renew_at(info.not_before, info.not_after, fastrand::f64()),
-            false,
-        );
-        let Some(id) = loaded.key.cert.first().and_then(certificate_id) else {
-            return fallback;
+        let fallback = schedule::renew_at(info.not_before, info.not_after, fastrand::f64());
+        let lifetime = info
+            .not_after
+            .duration_since(info.not_before)
+            .unwrap_or_default();
+        let now = SystemTime::now();
+        let (window, retry_after) = match self.renewal_info(acme, label, loaded).await {
+            Ari::Unsupported => {
+                return Plan {
+                    renew: fallback,
+                    window: None,
+                    recheck: None,
+                };
+            }
+            Ari::Failed => (None, schedule::ARI_RECHECK_AFTER_FAILURE),
+            Ari::Window(window, retry_after) => (Some(window), retry_after),
         };
-        let Ok(account) = self.account(acme).await else {
-            return fallback;
+        let renew = window
+            .and_then(|w| schedule::ari_renew_at(now, w, info.not_after, fastrand::f64()))
+            .unwrap_or_else(|| {
+                if window.is_some() {
+                    tracing::warn!(
+                        site = label,
+                        step = "renewal_info",
+                        "the CA's renewal window ends after the certificate expires; renewing at a third of its lifetime left"
+                    );
+                }
+                fallback
+            });
+        Plan {
+            renew,
+            window,
+            recheck: Some(now + schedule::ari_recheck(lifetime, retry_after)),
+        }
+    }
+
+    /// Asks the CA again; a moved window moves the renewal (a revoked
+    /// certificate's window is in the past: renew now).
+    async fn recheck(&mut self, acme: &Acme, label: &str) {
+        let Some(loaded) = self.sites.get(label).and_then(|s| s.current.clone()) else {
+            return;
+        };
+        let plan = self.plan(acme, label, &loaded).await;
+        let Some(state) = self.sites.get_mut(label) else {
+            return;
+        };
+        state.recheck = plan.recheck;
+        if plan.window.is_none() || plan.window == state.window {
+            return;
+        }
+        tracing::info!(
+            site = label,
+            step = "renewal_info",
+            next_renewal = %humantime::format_rfc3339_seconds(plan.renew),
+            "the CA's renewal window moved"
+        );
+        (state.next, state.window) = (plan.renew, plan.window);
+    }
+
+    async fn renewal_info(&mut self, acme: &Acme, label: &str, loaded: &Loaded) -> Ari {
+        let Some(id) = loaded.key.cert.first().and_then(certificate_id) else {
+            return Ari::Unsupported;
+        };
+        let account = match self.account(acme).await {
+            Ok(account) => account,
+            Err(e) => {
+                tracing::warn!(site = label, step = "renewal_info", error = %e, "cannot ask the CA for renewal information");
+                return Ari::Failed;
+            }
         };
         match account.renewal_info(&id).await {
-            Ok((ari, _)) => {
+            Ok((ari, retry_after)) => {
                 let window = &ari.suggested_window;
-                let start = SystemTime::from(window.start);
-                let end = SystemTime::from(window.end);
-                (schedule::in_window(start, end, fastrand::f64()), true)
+                Ari::Window(
+                    (SystemTime::from(window.start), SystemTime::from(window.end)),
+                    retry_after,
+                )
             }
-            Err(_) => fallback,
+            Err(instant_acme::Error::Unsupported(_)) => Ari::Unsupported,
+            Err(e) => {
+                tracing::warn!(site = label, step = "renewal_info", error = %e, "renewal information unavailable; asking again later");
+                Ari::Failed
+            }
         }
     }
 
@@ -410,6 +506,14 @@ impl Manager {
             Err(e) => tracing::warn!(error = %e, "shared account unreadable"),
         }
     }
+}
+
+/// What the CA said when asked for renewal information.
+enum Ari {
+    Window(Window, Duration),
+    /// The directory offers no `renewalInfo`.
+    Unsupported,
+    Failed,
 }
 
 /// The identifiers this node orders for a site: its exact names plus the

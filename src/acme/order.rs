@@ -83,10 +83,11 @@ pub async fn obtain(
     if let Some(profile) = request.profile {
         new_order = new_order.profile(profile);
     }
+    let replaces = request.replaces.as_ref().map(ToString::to_string);
     if let Some(replaces) = request.replaces {
         new_order = new_order.replaces(replaces);
     }
-    tracing::info!(site, step = "new_order", identifiers = ?request.identifiers, "ACME order");
+    tracing::info!(site, step = "new_order", identifiers = ?request.identifiers, replaces, "ACME order");
     let mut order = account
         .new_order(&new_order)
         .await
