@@ -91,7 +91,8 @@ pub fn status(shared: &Shared) -> Value {
                 "source": entry.as_ref().map(|e| format!("{:?}", e.source).to_lowercase()),
                 "not_after": entry.as_ref().map(|e| unix(e.loaded.info.not_after)),
                 "valid_now": entry.as_ref().is_some_and(|e| e.loaded.info.valid_at(now)),
-                "next_renewal": renewals.get(label).copied().map(unix),
+                "next_renewal": renewals.get(label).map(|r| unix(r.at)),
+                "renewal_window": renewals.get(label).and_then(|r| r.window).map(|(start, end)| [unix(start), unix(end)]),
             })
         })
         .collect();

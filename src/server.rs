@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acme::Renewal;
 use crate::certs::store::CertStore;
 use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
@@ -27,7 +28,6 @@ use crate::tls::terminate::{Contexts, Resumption};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
-use std::time::SystemTime;
 use tokio::sync::watch;
 
 /// Where the config comes from, so a reload reads the same place.
@@ -112,7 +112,7 @@ pub struct Shared {
     pub stats: Stats,
     pub peers: PeerHealth,
     /// Next ACME renewal per site label, for the status page.
-    pub renewals: Mutex<HashMap<String, SystemTime>>,
+    pub renewals: Mutex<HashMap<String, Renewal>>,
     /// Listeners bound and accepting (false before start and while draining).
     pub ready: AtomicBool,
     pub hello_slots: Arc<HelloSlots>,

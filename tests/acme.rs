@@ -5,13 +5,10 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use rustls::pki_types::pem::PemObject;
-use sni_router::certs::store::Source;
-use support::pebble::{Options, Pebble};
+use support::pebble::{Options, Pebble, held, wait_acme};
 use support::*;
 
 const NODES: [(&str, &str); 3] = [("a", "127.0.0.2"), ("b", "127.0.0.3"), ("c", "127.0.0.4")];
@@ -28,50 +25,6 @@ fn addresses(pebble: &Pebble) -> Vec<(&'static str, SocketAddr, SocketAddr)> {
             )
         })
         .collect()
-}
-
-fn acme_section(pebble: &Pebble, state_dir: &Path, extra: &str) -> String {
-    format!(
-        "[acme]\ndirectory = \"{}\"\nstate_dir = \"{}\"\nca_file = \"{}\"\ncontact = [\"mailto:ops@example.test\"]\nretry_min = \"1s\"\n{extra}",
-        pebble.directory,
-        state_dir.display(),
-        pebble.ca_file.display()
-    )
-}
-
-fn held(name: &str, holders: &str) -> String {
-    format!("[[sites]]\nnames = [\"{name}\"]\nheld_by = [{holders}]\nupstream = \"127.0.0.1:9\"\n")
-}
-
-/// Polls until `router` serves an ACME certificate for `site` (bounded).
-async fn wait_acme(router: &Router, site: &str, not: Option<&[u8]>) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(entry) = router.handle.shared.certs.get(site)
-            && entry.source == Source::Acme
-        {
-            let der = entry.loaded.key.cert[0].to_vec();
-            if not != Some(der.as_slice()) {
-                return der;
-            }
-        }
-        assert!(Instant::now() < deadline, "no ACME certificate for {site}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A client that trusts only what Pebble issues.
-async fn pebble_client(pebble: &Pebble) -> Arc<rustls::ClientConfig> {
-    let root = pebble.issuing_root().await;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
 }
 
 #[tokio::test]
@@ -91,7 +44,7 @@ async fn every_holder_gets_its_own_certificate_while_dns_points_elsewhere() {
     pebble.add_a("two.test", "127.0.0.2").await;
     let mut routers = Vec::new();
     for (name, _, _) in &nodes {
-        let top = acme_section(&pebble, &dir.path().join(name), "");
+        let top = pebble.acme_section(&dir.path().join(name), "");
         routers.push(Router::start(&fleet_toml_http(name, &nodes, &top, &sites)).await);
     }
     let one = wait_acme(&routers[0], "one.test", None).await;
@@ -103,7 +56,7 @@ async fn every_holder_gets_its_own_certificate_while_dns_points_elsewhere() {
         "a does not hold two.test"
     );
 
-    let client = pebble_client(&pebble).await;
+    let client = pebble.client().await;
     for (router, name, expected) in [
         (&routers[0], "one.test", &one),
         (&routers[1], "two.test", &two_b),
@@ -137,7 +90,7 @@ async fn a_restart_reuses_the_stored_certificate() {
     let toml = fleet_toml_http(
         "a",
         &nodes[..1],
-        &acme_section(&pebble, dir.path(), ""),
+        &pebble.acme_section(dir.path(), ""),
         &held("keep.test", "\"a\""),
     );
     let router = Router::start(&toml).await;
@@ -176,7 +129,7 @@ async fn short_lived_certificates_renew_before_expiry() {
     // c runs too (the name's DNS points at it) but does not hold the name.
     let mut routers = Vec::new();
     for (name, _, _) in &nodes {
-        let top = acme_section(&pebble, &dir.path().join(name), "");
+        let top = pebble.acme_section(&dir.path().join(name), "");
         routers.push(
             Router::start(&fleet_toml_http(
                 name,
@@ -188,7 +141,7 @@ async fn short_lived_certificates_renew_before_expiry() {
         );
     }
     let _c = routers.pop();
-    let client = pebble_client(&pebble).await;
+    let client = pebble.client().await;
     let mut firsts = Vec::new();
     for router in &routers {
         firsts.push(wait_acme(router, "short.test", None).await);
@@ -264,7 +217,7 @@ async fn a_down_or_refusing_ca_backs_off_while_peers_serve() {
         let a = Router::start(&fleet_toml_http(
             "a",
             &nodes,
-            &acme_section(pebble, state.path(), &extra),
+            &pebble.acme_section(state.path(), &extra),
             &site_a,
         ))
         .await;
@@ -318,7 +271,7 @@ async fn a_shared_account_issues_without_forwarding() {
     for (name, _, _) in &nodes {
         let top = format!(
             "[http]\nforward = false\n{}",
-            acme_section(&pebble, &dir.path().join(name), "shared_account = true\n")
+            pebble.acme_section(&dir.path().join(name), "shared_account = true\n")
         );
         routers.push(Router::start(&fleet_toml_http(name, &nodes, &top, &sites)).await);
     }

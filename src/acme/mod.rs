@@ -73,7 +73,14 @@ struct SiteState {
 }
 
 /// An ARI suggested window: start, end.
-type Window = (SystemTime, SystemTime);
+pub type Window = (SystemTime, SystemTime);
+
+/// A site's next renewal and the CA's window behind it, for `/status`.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewal {
+    pub at: SystemTime,
+    pub window: Option<Window>,
+}
 
 /// When to renew a certificate, and what the CA said about it.
 struct Plan {
@@ -163,7 +170,13 @@ impl Manager {
             *renewals = self
                 .sites
                 .iter()
-                .map(|(site, s)| (site.clone(), s.next))
+                .map(|(site, s)| {
+                    let renewal = Renewal {
+                        at: s.next,
+                        window: s.window,
+                    };
+                    (site.clone(), renewal)
+                })
                 .collect();
         }
         self.sites

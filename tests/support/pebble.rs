@@ -3,14 +3,18 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use sni_router::certs::store::Source;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{TestCa, WAIT, free_addr, sh};
+use super::{Router, TestCa, WAIT, free_addr, sh};
 
 pub struct Pebble {
     pub dir: tempfile::TempDir,
@@ -192,6 +196,94 @@ impl Pebble {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+
+    /// The `[acme]` section of a router that orders from this CA.
+    pub fn acme_section(&self, state_dir: &Path, extra: &str) -> String {
+        format!(
+            "[acme]\ndirectory = \"{}\"\nstate_dir = \"{}\"\nca_file = \"{}\"\ncontact = [\"mailto:ops@example.test\"]\nretry_min = \"1s\"\n{extra}",
+            self.directory,
+            state_dir.display(),
+            self.ca_file.display()
+        )
+    }
+
+    /// A client that trusts only what this CA issues.
+    pub async fn client(&self) -> Arc<rustls::ClientConfig> {
+        let root = self.issuing_root().await;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(root.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// Whether this Pebble serves renewal information (ARI: Pebble 2.6 on).
+    /// Outside CI an older one skips the test; in CI it fails, since
+    /// `scripts/test` fetches a newer one.
+    pub async fn serves_ari(&self) -> bool {
+        let (ok, out) = sh(format!(
+            "curl -sS --max-time 10 --cacert {} {}",
+            self.ca_file.display(),
+            self.directory
+        ))
+        .await;
+        assert!(ok, "directory: {out}");
+        let found = out.contains("renewalInfo");
+        if !found && std::env::var_os("CI").is_some() {
+            panic!("this Pebble has no renewalInfo; scripts/test fetches Pebble 2.6");
+        }
+        found
+    }
+
+    /// Revokes `cert` as its owner, with the account a router keeps in
+    /// `state_dir`.
+    pub async fn revoke(&self, state_dir: &Path, cert: &[u8]) {
+        use sni_router::acme::{client, storage};
+        let file = storage::load_account(state_dir)
+            .expect("account file")
+            .expect("an account");
+        let http =
+            client::build(Some(&self.ca_file), client::RetryAfter::default()).expect("client");
+        let account = instant_acme::Account::builder_with_http(http)
+            .from_credentials(file.credentials)
+            .await
+            .expect("account");
+        let certificate = CertificateDer::from(cert.to_vec());
+        account
+            .revoke(&instant_acme::RevocationRequest {
+                certificate: &certificate,
+                reason: None,
+            })
+            .await
+            .expect("revoke");
+    }
+}
+
+/// Config text for a site held by `holders` (quoted node names).
+pub fn held(name: &str, holders: &str) -> String {
+    format!("[[sites]]\nnames = [\"{name}\"]\nheld_by = [{holders}]\nupstream = \"127.0.0.1:9\"\n")
+}
+
+/// Polls until `router` serves an ACME certificate for `site` other than
+/// `not` (bounded).
+pub async fn wait_acme(router: &Router, site: &str, not: Option<&[u8]>) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(entry) = router.handle.shared.certs.get(site)
+            && entry.source == Source::Acme
+        {
+            let der = entry.loaded.key.cert[0].to_vec();
+            if not != Some(der.as_slice()) {
+                return der;
+            }
+        }
+        assert!(Instant::now() < deadline, "no ACME certificate for {site}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
