@@ -224,7 +224,7 @@ impl Manager {
                     "stored ACME certificate loaded"
                 );
                 self.install(label, &loaded);
-                let plan = self.plan(acme, label, &loaded).await;
+                let plan = self.plan(acme, label, &loaded, None).await;
                 (state.next, state.window, state.recheck) = (plan.renew, plan.window, plan.recheck);
                 state.current = Some(loaded);
             }
@@ -255,7 +255,7 @@ impl Manager {
         .await
         .unwrap_or(Err(AcmeError::Deadline(ORDER_DEADLINE)));
         let plan = match &result {
-            Ok(loaded) => Some(self.plan(acme, label, loaded).await),
+            Ok(loaded) => Some(self.plan(acme, label, loaded, None).await),
             Err(_) => None,
         };
         let Some(state) = self.sites.get_mut(label) else {
@@ -363,8 +363,15 @@ impl Manager {
 
     /// ARI's suggested window when the CA offers one that ends before the
     /// certificate does, else a third of the lifetime left; both with
-    /// jitter so holders spread out.
-    async fn plan(&mut self, acme: &Acme, label: &str, loaded: &Loaded) -> Plan {
+    /// jitter so holders spread out. A window other than `known` that
+    /// cannot be followed is logged.
+    async fn plan(
+        &mut self,
+        acme: &Acme,
+        label: &str,
+        loaded: &Loaded,
+        known: Option<Window>,
+    ) -> Plan {
         let info = &loaded.info;
         let fallback = schedule::renew_at(info.not_before, info.not_after, fastrand::f64());
         let lifetime = info
@@ -386,7 +393,7 @@ impl Manager {
         let renew = window
             .and_then(|w| schedule::ari_renew_at(now, w, info.not_after, fastrand::f64()))
             .unwrap_or_else(|| {
-                if window.is_some() {
+                if window.is_some() && window != known {
                     tracing::warn!(
                         site = label,
                         step = "renewal_info",
@@ -405,10 +412,14 @@ impl Manager {
     /// Asks the CA again; a moved window moves the renewal (a revoked
     /// certificate's window is in the past: renew now).
     async fn recheck(&mut self, acme: &Acme, label: &str) {
-        let Some(loaded) = self.sites.get(label).and_then(|s| s.current.clone()) else {
+        let Some((loaded, known)) = self
+            .sites
+            .get(label)
+            .and_then(|s| Some((s.current.clone()?, s.window)))
+        else {
             return;
         };
-        let plan = self.plan(acme, label, &loaded).await;
+        let plan = self.plan(acme, label, &loaded, known).await;
         let Some(state) = self.sites.get_mut(label) else {
             return;
         };
