@@ -72,6 +72,12 @@ struct SiteState {
     identifiers: Vec<String>,
 }
 
+impl SiteState {
+    fn follow(&mut self, plan: Plan) {
+        (self.next, self.window, self.recheck) = (plan.renew, plan.window, plan.recheck);
+    }
+}
+
 /// An ARI suggested window: start, end.
 pub type Window = (SystemTime, SystemTime);
 
@@ -225,7 +231,7 @@ impl Manager {
                 );
                 self.install(label, &loaded);
                 let plan = self.plan(acme, label, &loaded, None).await;
-                (state.next, state.window, state.recheck) = (plan.renew, plan.window, plan.recheck);
+                state.follow(plan);
                 state.current = Some(loaded);
             }
             Ok(_) => tracing::info!(site = label, "stored certificate expired; ordering anew"),
@@ -269,18 +275,14 @@ impl Manager {
                     .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "issued")
                     .increment(1);
-                let plan = plan.unwrap_or(Plan {
-                    renew: SystemTime::now(),
-                    window: None,
-                    recheck: None,
-                });
-                let next = plan.renew;
                 state.failures = 0;
-                (state.next, state.window, state.recheck) = (next, plan.window, plan.recheck);
+                if let Some(plan) = plan {
+                    state.follow(plan);
+                }
                 tracing::info!(
                     site = label,
                     not_after = %humantime::format_rfc3339_seconds(loaded.info.not_after),
-                    next_renewal = %humantime::format_rfc3339_seconds(next),
+                    next_renewal = %humantime::format_rfc3339_seconds(state.next),
                     "ACME certificate installed"
                 );
                 state.current = Some(loaded);
