@@ -390,7 +390,13 @@ impl Manager {
                 };
             }
             Ari::Failed => (None, schedule::ARI_RECHECK_AFTER_FAILURE),
-            Ari::Window(window, retry_after) => (Some(window), retry_after),
+            Ari::Window(window, retry_after, explanation) => {
+                // RFC 9773 asks that operators can see why a window moved.
+                if let Some(url) = explanation.filter(|_| Some(window) != known) {
+                    tracing::info!(site = label, step = "renewal_info", explanation = %url, "the CA explains its renewal window");
+                }
+                (Some(window), retry_after)
+            }
         };
         let renew = window
             .and_then(|w| schedule::ari_renew_at(now, w, info.not_after, fastrand::f64()))
@@ -455,6 +461,7 @@ impl Manager {
                 Ari::Window(
                     (SystemTime::from(window.start), SystemTime::from(window.end)),
                     retry_after,
+                    ari.explanation_url,
                 )
             }
             Err(instant_acme::Error::Unsupported(_)) => Ari::Unsupported,
@@ -536,7 +543,8 @@ impl Manager {
 
 /// What the CA said when asked for renewal information.
 enum Ari {
-    Window(Window, Duration),
+    /// The window, the CA's `Retry-After`, its `explanationURL`.
+    Window(Window, Duration, Option<String>),
     /// The directory offers no `renewalInfo`.
     Unsupported,
     Failed,
