@@ -381,3 +381,42 @@ async fn a_ca_that_asks_to_retry_later_is_not_asked_sooner() {
     assert_eq!(failed, 1, "one refused attempt, then an hour's wait");
     assert_eq!(maintenance.requests(), 1, "the CA was asked once");
 }
+
+/// Without `ca_file` the ACME client trusts the system's roots (the
+/// platform verifier); `SSL_CERT_FILE` stands in for a public CA's root.
+#[tokio::test]
+async fn without_ca_file_the_systems_roots_verify_the_ca() {
+    if !have("pebble") {
+        return;
+    }
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let nodes = addresses(&pebble);
+    pebble.add_a("system.test", "127.0.0.2").await;
+    let config = dir.path().join("router.toml");
+    let toml = fleet_toml_http(
+        "a",
+        &nodes[..1],
+        &pebble.acme_section_trusting_the_system(&state, ""),
+        &held("system.test", "\"a\""),
+    );
+    std::fs::write(&config, toml).unwrap();
+    // Not trusted yet: the log says why, not just "client error (Connect)".
+    let untrusted = support::process::Process::start(&config, dir.path());
+    untrusted
+        .wait_log("invalid peer certificate: UnknownIssuer", 1)
+        .await;
+    drop(untrusted);
+    let env = [("SSL_CERT_FILE", pebble.ca_file.as_path())];
+    let router = support::process::Process::start_with_env(&config, dir.path(), &env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !router.log().contains("ACME certificate installed") {
+        assert!(Instant::now() < deadline, "{}", router.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (tls, _) = tls_connect(nodes[0].1, pebble.client().await, "system.test")
+        .await
+        .unwrap();
+    assert!(!peer_leaf(&tls).is_empty());
+}

@@ -31,7 +31,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(600);
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
     #[error("account: {0}")]
-    Account(instant_acme::Error),
+    Account(#[source] instant_acme::Error),
     #[error("{0} belongs to directory {1}; move it away to create an account for {2}")]
     OtherDirectory(String, String, String),
     #[error(transparent)]
@@ -315,7 +315,7 @@ impl Manager {
                     failures = state.failures,
                     retry_in = ?state.next.duration_since(now).unwrap_or_default(),
                     ca_retry_after = asked.map(humantime::format_rfc3339_seconds).map(tracing::field::display),
-                    error = %e,
+                    error = %causes(&e),
                     "ACME order failed; serving through peers meanwhile"
                 );
             }
@@ -451,7 +451,7 @@ impl Manager {
         let account = match self.account(acme).await {
             Ok(account) => account,
             Err(e) => {
-                tracing::warn!(site = label, step = "renewal_info", error = %e, "cannot ask the CA for renewal information");
+                tracing::warn!(site = label, step = "renewal_info", error = %causes(&e), "cannot ask the CA for renewal information");
                 return Ari::Failed;
             }
         };
@@ -466,7 +466,7 @@ impl Manager {
             }
             Err(instant_acme::Error::Unsupported(_)) => Ari::Unsupported,
             Err(e) => {
-                tracing::warn!(site = label, step = "renewal_info", error = %e, "renewal information unavailable; asking again later");
+                tracing::warn!(site = label, step = "renewal_info", error = %causes(&e), "renewal information unavailable; asking again later");
                 Ari::Failed
             }
         }
@@ -541,6 +541,23 @@ impl Manager {
     }
 }
 
+/// An error and its causes, each once: an HTTP client's "client error
+/// (Connect)" alone does not tell an operator that the CA's certificate
+/// was not trusted.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// What the CA said when asked for renewal information.
 enum Ari {
     /// The window, the CA's `Retry-After`, its `explanationURL`.
@@ -590,4 +607,28 @@ fn certificate_id(
         )
         .into_owned(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::causes;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("account: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn causes_name_each_cause_once() {
+        let inner = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let outer = Outer(inner);
+        assert_eq!(
+            causes(&outer),
+            "account: invalid peer certificate: UnknownIssuer"
+        );
+        let wrapped = std::io::Error::other(outer);
+        assert_eq!(
+            causes(&wrapped),
+            "account: invalid peer certificate: UnknownIssuer"
+        );
+    }
 }

@@ -200,11 +200,16 @@ impl Pebble {
 
     /// The `[acme]` section of a router that orders from this CA.
     pub fn acme_section(&self, state_dir: &Path, extra: &str) -> String {
+        let ca_file = format!("ca_file = \"{}\"\n", self.ca_file.display());
+        self.acme_section_trusting_the_system(state_dir, &format!("{ca_file}{extra}"))
+    }
+
+    /// The same without `ca_file`: the router trusts the system's roots.
+    pub fn acme_section_trusting_the_system(&self, state_dir: &Path, extra: &str) -> String {
         format!(
-            "[acme]\ndirectory = \"{}\"\nstate_dir = \"{}\"\nca_file = \"{}\"\ncontact = [\"mailto:ops@example.test\"]\nretry_min = \"1s\"\n{extra}",
+            "[acme]\ndirectory = \"{}\"\nstate_dir = \"{}\"\ncontact = [\"mailto:ops@example.test\"]\nretry_min = \"1s\"\n{extra}",
             self.directory,
             state_dir.display(),
-            self.ca_file.display()
         )
     }
 

@@ -21,11 +21,16 @@ pub struct Process {
 
 impl Process {
     pub fn start(config: &Path, dir: &Path) -> Process {
+        Process::start_with_env(config, dir, &[])
+    }
+
+    pub fn start_with_env(config: &Path, dir: &Path, env: &[(&str, &Path)]) -> Process {
         let log = dir.join("router.log");
         let child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
