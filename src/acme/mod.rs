@@ -588,25 +588,9 @@ pub fn identifiers(config: &Config, site: SiteId) -> Vec<String> {
 fn certificate_id(
     der: &rustls::pki_types::CertificateDer<'_>,
 ) -> Option<CertificateIdentifier<'static>> {
-    use x509_parser::extensions::ParsedExtension;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let aki = cert
-        .extensions()
-        .iter()
-        .find_map(|ext| match ext.parsed_extension() {
-            ParsedExtension::AuthorityKeyIdentifier(aki) => {
-                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
-            }
-            _ => None,
-        })?;
-    let serial = cert.tbs_certificate.raw_serial().to_vec();
-    Some(
-        CertificateIdentifier::new(
-            rustls::pki_types::Der::from(aki.as_slice()),
-            rustls::pki_types::Der::from(serial.as_slice()),
-        )
-        .into_owned(),
-    )
+    CertificateIdentifier::try_from(der)
+        .ok()
+        .map(CertificateIdentifier::into_owned)
 }
 
 #[cfg(test)]
