@@ -4,10 +4,11 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::pebble::{Options, Pebble, held, wait_acme};
-use support::process::Process;
+use support::process::{Process, wait_listening};
 use support::*;
 
 /// Node "a" on 127.0.0.2, answering HTTP-01 on Pebble's validation port.
@@ -74,65 +75,106 @@ async fn the_cas_window_sets_the_renewal_and_shows_in_status() {
     assert_eq!(cert["next_renewal"], unix(renewal.at));
 }
 
-#[tokio::test]
-async fn a_revoked_certificate_is_replaced_at_the_next_check() {
+/// Pebble issuing 10-minute certificates: without ARI the renewal would
+/// come at about 6 minutes; the CA is asked again every minute (a twentieth
+/// of the lifetime, held to at least a minute).
+async fn ten_minute_ca() -> Option<Pebble> {
     if !have("pebble") {
-        return;
+        return None;
     }
-    // 10 minutes: without ARI the renewal would come at about 6 minutes;
-    // the CA is asked again every minute (a twentieth of the lifetime,
-    // held to at least a minute).
     let pebble = Pebble::start(Options {
         validity: Some(600),
         ..Options::default()
     })
     .await;
-    if !pebble.serves_ari().await {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let nodes = node_a(&pebble);
-    pebble.add_a("revoked.test", "127.0.0.2").await;
-    let config = dir.path().join("router.toml");
-    std::fs::write(
-        &config,
-        fleet_toml_http(
+    pebble.serves_ari().await.then_some(pebble)
+}
+
+/// The binary as node "a" holding `site`, once it serves its first
+/// certificate: the process, its state_dir, its TLS address, that leaf.
+struct Holder {
+    process: Process,
+    dir: PathBuf,
+    state: PathBuf,
+    tls: SocketAddr,
+    first: Vec<u8>,
+}
+
+impl Holder {
+    async fn start(pebble: &Pebble, dir: &Path, site: &str) -> Holder {
+        let state = dir.join("state");
+        let nodes = node_a(pebble);
+        pebble.add_a(site, "127.0.0.2").await;
+        let config = dir.join("router.toml");
+        let toml = fleet_toml_http(
             "a",
             &nodes,
             &pebble.acme_section(&state, ""),
-            &held("revoked.test", "\"a\""),
-        ),
-    )
-    .unwrap();
-    let router = Process::start(&config, dir.path());
-    let installed = "ACME certificate installed";
-    wait_logged(&router, installed, 1, Duration::from_secs(60)).await;
-    let client = pebble.client().await;
-    let serving = || async {
-        let (tls, _) = tls_connect(nodes[0].1, client.clone(), "revoked.test")
+            &held(site, "\"a\""),
+        );
+        std::fs::write(&config, toml).unwrap();
+        let process = Process::start(&config, dir);
+        wait_logged(&process, INSTALLED, 1, Duration::from_secs(60)).await;
+        let mut holder = Holder {
+            process,
+            dir: dir.to_path_buf(),
+            state,
+            tls: nodes[0].1,
+            first: Vec::new(),
+        };
+        holder.first = holder.serving(pebble, site).await;
+        holder
+    }
+
+    /// Stops the process and starts it again on the same config and state.
+    async fn restart(&mut self) {
+        let config = self.dir.join("router.toml");
+        self.process.stop();
+        self.process = Process::start(&config, &self.dir);
+        wait_listening(self.tls).await;
+    }
+
+    async fn serving(&self, pebble: &Pebble, site: &str) -> Vec<u8> {
+        let (tls, _) = tls_connect(self.tls, pebble.client().await, site)
             .await
             .expect("handshake");
         peer_leaf(&tls)
+    }
+
+    /// The log lines of new orders.
+    fn orders(&self) -> Vec<String> {
+        let log = self.process.log();
+        log.lines()
+            .filter(|l| l.contains("ACME order site=") && l.contains("step=\"new_order\""))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+const INSTALLED: &str = "ACME certificate installed";
+
+#[tokio::test]
+async fn a_revoked_certificate_is_replaced_at_the_next_check() {
+    let Some(pebble) = ten_minute_ca().await else {
+        return;
     };
-    let first = serving().await;
+    let dir = tempfile::tempdir().unwrap();
+    let holder = Holder::start(&pebble, dir.path(), "revoked.test").await;
     // Pebble's window for a 10-minute certificate ends days after it
     // expires: not followed.
-    assert!(router.log().contains("ends after the certificate expires"));
+    let log = holder.process.log();
+    assert!(log.contains("ends after the certificate expires"), "{log}");
 
     let revoked = Instant::now();
-    pebble.revoke(&state, &first).await;
-    wait_logged(&router, installed, 2, Duration::from_secs(120)).await;
+    pebble.revoke(&holder.state, &holder.first).await;
+    wait_logged(&holder.process, INSTALLED, 2, Duration::from_secs(120)).await;
     assert!(
         revoked.elapsed() < Duration::from_secs(120),
         "replaced at the next check, not at a third of the lifetime left"
     );
-    let log = router.log();
+    let log = holder.process.log();
     assert!(log.contains("the CA's renewal window moved"), "{log}");
-    let orders: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("step=\"new_order\""))
-        .collect();
+    let orders = holder.orders();
     assert_eq!(orders.len(), 2, "{log}");
     assert!(!orders[0].contains("replaces="), "{}", orders[0]);
     assert!(orders[1].contains("replaces="), "{}", orders[1]);
@@ -140,8 +182,51 @@ async fn a_revoked_certificate_is_replaced_at_the_next_check() {
         !log.contains("ACME order failed"),
         "the CA took replaces: {log}"
     );
-    let second = serving().await;
-    assert_ne!(first, second, "the replacement is served");
+    let second = holder.serving(&pebble, "revoked.test").await;
+    assert_ne!(holder.first, second, "the replacement is served");
+}
+
+#[tokio::test]
+async fn a_refused_replaces_gives_way_to_a_plain_order() {
+    let Some(pebble) = ten_minute_ca().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Holder::start(&pebble, dir.path(), "restored.test").await;
+    let site_dir = holder.state.join("sites/restored.test");
+    let backup = dir.path().join("backup");
+    copy_dir(&site_dir, &backup);
+    pebble.revoke(&holder.state, &holder.first).await;
+    wait_logged(&holder.process, INSTALLED, 2, Duration::from_secs(120)).await;
+
+    // state_dir restored from a backup: the revoked, already replaced
+    // certificate is back. The CA refuses a second order replacing it.
+    copy_dir(&backup, &site_dir);
+    holder.restart().await;
+    wait_logged(&holder.process, INSTALLED, 1, Duration::from_secs(60)).await;
+    let log = holder.process.log();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("ACME order failed"))
+        .unwrap_or_else(|| panic!("the CA refused replaces: {log}"));
+    assert!(
+        refused.contains("step=\"new_order\"") && refused.contains("replace"),
+        "{refused}"
+    );
+    let orders = holder.orders();
+    assert_eq!(orders.len(), 2, "{log}");
+    assert!(orders[0].contains("replaces="), "{}", orders[0]);
+    assert!(!orders[1].contains("replaces="), "{}", orders[1]);
+    let now = holder.serving(&pebble, "restored.test").await;
+    assert_ne!(holder.first, now, "the plain order's certificate is served");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
 }
 
 /// Waits (bounded by `within`) until `text` was logged `times` times.

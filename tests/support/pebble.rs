@@ -245,27 +245,45 @@ impl Pebble {
         found
     }
 
-    /// Revokes `cert` as its owner, with the account a router keeps in
-    /// `state_dir`.
-    pub async fn revoke(&self, state_dir: &Path, cert: &[u8]) {
+    /// The account a router keeps in `state_dir`, to act as its owner.
+    pub async fn account(&self, state_dir: &Path) -> instant_acme::Account {
         use sni_router::acme::{client, storage};
         let file = storage::load_account(state_dir)
             .expect("account file")
             .expect("an account");
         let http =
             client::build(Some(&self.ca_file), client::RetryAfter::default()).expect("client");
-        let account = instant_acme::Account::builder_with_http(http)
+        instant_acme::Account::builder_with_http(http)
             .from_credentials(file.credentials)
             .await
-            .expect("account");
+            .expect("account")
+    }
+
+    /// Revokes `cert` as its owner.
+    pub async fn revoke(&self, state_dir: &Path, cert: &[u8]) {
         let certificate = CertificateDer::from(cert.to_vec());
-        account
+        self.account(state_dir)
+            .await
             .revoke(&instant_acme::RevocationRequest {
                 certificate: &certificate,
                 reason: None,
             })
             .await
             .expect("revoke");
+    }
+
+    /// Orders (and leaves pending) a replacement of `cert` for `name`, as
+    /// its owner: the CA then refuses a second order that replaces it.
+    pub async fn order_replacement(&self, state_dir: &Path, name: &str, cert: &[u8]) {
+        use instant_acme::{CertificateIdentifier, Identifier, NewOrder};
+        let certificate = CertificateDer::from(cert.to_vec());
+        let id = CertificateIdentifier::try_from(&certificate).expect("ARI id");
+        let identifiers = [Identifier::Dns(name.to_string())];
+        self.account(state_dir)
+            .await
+            .new_order(&NewOrder::new(&identifiers).replaces(id))
+            .await
+            .expect("replacement order");
     }
 }
 

@@ -38,6 +38,12 @@ impl Process {
         Process { child, log }
     }
 
+    /// Kills the process and waits for it, so its ports are free.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
@@ -81,8 +87,7 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         // The log lives in the test's temporary directory, gone once the
         // test ends: show it when the test failed, so a rare failure in CI
         // says what the router saw.
