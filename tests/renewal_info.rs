@@ -5,6 +5,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::pebble::{Options, Pebble, held, wait_acme};
@@ -96,6 +97,8 @@ struct Holder {
     process: Process,
     dir: PathBuf,
     state: PathBuf,
+    /// A client trusting the CA's issuing root, fetched while it runs.
+    client: Arc<rustls::ClientConfig>,
     tls: SocketAddr,
     first: Vec<u8>,
 }
@@ -120,9 +123,10 @@ impl Holder {
             dir: dir.to_path_buf(),
             state,
             tls: nodes[0].1,
+            client: pebble.client().await,
             first: Vec::new(),
         };
-        holder.first = holder.serving(pebble, site).await;
+        holder.first = holder.serving(site).await;
         holder
     }
 
@@ -134,8 +138,8 @@ impl Holder {
         wait_listening(self.tls).await;
     }
 
-    async fn serving(&self, pebble: &Pebble, site: &str) -> Vec<u8> {
-        let (tls, _) = tls_connect(self.tls, pebble.client().await, site)
+    async fn serving(&self, site: &str) -> Vec<u8> {
+        let (tls, _) = tls_connect(self.tls, self.client.clone(), site)
             .await
             .expect("handshake");
         peer_leaf(&tls)
@@ -182,7 +186,7 @@ async fn a_revoked_certificate_is_replaced_at_the_next_check() {
         !log.contains("ACME order failed"),
         "the CA took replaces: {log}"
     );
-    let second = holder.serving(&pebble, "revoked.test").await;
+    let second = holder.serving("revoked.test").await;
     assert_ne!(holder.first, second, "the replacement is served");
 }
 
@@ -217,8 +221,34 @@ async fn a_refused_replaces_gives_way_to_a_plain_order() {
     assert_eq!(orders.len(), 2, "{log}");
     assert!(orders[0].contains("replaces="), "{}", orders[0]);
     assert!(!orders[1].contains("replaces="), "{}", orders[1]);
-    let now = holder.serving(&pebble, "restored.test").await;
+    let now = holder.serving("restored.test").await;
     assert_ne!(holder.first, now, "the plain order's certificate is served");
+}
+
+#[tokio::test]
+async fn a_ca_that_never_answers_does_not_stall_the_schedule() {
+    let Some(mut pebble) = ten_minute_ca().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Holder::start(&pebble, dir.path(), "silent.test").await;
+    // The CA's address now accepts connections and never answers.
+    holder.process.stop();
+    pebble.pause();
+    let hole = tokio::net::TcpListener::bind(pebble.listen).await.unwrap();
+    let hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hole.accept().await {
+            held.push(stream);
+        }
+    });
+    holder.restart().await;
+    let silent = "the CA did not answer in time";
+    wait_logged(&holder.process, silent, 1, Duration::from_secs(60)).await;
+    let log = holder.process.log();
+    assert!(log.contains("stored ACME certificate loaded"), "{log}");
+    assert_eq!(holder.serving("silent.test").await, holder.first);
+    hole.abort();
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -25,6 +25,9 @@ use crate::server::Shared;
 
 /// An order that takes longer than this has stalled somewhere.
 const ORDER_DEADLINE: Duration = Duration::from_secs(300);
+/// Asking for renewal information (one GET, maybe the account first): a CA
+/// that accepts and never answers must not stall every site's schedule.
+const ASK_DEADLINE: Duration = Duration::from_secs(30);
 /// Wake at least this often to notice the clock (and config) moving.
 const MAX_SLEEP: Duration = Duration::from_secs(600);
 
@@ -448,14 +451,22 @@ impl Manager {
         let Some(id) = loaded.key.cert.first().and_then(certificate_id) else {
             return Ari::Unsupported;
         };
-        let account = match self.account(acme).await {
-            Ok(account) => account,
-            Err(e) => {
+        let asked = async {
+            let account = self.account(acme).await?;
+            Ok::<_, AcmeError>(account.renewal_info(&id).await)
+        };
+        let answer = match tokio::time::timeout(ASK_DEADLINE, asked).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
                 tracing::warn!(site = label, step = "renewal_info", error = %causes(&e), "cannot ask the CA for renewal information");
                 return Ari::Failed;
             }
+            Err(_) => {
+                tracing::warn!(site = label, step = "renewal_info", deadline = ?ASK_DEADLINE, "the CA did not answer in time; asking again later");
+                return Ari::Failed;
+            }
         };
-        match account.renewal_info(&id).await {
+        match answer {
             Ok((ari, retry_after)) => {
                 let window = &ari.suggested_window;
                 Ari::Window(
