@@ -410,11 +410,10 @@ async fn without_ca_file_the_systems_roots_verify_the_ca() {
     drop(untrusted);
     let env = [("SSL_CERT_FILE", pebble.ca_file.as_path())];
     let router = support::process::Process::start_with_env(&config, dir.path(), &env);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !router.log().contains("ACME certificate installed") {
-        assert!(Instant::now() < deadline, "{}", router.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let installed = "ACME certificate installed";
+    router
+        .wait_log_within(installed, 1, Duration::from_secs(60))
+        .await;
     let (tls, _) = tls_connect(nodes[0].1, pebble.client().await, "system.test")
         .await
         .unwrap();

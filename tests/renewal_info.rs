@@ -117,7 +117,9 @@ impl Holder {
         );
         std::fs::write(&config, toml).unwrap();
         let process = Process::start(&config, dir);
-        wait_logged(&process, INSTALLED, 1, Duration::from_secs(60)).await;
+        process
+            .wait_log_within(INSTALLED, 1, Duration::from_secs(60))
+            .await;
         let mut holder = Holder {
             process,
             dir: dir.to_path_buf(),
@@ -171,7 +173,10 @@ async fn a_revoked_certificate_is_replaced_at_the_next_check() {
 
     let revoked = Instant::now();
     pebble.revoke(&holder.state, &holder.first).await;
-    wait_logged(&holder.process, INSTALLED, 2, Duration::from_secs(120)).await;
+    holder
+        .process
+        .wait_log_within(INSTALLED, 2, Duration::from_secs(120))
+        .await;
     assert!(
         revoked.elapsed() < Duration::from_secs(120),
         "replaced at the next check, not at a third of the lifetime left"
@@ -201,13 +206,19 @@ async fn a_refused_replaces_gives_way_to_a_plain_order() {
     let backup = dir.path().join("backup");
     copy_dir(&site_dir, &backup);
     pebble.revoke(&holder.state, &holder.first).await;
-    wait_logged(&holder.process, INSTALLED, 2, Duration::from_secs(120)).await;
+    holder
+        .process
+        .wait_log_within(INSTALLED, 2, Duration::from_secs(120))
+        .await;
 
     // state_dir restored from a backup: the revoked, already replaced
     // certificate is back. The CA refuses a second order replacing it.
     copy_dir(&backup, &site_dir);
     holder.restart().await;
-    wait_logged(&holder.process, INSTALLED, 1, Duration::from_secs(60)).await;
+    holder
+        .process
+        .wait_log_within(INSTALLED, 1, Duration::from_secs(60))
+        .await;
     let log = holder.process.log();
     let refused = log
         .lines()
@@ -244,7 +255,10 @@ async fn a_ca_that_never_answers_does_not_stall_the_schedule() {
     });
     holder.restart().await;
     let silent = "the CA did not answer in time";
-    wait_logged(&holder.process, silent, 1, Duration::from_secs(60)).await;
+    holder
+        .process
+        .wait_log_within(silent, 1, Duration::from_secs(60))
+        .await;
     let log = holder.process.log();
     assert!(log.contains("stored ACME certificate loaded"), "{log}");
     assert_eq!(holder.serving("silent.test").await, holder.first);
@@ -256,17 +270,5 @@ fn copy_dir(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
-
-/// Waits (bounded by `within`) until `text` was logged `times` times.
-async fn wait_logged(router: &Process, text: &str, times: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while router.log().matches(text).count() < times {
-        assert!(
-            Instant::now() < deadline,
-            "{text:?} not logged {times}x within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

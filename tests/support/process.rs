@@ -58,11 +58,16 @@ impl Process {
 
     /// Waits (bounded) for the log to contain `text`.
     pub async fn wait_log(&self, text: &str, times: usize) {
-        let deadline = Instant::now() + WAIT;
+        self.wait_log_within(text, times, WAIT).await;
+    }
+
+    /// Waits up to `within` for `text` to be logged `times` times.
+    pub async fn wait_log_within(&self, text: &str, times: usize, within: Duration) {
+        let deadline = Instant::now() + within;
         while self.log().matches(text).count() < times {
             assert!(
                 Instant::now() < deadline,
-                "{text:?} not logged {times}x:\n{}",
+                "{text:?} not logged {times}x within {within:?}:\n{}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
