@@ -91,8 +91,8 @@ async fn ten_minute_ca() -> Option<Pebble> {
     pebble.serves_ari().await.then_some(pebble)
 }
 
-/// The binary as node "a" holding `site`, once it serves its first
-/// certificate: the process, its state_dir, its TLS address, that leaf.
+/// The binary as node "a" holding `sites`, once it serves a certificate for
+/// each: the process, its state_dir, its TLS address, the first site's leaf.
 struct Holder {
     process: Process,
     dir: PathBuf,
@@ -104,21 +104,20 @@ struct Holder {
 }
 
 impl Holder {
-    async fn start(pebble: &Pebble, dir: &Path, site: &str) -> Holder {
+    async fn start(pebble: &Pebble, dir: &Path, sites: &[&str]) -> Holder {
         let state = dir.join("state");
         let nodes = node_a(pebble);
-        pebble.add_a(site, "127.0.0.2").await;
+        let mut held_sites = String::new();
+        for site in sites {
+            pebble.add_a(site, "127.0.0.2").await;
+            held_sites.push_str(&held(site, "\"a\""));
+        }
         let config = dir.join("router.toml");
-        let toml = fleet_toml_http(
-            "a",
-            &nodes,
-            &pebble.acme_section(&state, ""),
-            &held(site, "\"a\""),
-        );
+        let toml = fleet_toml_http("a", &nodes, &pebble.acme_section(&state, ""), &held_sites);
         std::fs::write(&config, toml).unwrap();
         let process = Process::start(&config, dir);
         process
-            .wait_log_within(INSTALLED, 1, Duration::from_secs(60))
+            .wait_log_within(INSTALLED, sites.len(), Duration::from_secs(60))
             .await;
         let mut holder = Holder {
             process,
@@ -128,7 +127,7 @@ impl Holder {
             client: pebble.client().await,
             first: Vec::new(),
         };
-        holder.first = holder.serving(site).await;
+        holder.first = holder.serving(sites[0]).await;
         holder
     }
 
@@ -165,7 +164,7 @@ async fn a_revoked_certificate_is_replaced_at_the_next_check() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let holder = Holder::start(&pebble, dir.path(), "revoked.test").await;
+    let holder = Holder::start(&pebble, dir.path(), &["revoked.test"]).await;
     // Pebble's window for a 10-minute certificate ends days after it
     // expires: not followed.
     let log = holder.process.log();
@@ -201,7 +200,7 @@ async fn a_refused_replaces_gives_way_to_a_plain_order() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut holder = Holder::start(&pebble, dir.path(), "restored.test").await;
+    let mut holder = Holder::start(&pebble, dir.path(), &["restored.test"]).await;
     let site_dir = holder.state.join("sites/restored.test");
     let backup = dir.path().join("backup");
     copy_dir(&site_dir, &backup);
@@ -237,12 +236,14 @@ async fn a_refused_replaces_gives_way_to_a_plain_order() {
 }
 
 #[tokio::test]
-async fn a_ca_that_never_answers_does_not_stall_the_schedule() {
+async fn a_ca_that_never_answers_stalls_neither_start_nor_schedule() {
     let Some(mut pebble) = ten_minute_ca().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut holder = Holder::start(&pebble, dir.path(), "silent.test").await;
+    let sites = ["silent-a.test", "silent-b.test"];
+    let mut holder = Holder::start(&pebble, dir.path(), &sites).await;
+    let b_first = holder.serving(sites[1]).await;
     // The CA's address now accepts connections and never answers.
     holder.process.stop();
     pebble.pause();
@@ -254,14 +255,20 @@ async fn a_ca_that_never_answers_does_not_stall_the_schedule() {
         }
     });
     holder.restart().await;
+    // Both stored certificates are served at once, before the first ask of
+    // the CA has timed out.
+    holder
+        .process
+        .wait_log("stored ACME certificate loaded", 2)
+        .await;
+    assert_eq!(holder.serving(sites[0]).await, holder.first);
+    assert_eq!(holder.serving(sites[1]).await, b_first);
     let silent = "the CA did not answer in time";
+    assert!(!holder.process.log().contains(silent));
     holder
         .process
         .wait_log_within(silent, 1, Duration::from_secs(60))
         .await;
-    let log = holder.process.log();
-    assert!(log.contains("stored ACME certificate loaded"), "{log}");
-    assert_eq!(holder.serving("silent.test").await, holder.first);
     hole.abort();
 }
 

@@ -97,11 +97,16 @@ impl Manager {
         if plan.window.is_none() || plan.window == state.window {
             return;
         }
+        let what = if known.is_some() {
+            "the CA's renewal window moved"
+        } else {
+            "the CA suggests a renewal window"
+        };
         tracing::info!(
             site = label,
             step = "renewal_info",
             next_renewal = %humantime::format_rfc3339_seconds(plan.renew),
-            "the CA's renewal window moved"
+            "{what}"
         );
         (state.next, state.window) = (plan.renew, plan.window);
     }

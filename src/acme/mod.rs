@@ -152,17 +152,20 @@ impl Manager {
                 .get(&label)
                 .is_none_or(|s| s.identifiers != identifiers);
             if stale {
-                let state = self.restore(acme, &label, identifiers).await;
-                self.sites.insert(label.clone(), state);
+                let state = self.restore(acme, &label, identifiers);
+                self.sites.insert(label, state);
             }
+        }
+        // Every stored certificate is live before the first wait on the CA.
+        for label in &labels {
             let now = SystemTime::now();
-            let Some(state) = self.sites.get(&label) else {
+            let Some(state) = self.sites.get(label) else {
                 continue;
             };
             if state.next <= now {
-                self.attempt(acme, &label).await;
+                self.attempt(acme, label).await;
             } else if state.recheck.is_some_and(|at| at <= now) {
-                self.recheck(acme, &label).await;
+                self.recheck(acme, label).await;
             }
         }
         if let Ok(mut renewals) = self.shared.renewals.lock() {
@@ -187,7 +190,7 @@ impl Manager {
 
     /// A stored certificate for the same identifiers goes live at once and
     /// is renewed on schedule; otherwise the site is due now.
-    async fn restore(&mut self, acme: &Acme, label: &str, identifiers: Vec<String>) -> SiteState {
+    fn restore(&mut self, acme: &Acme, label: &str, identifiers: Vec<String>) -> SiteState {
         let mut state = SiteState {
             next: SystemTime::now(),
             failures: 0,
@@ -223,8 +226,11 @@ impl Manager {
                     "stored ACME certificate loaded"
                 );
                 self.install(label, &loaded);
-                let plan = self.plan(acme, label, &loaded, None).await;
-                state.follow(plan);
+                // Renewal information is asked at once, but after every
+                // site's certificate is loaded.
+                let info = &loaded.info;
+                state.next = schedule::renew_at(info.not_before, info.not_after, fastrand::f64());
+                state.recheck = Some(SystemTime::now());
                 state.current = Some(loaded);
             }
             Ok(_) => tracing::info!(site = label, "stored certificate expired; ordering anew"),
