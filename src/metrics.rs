@@ -22,6 +22,7 @@ pub const TERMINATE_FALLBACKS: &str = "sni_router_terminate_fallbacks_total";
 pub const HTTP_REQUESTS: &str = "sni_router_http_requests_total";
 pub const HTTP_FORWARD_SECONDS: &str = "sni_router_http_forward_duration_seconds";
 pub const ACME_ORDERS: &str = "sni_router_acme_orders_total";
+pub const ACME_RENEWAL_INFO: &str = "sni_router_acme_renewal_info_total";
 pub const CERT_EXPIRY: &str = "sni_router_certificate_expiry_timestamp_seconds";
 pub const CONFIG_RELOADS: &str = "sni_router_config_reloads_total";
 
@@ -174,6 +175,10 @@ fn describe() {
         "Time to ask holders for a challenge token."
     );
     describe_counter!(ACME_ORDERS, "ACME orders, by site and outcome.");
+    describe_counter!(
+        ACME_RENEWAL_INFO,
+        "Asks for a certificate's ACME renewal information (ARI), by site and outcome."
+    );
     describe_gauge!(
         CERT_EXPIRY,
         Unit::Seconds,

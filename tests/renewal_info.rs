@@ -99,6 +99,7 @@ struct Holder {
     state: PathBuf,
     /// A client trusting the CA's issuing root, fetched while it runs.
     client: Arc<rustls::ClientConfig>,
+    admin: SocketAddr,
     tls: SocketAddr,
     first: Vec<u8>,
 }
@@ -112,8 +113,10 @@ impl Holder {
             pebble.add_a(site, "127.0.0.2").await;
             held_sites.push_str(&held(site, "\"a\""));
         }
+        let admin = free_addr("127.0.0.1");
+        let top = pebble.acme_section(&state, &format!("[admin]\nlisten = \"{admin}\"\n"));
         let config = dir.join("router.toml");
-        let toml = fleet_toml_http("a", &nodes, &pebble.acme_section(&state, ""), &held_sites);
+        let toml = fleet_toml_http("a", &nodes, &top, &held_sites);
         std::fs::write(&config, toml).unwrap();
         let process = Process::start(&config, dir);
         process
@@ -125,6 +128,7 @@ impl Holder {
             state,
             tls: nodes[0].1,
             client: pebble.client().await,
+            admin,
             first: Vec::new(),
         };
         holder.first = holder.serving(sites[0]).await;
@@ -144,6 +148,17 @@ impl Holder {
             .await
             .expect("handshake");
         peer_leaf(&tls)
+    }
+
+    /// A counter's value on the admin listener's `/metrics`.
+    async fn metric(&self, name_and_labels: &str) -> f64 {
+        let (status, _, body) = http_get(self.admin, "admin", "/metrics", "").await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find(|l| l.starts_with(name_and_labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// The log lines of new orders.
@@ -192,6 +207,12 @@ async fn a_revoked_certificate_is_replaced_at_the_next_check() {
     );
     let second = holder.serving("revoked.test").await;
     assert_ne!(holder.first, second, "the replacement is served");
+    // Asked after each issue and once in between: three answers, no failure.
+    let asks = |outcome: &str| {
+        format!("sni_router_acme_renewal_info_total{{site=\"revoked.test\",outcome=\"{outcome}\"}}")
+    };
+    assert_eq!(holder.metric(&asks("window")).await, 3.0);
+    assert_eq!(holder.metric(&asks("failed")).await, 0.0);
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use instant_acme::CertificateIdentifier;
 use super::{AcmeError, Manager, causes, schedule};
 use crate::certs::disk::Loaded;
 use crate::config::Acme;
+use crate::metrics::ACME_RENEWAL_INFO;
 
 /// Asking for renewal information (one GET, maybe the account first): a CA
 /// that accepts and never answers must not stall every site's schedule.
@@ -112,6 +113,18 @@ impl Manager {
     }
 
     async fn renewal_info(&mut self, acme: &Acme, label: &str, loaded: &Loaded) -> Ari {
+        let ari = self.ask(acme, label, loaded).await;
+        let outcome = match ari {
+            Ari::Window(..) => "window",
+            Ari::Unsupported => "unsupported",
+            Ari::Failed => "failed",
+        };
+        metrics::counter!(ACME_RENEWAL_INFO, "site" => label.to_string(), "outcome" => outcome)
+            .increment(1);
+        ari
+    }
+
+    async fn ask(&mut self, acme: &Acme, label: &str, loaded: &Loaded) -> Ari {
         let Some(id) = loaded.key.cert.first().and_then(certificate_id) else {
             return Ari::Unsupported;
         };
