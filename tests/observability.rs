@@ -24,14 +24,6 @@ fn series<'a>(body: &'a str, metric: &str) -> Vec<&'a str> {
         .collect()
 }
 
-fn value(body: &str, metric_with_labels: &str) -> f64 {
-    body.lines()
-        .find(|l| l.starts_with(metric_with_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     let backend = Backend::recorder("127.0.0.1").await;
@@ -71,7 +63,7 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     let body = scrape(admin).await;
     let listener = format!("listener=\"{node}\"");
     assert_eq!(
-        value(
+        metric_value(
             &body,
             &format!("sni_router_connections_accepted_total{{{listener}}}")
         ),
@@ -80,24 +72,24 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     );
     let passthrough =
         format!("sni_router_connections_finished_total{{{listener},decision=\"passthrough\"}}");
-    assert_eq!(value(&body, &passthrough), 1.0, "{body}");
+    assert_eq!(metric_value(&body, &passthrough), 1.0, "{body}");
     assert_eq!(
-        value(&body, "sni_router_rejected_total{reason=\"unknown_name\"}"),
+        metric_value(&body, "sni_router_rejected_total{reason=\"unknown_name\"}"),
         1.0,
         "{body}"
     );
     assert!(
-        value(
+        metric_value(
             &body,
             "sni_router_bytes_total{direction=\"up\",decision=\"passthrough\"}"
         ) >= HELLO.len() as f64
     );
     assert_eq!(
-        value(&body, "sni_router_http_requests_total{result=\"redirect\"}"),
+        metric_value(&body, "sni_router_http_requests_total{result=\"redirect\"}"),
         1.0
     );
     assert!(
-        value(&body, "sni_router_client_hello_duration_seconds_count") >= 2.0,
+        metric_value(&body, "sni_router_client_hello_duration_seconds_count") >= 2.0,
         "{body}"
     );
 
@@ -120,7 +112,7 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     let after: usize = after_body.lines().filter(|l| !l.starts_with('#')).count();
     assert_eq!(before, after, "new series appeared");
     assert_eq!(
-        value(
+        metric_value(
             &after_body,
             "sni_router_rejected_total{reason=\"unknown_name\"}"
         ),
@@ -136,7 +128,8 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     // and leaves its gauge when it ends.
     let mut quiet = TcpStream::connect(node).await.unwrap();
     quiet.write_all(HELLO).await.unwrap();
-    let quiet_now = || async { value(&scrape(admin).await, "sni_router_connections_quiet ") };
+    let quiet_now =
+        || async { metric_value(&scrape(admin).await, "sni_router_connections_quiet ") };
     assert!(
         wait_until(|| async { quiet_now().await == 1.0 }).await,
         "never held quiet"

@@ -154,11 +154,7 @@ impl Holder {
     async fn metric(&self, name_and_labels: &str) -> f64 {
         let (status, _, body) = http_get(self.admin, "admin", "/metrics", "").await;
         assert_eq!(status, 200);
-        body.lines()
-            .find(|l| l.starts_with(name_and_labels))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric_value(&body, name_and_labels)
     }
 
     /// The log lines of new orders.

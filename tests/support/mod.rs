@@ -449,6 +449,15 @@ pub async fn read_until_eof(stream: &mut TcpStream) -> (Vec<u8>, bool) {
     }
 }
 
+/// A sample's value in a Prometheus text exposition; 0 when absent.
+pub fn metric_value(body: &str, metric_with_labels: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(metric_with_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Whether a command is on PATH. Outside CI a missing client skips its
 /// test; in CI (`CI` set) it fails, since `.ci/run` installs them all.
 pub fn have(command: &str) -> bool {
