@@ -35,10 +35,49 @@ pub fn init_tracing() {
     });
 }
 
-/// A port free on `ip` right now (bound and released).
+/// A port free on `ip` right now (bound and released), never one handed
+/// out before in this test process.
 pub fn free_addr(ip: &str) -> SocketAddr {
-    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind a free port");
-    listener.local_addr().expect("local addr")
+    fresh(|| {
+        let listener = std::net::TcpListener::bind((ip, 0)).expect("bind a free port");
+        listener.local_addr().expect("local addr")
+    })
+}
+
+/// Ports handed out in this test process. The kernel may give a
+/// just-released port to the next bind, and tests run in parallel: one
+/// test's Pebble once found its port taken by another test's server, and
+/// the router reached that one instead.
+static HANDED_OUT: Mutex<std::collections::BTreeSet<u16>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+fn claim(port: u16) -> bool {
+    HANDED_OUT.lock().unwrap().insert(port)
+}
+
+/// Takes addresses from `bind` until one has a port not handed out before.
+pub fn fresh(mut bind: impl FnMut() -> SocketAddr) -> SocketAddr {
+    for _ in 0..1000 {
+        let addr = bind();
+        if claim(addr.port()) {
+            return addr;
+        }
+    }
+    panic!("no port not handed out before in 1000 binds");
+}
+
+/// A listener on `ip` whose port was not handed out before; the ports it
+/// skips stay bound until it has one, so they are not offered again.
+pub async fn listen_fresh(ip: &str) -> TcpListener {
+    let mut skipped = Vec::new();
+    for _ in 0..1000 {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+        if claim(listener.local_addr().expect("addr").port()) {
+            return listener;
+        }
+        skipped.push(listener);
+    }
+    panic!("no port not handed out before in 1000 binds");
 }
 
 /// A router running in this process.
@@ -350,7 +389,7 @@ impl Backend {
         F: Fn(TcpStream, Seen) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Seen> + Send,
     {
-        let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
+        let listener = listen_fresh(ip).await;
         let backend = Backend {
             addr: listener.local_addr().expect("addr"),
             seen: Arc::default(),

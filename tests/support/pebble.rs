@@ -319,8 +319,10 @@ impl Drop for Pebble {
 }
 
 fn free_udp(ip: &str) -> SocketAddr {
-    let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
-    socket.local_addr().expect("udp addr")
+    super::fresh(|| {
+        let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
+        socket.local_addr().expect("udp addr")
+    })
 }
 
 async fn wait_tcp(addr: SocketAddr) {
