@@ -182,14 +182,17 @@ impl Pebble {
         assert!(response.starts_with("HTTP/1.1 200"), "add-a: {response}");
     }
 
+    /// A GET over Pebble's own HTTPS, trusting its `ca_file`.
+    async fn get(&self, url: &str) -> (bool, String) {
+        let ca_file = self.ca_file.display();
+        sh(format!("curl -sS --max-time 10 --cacert {ca_file} {url}")).await
+    }
+
     /// The root that signs issued certificates (PEM).
     pub async fn issuing_root(&self) -> String {
-        let (ok, out) = sh(format!(
-            "curl -sS --max-time 10 --cacert {} https://{}/roots/0",
-            self.ca_file.display(),
-            self.management
-        ))
-        .await;
+        let (ok, out) = self
+            .get(&format!("https://{}/roots/0", self.management))
+            .await;
         assert!(ok && out.contains("BEGIN CERTIFICATE"), "roots: {out}");
         out
     }
@@ -231,12 +234,7 @@ impl Pebble {
     /// Outside CI an older one skips the test; in CI it fails, since
     /// `scripts/test` fetches a newer one.
     pub async fn serves_ari(&self) -> bool {
-        let (ok, out) = sh(format!(
-            "curl -sS --max-time 10 --cacert {} {}",
-            self.ca_file.display(),
-            self.directory
-        ))
-        .await;
+        let (ok, out) = self.get(&self.directory).await;
         assert!(ok, "directory: {out}");
         let found = out.contains("renewalInfo");
         if !found && std::env::var_os("CI").is_some() {
