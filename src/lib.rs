@@ -24,6 +24,8 @@
 //! per pair). None holds a buffer while idle.
 //!
 //! certs::watch (PEM files on disk) ──► certs::store ◄── read by every handshake
+//! acme (one task: order, renew by site schedule and ARI) ──┘
+//!   └─ tokens ──► http (port 80: answer, ask holders, redirect)
 //! ```
 //!
 //! `names` holds the exact/wildcard lookup shared by config and routing;

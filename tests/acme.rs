@@ -5,7 +5,8 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use support::pebble::{Options, Pebble, held, wait_acme};
@@ -418,4 +419,54 @@ async fn without_ca_file_the_systems_roots_verify_the_ca() {
         .await
         .unwrap();
     assert!(!peer_leaf(&tls).is_empty());
+}
+
+/// A CA that accepts connections and never answers: its first request ends
+/// at its 30-s deadline (not the order's 5 minutes), and the other due site
+/// waits for the silent site's next try instead of waiting out a deadline
+/// of its own.
+#[tokio::test]
+async fn a_silent_ca_costs_one_deadline_not_one_per_site() {
+    let hole = listen_fresh("127.0.0.1").await;
+    let directory = format!("https://{}/dir", hole.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hole.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            held.push(stream);
+        }
+    });
+    let state = tempfile::tempdir().unwrap();
+    let top = format!(
+        "[acme]\ndirectory = \"{directory}\"\nstate_dir = \"{}\"\nretry_min = \"1h\"\nretry_max = \"2h\"\n",
+        state.path().display()
+    );
+    let nodes = [("a", free_addr("127.0.0.2"), free_addr("127.0.0.2"))];
+    let sites = format!(
+        "{}{}",
+        held("one.silent.test", "\"a\""),
+        held("two.silent.test", "\"a\"")
+    );
+    let started = Instant::now();
+    let a = Router::start(&fleet_toml_http("a", &nodes, &top, &sites)).await;
+    let shared = a.handle.shared.clone();
+    let renewals = || shared.renewals.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while renewals().len() < 2 {
+        assert!(Instant::now() < deadline, "no pass ended in 45 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(29), "{took:?}");
+    assert_eq!(shared.stats.acme_failed.load(Ordering::Relaxed), 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(shared.stats.acme_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(accepted.load(Ordering::Relaxed), 1, "one request waited");
+    let later = SystemTime::now() + Duration::from_secs(50 * 60);
+    for (site, renewal) in renewals() {
+        assert!(renewal.at > later, "{site} waits for the next try");
+    }
+    hole.abort();
 }

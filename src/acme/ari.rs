@@ -139,6 +139,7 @@ impl Manager {
                 return Ari::Failed;
             }
             Err(_) => {
+                self.unanswered.note();
                 tracing::warn!(site = label, step = "renewal_info", deadline = ?ASK_DEADLINE, "the CA did not answer in time; asking again later");
                 return Ari::Failed;
             }

@@ -1,12 +1,14 @@
-//! The HTTP client under instant-acme: its own hyper stack, plus a note of
-//! the `Retry-After` a CA sends with a refusal (429 rate limited, 503 busy).
-//! instant-acme honours `Retry-After` while polling, but an error it returns
-//! carries only the problem document, so the manager could not wait as long
-//! as the CA asked before ordering again.
+//! The HTTP client under instant-acme: its own hyper stack, a deadline on
+//! every request, and notes for the manager: the `Retry-After` a CA sends
+//! with a refusal (429 rate limited, 503 busy), and whether a request went
+//! unanswered. instant-acme honours `Retry-After` while polling, but an
+//! error it returns carries only the problem document, so the manager could
+//! not wait as long as the CA asked before ordering again.
 
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -34,9 +36,35 @@ impl RetryAfter {
     }
 }
 
+/// No single request to a CA takes this long when the CA is up; without
+/// it, a CA that accepts connections and never answers held an order for
+/// its whole 5-minute deadline.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Whether a request to the CA went unanswered since the manager last
+/// looked: the CA is then likely silent for every site, not just one.
+#[derive(Clone, Default)]
+pub struct Unanswered(Arc<AtomicBool>);
+
+impl Unanswered {
+    pub fn take(&self) -> bool {
+        self.0.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn note(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the CA did not answer within {0:?}")]
+struct Silent(Duration);
+
 struct Watched {
     inner: Box<dyn HttpClient>,
     retry_after: RetryAfter,
+    unanswered: Unanswered,
+    deadline: Duration,
 }
 
 impl HttpClient for Watched {
@@ -45,9 +73,14 @@ impl HttpClient for Watched {
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
         let response = self.inner.request(req);
-        let retry_after = self.retry_after.clone();
+        let (retry_after, unanswered) = (self.retry_after.clone(), self.unanswered.clone());
+        let deadline = self.deadline;
         Box::pin(async move {
-            let response = response.await?;
+            let Ok(response) = tokio::time::timeout(deadline, response).await else {
+                unanswered.note();
+                return Err(instant_acme::Error::Other(Box::new(Silent(deadline))));
+            };
+            let response = response?;
             if let Some(at) = refusal_retry_after(&response.parts, SystemTime::now()) {
                 retry_after.note(at);
             }
@@ -57,10 +90,12 @@ impl HttpClient for Watched {
 }
 
 /// The client instant-acme would build (platform roots, or the roots in
-/// `ca_file`), noting refusals' `Retry-After` into `retry_after`.
+/// `ca_file`), noting refusals' `Retry-After` into `retry_after` and
+/// requests that outlive `REQUEST_DEADLINE` into `unanswered`.
 pub fn build(
     ca_file: Option<&Path>,
     retry_after: RetryAfter,
+    unanswered: Unanswered,
 ) -> Result<Box<dyn HttpClient>, instant_acme::Error> {
     let builder = match ca_file {
         Some(path) => {
@@ -84,6 +119,8 @@ pub fn build(
     Ok(Box::new(Watched {
         inner: Box::new(inner),
         retry_after,
+        unanswered,
+        deadline: REQUEST_DEADLINE,
     }))
 }
 
@@ -135,6 +172,8 @@ mod tests {
         let client = Watched {
             inner: Box::new(Answers(status, retry_after)),
             retry_after: slot.clone(),
+            unanswered: Unanswered::default(),
+            deadline: REQUEST_DEADLINE,
         };
         let request = http::Request::new(BodyWrapper::from(Vec::new()));
         let answer = client.request(request).await.unwrap();
@@ -159,6 +198,36 @@ mod tests {
         assert_eq!(noted(429, Some("soon")).await, None);
     }
 
+    struct Never;
+
+    impl HttpClient for Never {
+        fn request(
+            &self,
+            _: http::Request<BodyWrapper<Bytes>>,
+        ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>>
+        {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_without_an_answer_ends_at_its_deadline_and_is_noted() {
+        let unanswered = Unanswered::default();
+        let client = Watched {
+            inner: Box::new(Never),
+            retry_after: RetryAfter::default(),
+            unanswered: unanswered.clone(),
+            deadline: Duration::from_millis(20),
+        };
+        let request = http::Request::new(BodyWrapper::from(Vec::new()));
+        let Err(e) = client.request(request).await else {
+            panic!("a request nobody answered succeeded");
+        };
+        assert!(e.to_string().contains("did not answer within 20ms"), "{e}");
+        assert!(unanswered.take());
+        assert!(!unanswered.take(), "taken once");
+    }
+
     #[test]
     fn retry_after_is_seconds_or_an_http_date() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -179,7 +248,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("roots.pem");
         std::fs::write(&path, "not a certificate").unwrap();
-        let Err(e) = build(Some(&path), RetryAfter::default()) else {
+        let Err(e) = build(Some(&path), RetryAfter::default(), Unanswered::default()) else {
             panic!("a file without a certificate was accepted");
         };
         let text = e.to_string();

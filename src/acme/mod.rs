@@ -7,6 +7,7 @@ mod ari;
 pub mod client;
 pub mod order;
 pub mod schedule;
+mod site;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -17,8 +18,9 @@ use std::time::{Duration, SystemTime};
 use instant_acme::{Account, CertificateIdentifier, ExternalAccountKey, NewAccount};
 
 pub use self::ari::Window;
-use self::ari::{Plan, certificate_id};
+use self::ari::certificate_id;
 use self::order::{OrderError, Request};
+use self::site::{Hush, SiteState};
 use self::storage::{AccountFile, Meta, StorageError, Stored};
 use crate::certs::disk::{self, CertError, Loaded};
 use crate::certs::store::{Entry, Source};
@@ -59,28 +61,6 @@ impl AcmeError {
     }
 }
 
-/// Per-site schedule.
-#[derive(Debug)]
-struct SiteState {
-    next: SystemTime,
-    failures: u32,
-    /// The certificate being served, for ARI and `replaces`.
-    current: Option<Loaded>,
-    /// The CA's suggested window for `current`, when it answered ARI: the
-    /// next order then says `replaces`.
-    window: Option<Window>,
-    /// When to ask the CA's renewal information again; `None` when it
-    /// offers none.
-    recheck: Option<SystemTime>,
-    identifiers: Vec<String>,
-}
-
-impl SiteState {
-    fn follow(&mut self, plan: Plan) {
-        (self.next, self.window, self.recheck) = (plan.renew, plan.window, plan.recheck);
-    }
-}
-
 /// A site's next renewal and the CA's window behind it, for `/status`.
 #[derive(Debug, Clone, Copy)]
 pub struct Renewal {
@@ -94,6 +74,9 @@ pub struct Manager {
     sites: HashMap<String, SiteState>,
     /// The CA's latest refusal's `Retry-After`, noted by the HTTP client.
     retry_after: client::RetryAfter,
+    /// A request that went unanswered, noted by the HTTP client or by the
+    /// renewal-information deadline.
+    unanswered: client::Unanswered,
 }
 
 impl Manager {
@@ -103,6 +86,7 @@ impl Manager {
             account: None,
             sites: HashMap::new(),
             retry_after: client::RetryAfter::default(),
+            unanswered: client::Unanswered::default(),
         }
     }
 
@@ -157,16 +141,50 @@ impl Manager {
             }
         }
         // Every stored certificate is live before the first wait on the CA.
+        let mut hush: Option<Hush> = None;
+        let mut deferred = 0;
+        self.unanswered.take();
         for label in &labels {
             let now = SystemTime::now();
-            let Some(state) = self.sites.get(label) else {
+            let Some(state) = self.sites.get_mut(label) else {
                 continue;
             };
-            if state.next <= now {
+            // A CA that left one site's request unanswered would leave the
+            // rest waiting out their deadlines one after another.
+            if let Some(h) = &hush
+                && state.defer(now, h.until, h.orders)
+            {
+                deferred += 1;
+            }
+            let ordered = if state.next <= now {
                 self.attempt(acme, label).await;
+                true
             } else if state.recheck.is_some_and(|at| at <= now) {
                 self.recheck(acme, label).await;
+                false
+            } else {
+                continue;
+            };
+            if self.unanswered.take()
+                && let Some(state) = self.sites.get(label)
+                && let Some(found) = Hush::after(label, state, ordered, now)
+                && hush.as_ref().is_none_or(|h| found.orders || !h.orders)
+            {
+                hush = Some(found);
             }
+        }
+        if let Some(h) = hush.filter(|_| deferred > 0) {
+            let waiting = if h.orders {
+                "other due orders and renewal-information asks wait"
+            } else {
+                "other renewal-information asks wait"
+            };
+            tracing::warn!(
+                site = h.site,
+                deferred,
+                until = %humantime::format_rfc3339_seconds(h.until),
+                "the CA left a request unanswered; {waiting} for this site's next try"
+            );
         }
         if let Ok(mut renewals) = self.shared.renewals.lock() {
             *renewals = self
@@ -370,8 +388,12 @@ impl Manager {
         {
             return Ok(account.clone());
         }
-        let http = client::build(acme.ca_file.as_deref(), self.retry_after.clone())
-            .map_err(AcmeError::Account)?;
+        let http = client::build(
+            acme.ca_file.as_deref(),
+            self.retry_after.clone(),
+            self.unanswered.clone(),
+        )
+        .map_err(AcmeError::Account)?;
         let builder = Account::builder_with_http(http);
         let account = match storage::load_account(&acme.state_dir)? {
             Some(file) if file.directory != acme.directory => {

@@ -249,8 +249,12 @@ impl Pebble {
         let file = storage::load_account(state_dir)
             .expect("account file")
             .expect("an account");
-        let http =
-            client::build(Some(&self.ca_file), client::RetryAfter::default()).expect("client");
+        let http = client::build(
+            Some(&self.ca_file),
+            client::RetryAfter::default(),
+            client::Unanswered::default(),
+        )
+        .expect("client");
         instant_acme::Account::builder_with_http(http)
             .from_credentials(file.credentials)
             .await
