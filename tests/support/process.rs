@@ -17,6 +17,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_sni-router");
 pub struct Process {
     child: Child,
     log: PathBuf,
+    /// The child is `strace`, and the router its child.
+    traced: bool,
 }
 
 impl Process {
@@ -25,8 +27,32 @@ impl Process {
     }
 
     pub fn start_with_env(config: &Path, dir: &Path, env: &[(&str, &Path)]) -> Process {
+        Process::spawn(Command::new(BIN), config, dir, env, false)
+    }
+
+    /// The binary under `strace -f -C`: every thread's system calls are
+    /// written to `trace`, and counted at its end when the router exits.
+    pub fn start_traced(config: &Path, dir: &Path, trace: &Path) -> Process {
+        let mut strace = Command::new("strace");
+        strace
+            .args(["-f", "-qq", "-C", "-o"])
+            .arg(trace)
+            .arg("--")
+            .arg(BIN);
+        Process::spawn(strace, config, dir, &[], true)
+    }
+
+    /// `command` (the binary, or what runs it) with `run --config CONFIG`,
+    /// logging into `dir`.
+    fn spawn(
+        mut command: Command,
+        config: &Path,
+        dir: &Path,
+        env: &[(&str, &Path)],
+        traced: bool,
+    ) -> Process {
         let log = dir.join("router.log");
-        let child = Command::new(BIN)
+        let child = command
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -35,21 +61,36 @@ impl Process {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start sni-router");
-        Process { child, log }
+        Process { child, log, traced }
     }
 
     /// Kills the process and waits for it, so its ports are free.
     pub fn stop(&mut self) {
+        // A killed strace leaves its tracee running.
+        if let Some(router) = self.router_pid() {
+            let _ = Command::new("kill").args(["-KILL", &router]).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
+    }
+
+    /// The traced router's pid, once strace has started it.
+    fn router_pid(&self) -> Option<String> {
+        if !self.traced {
+            return None;
+        }
+        let strace = self.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).ok()?;
+        children.split_whitespace().next().map(str::to_string)
     }
 
     pub fn log(&self) -> String {
@@ -120,8 +161,19 @@ pub async fn wait_listening(addr: SocketAddr) {
 }
 
 impl Process {
+    /// The router's pid (not strace's: strace blocks fatal signals).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        if !self.traced {
+            return self.child.id();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(pid) = self.router_pid().and_then(|p| p.parse().ok()) {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "strace started no router");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Open sockets of the router process. (Pipes are left out: the

@@ -1,0 +1,294 @@
+//! The systemd unit shipped in `config/sni-router.service`: it verifies, it
+//! is hardened, and its system-call filter lets through every call the
+//! router makes while it terminates, splices, hands a quiet pair to the
+//! splice engine, answers port 80 and its admin listener, obtains a
+//! certificate by ACME, reloads and drains. No systemd runs here, so the
+//! router runs under `strace`, and `systemd-analyze` says what the filter
+//! allows.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::pebble::{Options, Pebble, held};
+use support::process::{BIN, Process, wait_listening};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const UNIT: &str = include_str!("../config/sni-router.service");
+const BINARY_PATH: &str = "/usr/local/bin/sni-router";
+const CONFIG_PATH: &str = "/etc/sni-router/sni-router.toml";
+
+/// The unit with this build's binary and `config` in place of the
+/// installed paths, so `systemd-analyze verify` finds both.
+fn unit_here(dir: &Path, config: &Path) -> PathBuf {
+    let text = UNIT
+        .replace(BINARY_PATH, BIN)
+        .replace(CONFIG_PATH, &config.display().to_string());
+    let path = dir.join("sni-router.service");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn analyze(args: &[&str], unit: &Path) -> (bool, String, String) {
+    let out = Command::new("systemd-analyze")
+        .args(args)
+        .arg(unit)
+        .output()
+        .expect("systemd-analyze");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_unit_verifies_and_is_hardened() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    assert!(UNIT.contains(BINARY_PATH) && UNIT.contains(CONFIG_PATH));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sni-router.toml");
+    std::fs::copy("config/sni-router.toml", &config).unwrap();
+    let unit = unit_here(dir.path(), &config);
+    let (ok, _, err) = analyze(&["verify", "--man=no"], &unit);
+    assert!(ok && err.trim().is_empty(), "verify: {err}");
+    let (_, out, err) = analyze(&["security", "--offline=true", "--no-pager"], &unit);
+    let exposure: f64 = out
+        .lines()
+        .find_map(|l| l.split("sni-router.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{out}{err}"));
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{out}");
+    // What ExecStartPre and ExecReload run.
+    let check = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}
+
+/// Every group `systemd-analyze syscall-filter` lists, with its members
+/// (system calls and nested `@groups`).
+fn filter_groups() -> BTreeMap<String, Vec<String>> {
+    let out = Command::new("systemd-analyze")
+        .arg("syscall-filter")
+        .output()
+        .expect("systemd-analyze syscall-filter");
+    let mut groups = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with('@') {
+            current = Some(line.trim().to_string());
+            groups.insert(line.trim().to_string(), Vec::new());
+        } else if line.is_empty() || !line.starts_with(char::is_whitespace) {
+            current = None;
+        } else if let Some(group) = &current {
+            let item = line.trim();
+            if !item.starts_with('#') {
+                groups.get_mut(group).unwrap().push(item.to_string());
+            }
+        }
+    }
+    groups
+}
+
+fn expand(item: &str, groups: &BTreeMap<String, Vec<String>>, into: &mut BTreeSet<String>) {
+    match groups.get(item) {
+        Some(members) => members.iter().for_each(|m| expand(m, groups, into)),
+        None => {
+            into.insert(item.to_string());
+        }
+    }
+}
+
+/// What the unit's `SystemCallFilter=` lines allow: the allow list, less
+/// every `~` line.
+fn allowed_by_unit() -> BTreeSet<String> {
+    let groups = filter_groups();
+    let (mut allow, mut deny) = (BTreeSet::new(), BTreeSet::new());
+    for value in UNIT
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let (into, items) = match value.strip_prefix('~') {
+            Some(rest) => (&mut deny, rest),
+            None => (&mut allow, value),
+        };
+        items
+            .split_whitespace()
+            .for_each(|item| expand(item, &groups, into));
+    }
+    assert!(!allow.is_empty(), "the unit sets no SystemCallFilter");
+    allow.difference(&deny).cloned().collect()
+}
+
+/// The system calls in the summary table that ends `strace -C`'s output.
+fn traced_calls(trace: &str) -> BTreeSet<String> {
+    let summary = trace.rsplit_once("% time").map_or("", |(_, table)| table);
+    summary
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with('%') && !l.starts_with('-'))
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|name| *name != "total")
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_units_system_call_filter_allows_every_call_the_router_makes() {
+    if !have("strace") || !have("systemd-analyze") || !have("pebble") {
+        return;
+    }
+    let allowed = allowed_by_unit();
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let upstream = Backend::http("127.0.0.1").await;
+    let passthrough = Backend::echo("127.0.0.1").await;
+    let ip = "127.0.0.6";
+    let tls = free_addr(ip);
+    let http = SocketAddr::new(ip.parse().unwrap(), pebble.http_port);
+    let admin = free_addr("127.0.0.1");
+    pebble.add_a("acme.unit.test", ip).await;
+    let files = ca.leaf(&["files.unit.test"]).write(dir.path(), "files");
+    let sites = format!(
+        "{}[[sites]]\nnames = [\"files.unit.test\"]\nheld_by = [\"a\"]\nupstream = \"{}\"\n{files}\
+         [[sites]]\nnames = [\"pass.test\"]\npassthrough = \"{}\"\n",
+        held("acme.unit.test", "\"a\""),
+        upstream.addr,
+        passthrough.addr,
+    );
+    // A host name for the CA, as in production: the resolver's calls too.
+    let top = pebble
+        .acme_section(
+            &dir.path().join("state"),
+            &format!("[admin]\nlisten = \"{admin}\"\n"),
+        )
+        .replace("https://127.0.0.1:", "https://localhost:");
+    let config = dir.path().join("router.toml");
+    std::fs::write(
+        &config,
+        fleet_toml_http("a", &[("a", tls, http)], &top, &sites),
+    )
+    .unwrap();
+    let trace = dir.path().join("strace.txt");
+    let mut router = Process::start_traced(&config, dir.path(), &trace);
+    wait_listening(tls).await;
+    router
+        .wait_log_within("ACME certificate installed", 1, Duration::from_secs(60))
+        .await;
+
+    let (response, _) = tls_request(tls, ca.client_config(&[], true), "files.unit.test")
+        .await
+        .expect("terminated");
+    assert!(response.contains("upstream saw"), "{response}");
+
+    // Spliced, then quiet long enough to move into the splice engine.
+    let mut spliced = TcpStream::connect(tls).await.unwrap();
+    let hello = hello_for("pass.test");
+    spliced.write_all(&hello).await.unwrap();
+    let mut echoed = vec![0; hello.len()];
+    tokio::time::timeout(WAIT, spliced.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, _, metrics) = http_get(admin, "admin", "/metrics", "").await;
+    assert_eq!(metric_value(&metrics, "sni_router_connections_quiet "), 1.0);
+    spliced.write_all(b"ping").await.unwrap();
+    let mut pong = [0; 4];
+    tokio::time::timeout(WAIT, spliced.read_exact(&mut pong))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&pong, b"ping");
+    drop(spliced);
+
+    let (status, _, _) = http_get(http, "files.unit.test", "/", "").await;
+    assert_eq!(status, 308);
+    let (status, _, _) = http_get(admin, "admin", "/status", "").await;
+    assert_eq!(status, 200);
+
+    ca.leaf(&["files.unit.test"]).write(dir.path(), "files");
+    router.signal("HUP");
+    router.wait_log("config reloaded", 1).await;
+    router.wait_log("certificate loaded", 2).await;
+    router.signal("TERM");
+    assert!(router.wait_exit().await.success());
+
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let traced = traced_calls(&trace);
+    assert!(
+        traced.contains("splice") && traced.contains("accept4"),
+        "{traced:?}"
+    );
+    let refused: Vec<&String> = traced.difference(&allowed).collect();
+    assert!(
+        refused.is_empty(),
+        "the unit's SystemCallFilter refuses {refused:?}, which the router made"
+    );
+    assert_within_the_units_other_limits(&trace);
+}
+
+/// The unit's limits other than the filter, against each traced call.
+fn assert_within_the_units_other_limits(trace: &str) {
+    let families: Vec<&str> = UNIT
+        .lines()
+        .find_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+        .expect("RestrictAddressFamilies")
+        .split_whitespace()
+        .collect();
+    for line in trace.lines() {
+        let call = |name: &str| line.contains(&format!(" {name}("));
+        if let Some(rest) = line.split(" socket(").nth(1) {
+            let family = rest.split(',').next().unwrap_or_default();
+            assert!(
+                families.contains(&family),
+                "RestrictAddressFamilies: {line}"
+            );
+        }
+        // MemoryDenyWriteExecute: no writable and executable mapping, and
+        // no mapping made executable later.
+        let wx = line.contains("PROT_WRITE") && line.contains("PROT_EXEC");
+        assert!(!(call("mmap") && wx), "MemoryDenyWriteExecute: {line}");
+        let made_executable =
+            (call("mprotect") || call("pkey_mprotect")) && line.contains("PROT_EXEC");
+        assert!(!made_executable, "MemoryDenyWriteExecute: {line}");
+        // RestrictNamespaces, RestrictRealtime, LockPersonality.
+        assert!(
+            !line.contains("CLONE_NEW") && !call("unshare") && !call("setns"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("SCHED_FIFO") && !line.contains("SCHED_RR"),
+            "{line}"
+        );
+        assert!(!call("personality"), "{line}");
+        // ProcSubset=pid hides the rest of /proc. mimalloc's look at the
+        // overcommit policy is the one exception, and it does without.
+        if let Some(path) = line.split("\"/proc/").nth(1) {
+            let path = path.split('"').next().unwrap_or_default();
+            let own = path.starts_with("self/") || path.starts_with("thread-self/");
+            let own = own
+                || path
+                    .split('/')
+                    .next()
+                    .is_some_and(|p| p.parse::<u32>().is_ok());
+            assert!(
+                own || path == "sys/vm/overcommit_memory",
+                "ProcSubset=pid: {line}"
+            );
+        }
+    }
+}
