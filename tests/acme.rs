@@ -470,3 +470,72 @@ async fn a_silent_ca_costs_one_deadline_not_one_per_site() {
     }
     hole.abort();
 }
+
+/// A `state_dir` that takes no file (here a symlink to a volume not
+/// mounted, so even root cannot write it, yet nothing is stored there to
+/// read): no account is created at the CA, since one that could not be
+/// saved would be created again at every retry.
+#[tokio::test]
+async fn an_unwritable_state_dir_creates_no_account() {
+    if !have("pebble") {
+        return;
+    }
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::os::unix::fs::symlink(dir.path().join("unmounted/state"), &state).unwrap();
+    let nodes = addresses(&pebble);
+    pebble.add_a("nostate.test", "127.0.0.2").await;
+    let toml = fleet_toml_http(
+        "a",
+        &nodes[..1],
+        &pebble.acme_section(&state, ""),
+        &held("nostate.test", "\"a\""),
+    );
+    let router = Router::start(&toml).await;
+    let stats = &router.handle.shared.stats;
+    // retry_min is 1 s: a second attempt comes within about 2 s.
+    let retried = wait_until(|| async { stats.acme_failed.load(Ordering::Relaxed) >= 2 }).await;
+    assert!(retried, "no retry");
+    assert!(
+        !pebble.log().contains("accounts in memory"),
+        "an account was created:\n{}",
+        pebble.log()
+    );
+    assert!(router.handle.shared.certs.get("nostate.test").is_none());
+}
+
+/// A certificate issued where its site's files cannot be written is served
+/// anyway, and not ordered again at every retry: that would spend the CA's
+/// limit on duplicate certificates and store nothing either.
+#[tokio::test]
+async fn a_certificate_that_cannot_be_stored_is_served_and_not_ordered_again() {
+    if !have("pebble") {
+        return;
+    }
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // Where the sites' directories would go.
+    std::fs::write(state.join("sites"), "").unwrap();
+    let nodes = addresses(&pebble);
+    pebble.add_a("unsaved.test", "127.0.0.2").await;
+    let toml = fleet_toml_http(
+        "a",
+        &nodes[..1],
+        &pebble.acme_section(&state, ""),
+        &held("unsaved.test", "\"a\""),
+    );
+    let router = Router::start(&toml).await;
+    wait_acme(&router, "unsaved.test", None).await;
+    let (tls, _) = tls_connect(router.addr(), pebble.client().await, "unsaved.test")
+        .await
+        .expect("served");
+    assert!(!peer_leaf(&tls).is_empty());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = &router.handle.shared.stats;
+    assert_eq!(stats.acme_issued.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.acme_failed.load(Ordering::Relaxed), 0);
+    assert!(state.join("account.json").exists(), "the account was saved");
+}

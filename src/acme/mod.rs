@@ -365,7 +365,16 @@ impl Manager {
                 profile: acme.profile.clone(),
             },
         };
-        storage::save_site(&acme.state_dir, label, &stored)?;
+        // Ordering again would not store it either, and would spend the
+        // CA's limit on duplicate certificates: serve it, and say so.
+        if let Err(e) = storage::save_site(&acme.state_dir, label, &stored) {
+            tracing::error!(
+                site = label,
+                step = "storage",
+                error = %e,
+                "certificate served but not stored; a restart orders it again"
+            );
+        }
         self.install(label, &loaded);
         Ok(loaded)
     }
@@ -409,6 +418,7 @@ impl Manager {
                 .await
                 .map_err(AcmeError::Account)?,
             None => {
+                storage::check_writable(&acme.state_dir)?;
                 let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
                 let eab = acme
                     .eab

@@ -68,6 +68,19 @@ pub fn save_account(state_dir: &Path, account: &AccountFile) -> Result<(), Stora
     write_atomic(&path, &bytes, 0o600)
 }
 
+/// Whether `state_dir` takes a file: checked before an account is created,
+/// since an account that cannot be saved would be created again at every
+/// retry, against the CA's limit on new accounts.
+pub fn check_writable(state_dir: &Path) -> Result<(), StorageError> {
+    let probe = state_dir.join(".writable");
+    write_atomic(&probe, b"", 0o600).map_err(|e| StorageError {
+        message: format!("acme.state_dir is not writable: {}", e.message),
+        ..e
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn site_dir(state_dir: &Path, site: &str) -> PathBuf {
     // Site labels are validated host names: safe as one path component.
     state_dir.join("sites").join(site)
@@ -154,6 +167,20 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(load_site(&dir, "other.test").unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unwritable_state_dir_is_named() {
+        let dir = std::env::temp_dir().join(format!("sni-router-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        check_writable(&dir).unwrap();
+        assert!(!dir.join(".writable").exists(), "the probe is removed");
+        // A symlink to a volume not mounted: even root cannot write there.
+        let state = dir.join("state");
+        std::os::unix::fs::symlink(dir.join("unmounted/state"), &state).unwrap();
+        let e = check_writable(&state).unwrap_err().to_string();
+        assert!(e.contains("acme.state_dir is not writable"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -120,6 +120,12 @@ impl Pebble {
 
     fn spawn_pebble(&self) -> Child {
         let dns = self.dns_server();
+        // Appended: a resumed Pebble keeps the paused one's lines.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("pebble.log"))
+            .expect("log");
         Command::new("pebble")
             .args([
                 "-config",
@@ -132,8 +138,9 @@ impl Pebble {
             .env("PEBBLE_VA_NOSLEEP", "1")
             .env("PEBBLE_WFE_NONCEREJECT", "0")
             .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("pebble.log")).expect("log"))
+            // Pebble logs what it creates (accounts, orders) on stdout.
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
             .spawn()
             .expect("start pebble")
     }
