@@ -60,6 +60,13 @@ impl Unanswered {
 #[error("the CA did not answer within {0:?}")]
 struct Silent(Duration);
 
+/// RFC 9773 asks a CA to send `Retry-After` with renewal information, and
+/// instant-acme refuses an answer without one, window (or the CA's problem
+/// document) and all. Our only GETs are the directory and renewal
+/// information, so a GET answered without it is given the six hours Let's
+/// Encrypt sends.
+const RENEWAL_INFO_RETRY_AFTER: &str = "21600";
+
 struct Watched {
     inner: Box<dyn HttpClient>,
     retry_after: RetryAfter,
@@ -72,6 +79,7 @@ impl HttpClient for Watched {
         &self,
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let get = req.method() == http::Method::GET;
         let response = self.inner.request(req);
         let (retry_after, unanswered) = (self.retry_after.clone(), self.unanswered.clone());
         let deadline = self.deadline;
@@ -80,9 +88,14 @@ impl HttpClient for Watched {
                 unanswered.note();
                 return Err(instant_acme::Error::Other(Box::new(Silent(deadline))));
             };
-            let response = response?;
+            let mut response = response?;
             if let Some(at) = refusal_retry_after(&response.parts, SystemTime::now()) {
                 retry_after.note(at);
+            }
+            let headers = &mut response.parts.headers;
+            if get && !headers.contains_key(RETRY_AFTER) {
+                let default = http::HeaderValue::from_static(RENEWAL_INFO_RETRY_AFTER);
+                headers.insert(RETRY_AFTER, default);
             }
             Ok(response)
         })
@@ -165,6 +178,35 @@ mod tests {
             let (status, retry_after) = (self.0, self.1);
             Box::pin(async move { Ok(response(status, retry_after)) })
         }
+    }
+
+    #[tokio::test]
+    async fn a_get_answered_without_retry_after_gets_six_hours() {
+        let answer = |status, retry_after, method| async move {
+            let client = Watched {
+                inner: Box::new(Answers(status, retry_after)),
+                retry_after: RetryAfter::default(),
+                unanswered: Unanswered::default(),
+                deadline: REQUEST_DEADLINE,
+            };
+            let mut request = http::Request::new(BodyWrapper::from(Vec::new()));
+            *request.method_mut() = method;
+            let response = client.request(request).await.unwrap();
+            let value = response.parts.headers.get(RETRY_AFTER);
+            value.map(|v| v.to_str().unwrap().to_string())
+        };
+        let get = http::Method::GET;
+        assert_eq!(
+            answer(200, None, get.clone()).await.as_deref(),
+            Some("21600")
+        );
+        assert_eq!(
+            answer(200, Some("60"), get.clone()).await.as_deref(),
+            Some("60")
+        );
+        // So that instant-acme reads the CA's problem document.
+        assert_eq!(answer(404, None, get).await.as_deref(), Some("21600"));
+        assert_eq!(answer(200, None, http::Method::POST).await, None);
     }
 
     async fn noted(status: u16, retry_after: Option<&'static str>) -> Option<SystemTime> {
