@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use support::container::{Container, proc_status, root};
 use support::pebble::{Options, Pebble, held};
 use support::process::{BIN, Process, wait_listening};
 use support::*;
@@ -291,4 +292,149 @@ fn assert_within_the_units_other_limits(trace: &str) {
             );
         }
     }
+}
+
+/// The Debian root that `scripts/test` builds for booting the unit.
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-tools/sdroot");
+
+#[tokio::test]
+async fn the_unit_runs_the_router_under_systemd() {
+    // Booting a container needs root; scripts/test builds the root then.
+    if !root() || !have("systemd-nspawn") || !have("pebble") {
+        return;
+    }
+    assert!(
+        Path::new(ROOT).join("usr/lib/systemd/systemd").exists(),
+        "no {ROOT}: scripts/test builds it"
+    );
+    let pebble = Pebble::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let upstream = Backend::http("127.0.0.1").await;
+    let ip = "127.0.0.8";
+    // A privileged port, which the unit's one capability opens.
+    let tls: SocketAddr = format!("{ip}:443").parse().unwrap();
+    let http = SocketAddr::new(ip.parse().unwrap(), pebble.http_port);
+    let admin = free_addr(ip);
+    pebble.add_a("acme.unit.test", ip).await;
+
+    // /etc/sni-router as the README lays it out: readable by the group.
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::copy(&pebble.ca_file, conf.join("pebble-ca.pem")).unwrap();
+    let leaf = ca.leaf(&["files.unit.test"]);
+    std::fs::write(conf.join("files.crt"), &leaf.chain_pem).unwrap();
+    std::fs::write(conf.join("files.key"), &leaf.key_pem).unwrap();
+    let directory = pebble
+        .directory
+        .replace("https://127.0.0.1:", "https://localhost:");
+    let good = format!(
+        "this_node = \"a\"\n[timeouts]\ndrain = \"10s\"\n\
+         [[nodes]]\nname = \"a\"\ntls = \"{tls}\"\nhttp = \"{http}\"\n\
+         [admin]\nlisten = \"{admin}\"\n\
+         [acme]\ndirectory = \"{directory}\"\nstate_dir = \"/var/lib/sni-router\"\n\
+         ca_file = \"/etc/sni-router/pebble-ca.pem\"\ncontact = [\"mailto:ops@example.test\"]\n\
+         [[sites]]\nnames = [\"files.unit.test\"]\nheld_by = [\"a\"]\nupstream = \"{}\"\n\
+         cert_file = \"/etc/sni-router/files.crt\"\nkey_file = \"/etc/sni-router/files.key\"\n\
+         {}",
+        upstream.addr,
+        held("acme.unit.test", "\"a\""),
+    );
+    let config = conf.join("sni-router.toml");
+    std::fs::write(&config, &good).unwrap();
+    let group = std::fs::read_to_string(Path::new(ROOT).join("etc/group")).unwrap();
+    let gid = group
+        .lines()
+        .find_map(|l| l.strip_prefix("sni-router:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .expect("the root has the sni-router group")
+        .to_string();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chown -R root:{gid} {c} && chmod 0750 {c} && chmod 0640 {c}/files.key {c}/sni-router.toml",
+            c = conf.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let unit = dir.path().join("sni-router.service");
+    std::fs::write(&unit, UNIT).unwrap();
+
+    let binds = [
+        (Path::new(BIN), BINARY_PATH),
+        (conf.as_path(), "/etc/sni-router"),
+        (unit.as_path(), "/etc/systemd/system/sni-router.service"),
+    ];
+    let log = dir.path().join("boot.log");
+    let container = Container::boot(Path::new(ROOT), &binds, "sni-router.service", &log).await;
+    wait_listening(tls).await;
+
+    // The router runs unprivileged, with one capability, under the filter.
+    let router = Command::new("pgrep")
+        .args(["-n", "-f", &format!("^{BINARY_PATH} run")])
+        .output()
+        .unwrap();
+    let router = String::from_utf8_lossy(&router.stdout).trim().to_string();
+    assert!(!router.is_empty(), "no router process");
+    assert_ne!(proc_status(&router, "Uid"), "0", "runs as root");
+    assert_eq!(
+        proc_status(&router, "CapEff"),
+        "0000000000000400",
+        "CAP_NET_BIND_SERVICE only"
+    );
+    assert_eq!(proc_status(&router, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(&router, "Seccomp"), "2", "a system-call filter");
+
+    let (response, _) = tls_request(tls, ca.client_config(&[], true), "files.unit.test")
+        .await
+        .expect("terminated");
+    assert!(response.contains("upstream saw"), "{response}");
+    let (status, _, _) = http_get(http, "files.unit.test", "/", "").await;
+    assert_eq!(status, 308);
+    // An ACME certificate, its state written where the unit allows it.
+    let client = pebble.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut issued = false;
+    while !issued && std::time::Instant::now() < deadline {
+        issued = tls_connect(tls, client.clone(), "acme.unit.test")
+            .await
+            .is_ok();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        issued,
+        "no ACME certificate:\n{}",
+        container.journal("sni-router")
+    );
+
+    // Reload: checked first, so a broken config fails it and changes nothing.
+    let (ok, out) = container.run(&["systemctl", "reload", "sni-router"]);
+    assert!(ok, "{out}");
+    std::fs::write(&config, format!("{good}workers = \"many\"\n")).unwrap();
+    let (ok, _) = container.run(&["systemctl", "reload", "sni-router"]);
+    assert!(!ok, "a broken config reloaded");
+    let (_, state) = container.run(&["systemctl", "is-active", "sni-router"]);
+    assert_eq!(state.trim(), "active");
+    assert!(
+        tls_request(tls, ca.client_config(&[], true), "files.unit.test")
+            .await
+            .is_ok()
+    );
+    std::fs::write(&config, &good).unwrap();
+
+    let (ok, out) = container.run(&["systemctl", "stop", "sni-router"]);
+    assert!(ok, "{out}");
+    let (_, result) =
+        container.run(&["systemctl", "show", "-p", "Result", "--value", "sni-router"]);
+    assert_eq!(result.trim(), "success");
+    let journal = container.journal("sni-router");
+    assert!(
+        journal.contains("config reloaded") && journal.contains("draining"),
+        "{journal}"
+    );
+    assert!(
+        !journal.to_lowercase().contains("not permitted"),
+        "{journal}"
+    );
 }

@@ -13,6 +13,7 @@ use sni_router::server::{Handle, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod container;
 pub mod pebble;
 pub mod process;
 

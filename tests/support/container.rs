@@ -1,0 +1,106 @@
+//! A Debian root booted by systemd in a container, for tests of the
+//! service unit: commands and the journal through `nsenter`.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::wait_until;
+
+/// systemd booted in a container on the host's network (`systemd-nspawn`
+/// on a read-only Debian root, `/var` in memory), with host files bound
+/// in read-only; powered off when dropped.
+pub struct Container {
+    nspawn: Child,
+    /// The container's systemd, as the host sees it.
+    init: u32,
+}
+
+impl Container {
+    /// Boots `root` with each (host path, container path) of `binds`, and
+    /// `unit` started.
+    pub async fn boot(root: &Path, binds: &[(&Path, &str)], unit: &str, log: &Path) -> Container {
+        let mut nspawn = Command::new("systemd-nspawn");
+        nspawn
+            .args(["-q", "--register=no", "--keep-unit", "--console=passive"])
+            .arg("--volatile=state")
+            .arg("-D")
+            .arg(root);
+        for (from, to) in binds {
+            nspawn.arg(format!("--bind-ro={}:{to}", from.display()));
+        }
+        let nspawn = nspawn
+            .args(["-b", &format!("systemd.wants={unit}")])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).expect("log"))
+            .stderr(std::fs::File::create(log.with_extension("err")).expect("log"))
+            .spawn()
+            .expect("systemd-nspawn");
+        let id = nspawn.id();
+        let children = format!("/proc/{id}/task/{id}/children");
+        let found = wait_until(|| async {
+            std::fs::read_to_string(&children).is_ok_and(|c| !c.trim().is_empty())
+        })
+        .await;
+        let init = std::fs::read_to_string(&children).unwrap_or_default();
+        let init = init.split_whitespace().next().and_then(|p| p.parse().ok());
+        let container = Container {
+            nspawn,
+            init: init.unwrap_or(0),
+        };
+        assert!(found && container.init != 0, "no container started");
+        container
+    }
+
+    /// A command inside the container: (success, stdout and stderr).
+    pub fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a"])
+            .args(args)
+            .output()
+            .expect("nsenter");
+        let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text.into_owned())
+    }
+
+    /// The journal of `unit`.
+    pub fn journal(&self, unit: &str) -> String {
+        self.run(&["journalctl", "-u", unit, "--no-pager"]).1
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let journal = self.run(&["journalctl", "--no-pager", "-n", "80"]).1;
+            eprintln!("--- container journal, last 80 lines ---\n{journal}");
+        }
+        // SIGTERM powers the container off; then make sure.
+        let _ = Command::new("kill")
+            .arg(self.nspawn.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if matches!(self.nspawn.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+pub fn root() -> bool {
+    let out = Command::new("id").arg("-u").output().expect("id");
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+/// The `status` line `name` of a process, as /proc shows it.
+pub fn proc_status(pid: &str, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with(&format!("{name}:")));
+    line.and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_default()
+        .to_string()
+}
