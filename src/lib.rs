@@ -31,7 +31,8 @@
 //! `names` holds the exact/wildcard lookup shared by config and routing;
 //! `proxy_protocol` encodes and decodes PROXY v1/v2; `sockopt` sets the
 //! socket options socket2 lacks; `splice` is the one place two streams are
-//! joined; `probe` is the `sni-router probe` command.
+//! joined; `probe` is the `sni-router probe` command; `notify` tells
+//! systemd when the listeners are bound and when draining starts.
 
 // Nothing that handles network bytes may panic; tests may.
 #![cfg_attr(
@@ -61,3 +62,4 @@ pub mod metrics;
 pub mod peers;
 pub mod admin;
 pub mod probe;
+pub mod notify;

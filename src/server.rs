@@ -521,6 +521,7 @@ pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeErro
     }
     let handle = server.handle();
     let running = tokio::spawn(server.run());
+    crate::notify::notify("READY=1");
     loop {
         tokio::select! {
             _ = hup.recv() => match source.load() {
@@ -534,6 +535,7 @@ pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeErro
             _ = int.recv() => break,
         }
     }
+    crate::notify::notify("STOPPING=1");
     handle.shutdown();
     let _ = running.await;
     Ok(())

@@ -183,3 +183,34 @@ async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     assert!(log.contains("connection finished"), "{log}");
     assert!(!log.contains("drain period over"), "{log}");
 }
+
+/// Under systemd's `Type=notify` the router says `READY=1` once it accepts
+/// and `STOPPING=1` when the drain begins, on `$NOTIFY_SOCKET`.
+#[tokio::test]
+async fn systemd_hears_ready_once_it_accepts_and_stopping_at_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("notify");
+    let systemd = tokio::net::UnixDatagram::bind(&socket).unwrap();
+    let config = dir.path().join("router.toml");
+    let node = free_addr("127.0.0.2");
+    let text = fleet_toml("a", &[("a", node)], "", &site("pass.test", node));
+    std::fs::write(&config, text).unwrap();
+    let mut router = Process::start_with_env(&config, dir.path(), &[("NOTIFY_SOCKET", &socket)]);
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(WAIT, systemd.recv(&mut buf))
+        .await
+        .expect("no READY=1")
+        .unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        TcpStream::connect(node).await.is_ok(),
+        "ready and accepting"
+    );
+    router.signal("TERM");
+    let n = tokio::time::timeout(WAIT, systemd.recv(&mut buf))
+        .await
+        .expect("no STOPPING=1")
+        .unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(router.wait_exit().await.success());
+}

@@ -369,6 +369,18 @@ async fn the_unit_runs_the_router_under_systemd() {
     let log = dir.path().join("boot.log");
     let container = Container::boot(Path::new(ROOT), &binds, "sni-router.service", &log).await;
     wait_listening(tls).await;
+    // Type=notify: active only once the router said READY=1.
+    let active = wait_until(|| async {
+        container
+            .run(&["systemctl", "is-active", "sni-router"])
+            .1
+            .trim()
+            == "active"
+    })
+    .await;
+    assert!(active, "never active:\n{}", container.journal("sni-router"));
+    let (_, kind) = container.run(&["systemctl", "show", "-p", "Type", "--value", "sni-router"]);
+    assert_eq!(kind.trim(), "notify");
 
     // The router runs unprivileged, with one capability, under the filter.
     let router = Command::new("pgrep")
@@ -411,6 +423,11 @@ async fn the_unit_runs_the_router_under_systemd() {
     // Reload: checked first, so a broken config fails it and changes nothing.
     let (ok, out) = container.run(&["systemctl", "reload", "sni-router"]);
     assert!(ok, "{out}");
+    // `systemctl reload` returns once the signal is sent, not once the
+    // router has read the file.
+    let reloaded =
+        wait_until(|| async { container.journal("sni-router").contains("config reloaded") }).await;
+    assert!(reloaded, "{}", container.journal("sni-router"));
     std::fs::write(&config, format!("{good}workers = \"many\"\n")).unwrap();
     let (ok, _) = container.run(&["systemctl", "reload", "sni-router"]);
     assert!(!ok, "a broken config reloaded");
@@ -428,11 +445,11 @@ async fn the_unit_runs_the_router_under_systemd() {
     let (_, result) =
         container.run(&["systemctl", "show", "-p", "Result", "--value", "sni-router"]);
     assert_eq!(result.trim(), "success");
+    // journald may still be reading the router's last lines.
+    let logged =
+        wait_until(|| async { container.journal("sni-router").contains("draining") }).await;
     let journal = container.journal("sni-router");
-    assert!(
-        journal.contains("config reloaded") && journal.contains("draining"),
-        "{journal}"
-    );
+    assert!(logged, "{journal}");
     assert!(
         !journal.to_lowercase().contains("not permitted"),
         "{journal}"

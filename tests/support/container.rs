@@ -37,17 +37,20 @@ impl Container {
             .stderr(std::fs::File::create(log.with_extension("err")).expect("log"))
             .spawn()
             .expect("systemd-nspawn");
+        // nspawn's child is briefly a helper of its own before it is the
+        // container's systemd.
         let id = nspawn.id();
-        let children = format!("/proc/{id}/task/{id}/children");
-        let found = wait_until(|| async {
-            std::fs::read_to_string(&children).is_ok_and(|c| !c.trim().is_empty())
-        })
-        .await;
-        let init = std::fs::read_to_string(&children).unwrap_or_default();
-        let init = init.split_whitespace().next().and_then(|p| p.parse().ok());
+        let init = || {
+            let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"));
+            children.ok()?.split_whitespace().find_map(|pid| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+                (comm.trim() == "systemd").then(|| pid.parse().ok())?
+            })
+        };
+        let found = wait_until(|| async { init().is_some() }).await;
         let container = Container {
+            init: init().unwrap_or(0),
             nspawn,
-            init: init.unwrap_or(0),
         };
         assert!(found && container.init != 0, "no container started");
         container
