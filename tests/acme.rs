@@ -28,6 +28,18 @@ fn addresses(pebble: &Pebble) -> Vec<(&'static str, SocketAddr, SocketAddr)> {
         .collect()
 }
 
+/// Config for node a alone, holding `site` by ACME with its state in
+/// `state`; `site`'s DNS points at a.
+async fn holder_a(pebble: &Pebble, state: &Path, site: &str) -> String {
+    pebble.add_a(site, "127.0.0.2").await;
+    fleet_toml_http(
+        "a",
+        &addresses(pebble)[..1],
+        &pebble.acme_section(state, ""),
+        &held(site, "\"a\""),
+    )
+}
+
 #[tokio::test]
 async fn every_holder_gets_its_own_certificate_while_dns_points_elsewhere() {
     if !have("pebble") {
@@ -86,14 +98,7 @@ async fn a_restart_reuses_the_stored_certificate() {
     }
     let pebble = Pebble::start(Options::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let nodes = addresses(&pebble);
-    pebble.add_a("keep.test", "127.0.0.2").await;
-    let toml = fleet_toml_http(
-        "a",
-        &nodes[..1],
-        &pebble.acme_section(dir.path(), ""),
-        &held("keep.test", "\"a\""),
-    );
+    let toml = holder_a(&pebble, dir.path(), "keep.test").await;
     let router = Router::start(&toml).await;
     let first = wait_acme(&router, "keep.test", None).await;
     router.stop().await;
@@ -484,14 +489,7 @@ async fn an_unwritable_state_dir_creates_no_account() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::os::unix::fs::symlink(dir.path().join("unmounted/state"), &state).unwrap();
-    let nodes = addresses(&pebble);
-    pebble.add_a("nostate.test", "127.0.0.2").await;
-    let toml = fleet_toml_http(
-        "a",
-        &nodes[..1],
-        &pebble.acme_section(&state, ""),
-        &held("nostate.test", "\"a\""),
-    );
+    let toml = holder_a(&pebble, &state, "nostate.test").await;
     let router = Router::start(&toml).await;
     let stats = &router.handle.shared.stats;
     // retry_min is 1 s: a second attempt comes within about 2 s.
@@ -519,14 +517,7 @@ async fn a_certificate_that_cannot_be_stored_is_served_and_not_ordered_again() {
     std::fs::create_dir_all(&state).unwrap();
     // Where the sites' directories would go.
     std::fs::write(state.join("sites"), "").unwrap();
-    let nodes = addresses(&pebble);
-    pebble.add_a("unsaved.test", "127.0.0.2").await;
-    let toml = fleet_toml_http(
-        "a",
-        &nodes[..1],
-        &pebble.acme_section(&state, ""),
-        &held("unsaved.test", "\"a\""),
-    );
+    let toml = holder_a(&pebble, &state, "unsaved.test").await;
     let router = Router::start(&toml).await;
     wait_acme(&router, "unsaved.test", None).await;
     let (tls, _) = tls_connect(router.addr(), pebble.client().await, "unsaved.test")
