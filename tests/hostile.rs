@@ -76,9 +76,13 @@ async fn stalled_hellos_do_not_starve_honest_clients() {
     }
     baseline.sort_by(f64::total_cmp);
     loaded.sort_by(f64::total_cmp);
+    // Starved, an honest client would wait out the 3-s hello deadline
+    // behind the stalled ones: about 1% of the baseline rate. Half leaves
+    // room for this shared machine's noise (one CI run measured 77%), since
+    // speed itself is the benchmarks' business.
     let ratio = loaded[1] / baseline[1];
     assert!(
-        ratio >= 0.8,
+        ratio >= 0.5,
         "honest rate fell to {:.0}% ({loaded:?} vs {baseline:?})",
         ratio * 100.0
     );
