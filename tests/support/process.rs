@@ -154,10 +154,19 @@ impl Drop for Process {
 
 pub async fn wait_listening(addr: SocketAddr) {
     let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_err() {
+    while !accepts(addr).await {
         assert!(Instant::now() < deadline, "router never listened on {addr}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Whether something listens on `addr`. A connect to a loopback port
+/// nobody listens on can pick that same port as its source and connect to
+/// itself (TCP simultaneous open): that is not a listener.
+async fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect(addr)
+        .await
+        .is_ok_and(|s| s.local_addr().ok() != Some(addr))
 }
 
 impl Process {
