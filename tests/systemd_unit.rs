@@ -343,21 +343,22 @@ async fn the_unit_runs_the_router_under_systemd() {
     let config = conf.join("sni-router.toml");
     std::fs::write(&config, &good).unwrap();
     let group = std::fs::read_to_string(Path::new(ROOT).join("etc/group")).unwrap();
-    let gid = group
+    let gid: u32 = group
         .lines()
         .find_map(|l| l.strip_prefix("sni-router:x:"))
         .and_then(|rest| rest.split(':').next())
-        .expect("the root has the sni-router group")
-        .to_string();
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "chown -R root:{gid} {c} && chmod 0750 {c} && chmod 0640 {c}/files.key {c}/sni-router.toml",
-            c = conf.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success());
+        .and_then(|gid| gid.parse().ok())
+        .expect("the root has the sni-router group");
+    for entry in std::fs::read_dir(&conf).unwrap() {
+        std::os::unix::fs::chown(entry.unwrap().path(), Some(0), Some(gid)).unwrap();
+    }
+    std::os::unix::fs::chown(&conf, Some(0), Some(gid)).unwrap();
+    let mode = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    mode(&conf, 0o750);
+    mode(&conf.join("files.key"), 0o640);
+    mode(&conf.join("sni-router.toml"), 0o640);
     let unit = dir.path().join("sni-router.service");
     std::fs::write(&unit, UNIT).unwrap();
 

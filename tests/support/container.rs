@@ -94,9 +94,9 @@ impl Drop for Container {
     }
 }
 
+/// Whether this test runs as root (its real uid).
 pub fn root() -> bool {
-    let out = Command::new("id").arg("-u").output().expect("id");
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
+    proc_status("self", "Uid") == "0"
 }
 
 /// The `status` line `name` of a process, as /proc shows it.
