@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
     let config = Config::parse(&fleet(10_000), "bench", None).expect("bench config");
     let peer = Peer {
         client: IpAddr::from([198, 51, 100, 7]),
-        from_node: false,
+        spliced_by_node: false,
     };
     let names = [
         "site7777.example.org",

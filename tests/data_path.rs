@@ -237,7 +237,7 @@ fn holder_order(toml: &str, name: &str) -> Vec<String> {
     let config = Config::parse(toml, "t", None).unwrap();
     let peer = Peer {
         client: "127.0.0.1".parse().unwrap(),
-        from_node: false,
+        spliced_by_node: false,
     };
     match route::decide(&config, 0, Some(name), peer, |_, _| false) {
         Decision::Splice { holders, .. } => holders

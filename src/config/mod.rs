@@ -268,10 +268,18 @@ impl Config {
         self.node(self.this_node)
     }
 
-    /// Whether a connection from `ip` comes from a node of the fleet: such
-    /// connections may carry PROXY headers and are never spliced onward.
+    /// Whether `ip` is an address a node of the fleet connects from. Alone
+    /// it says only who may send a PROXY header or a forwarding mark: a
+    /// client running on a node's host is an ordinary client.
     pub fn is_node_address(&self, ip: IpAddr) -> bool {
         self.node_addresses.contains(&canonical(ip))
+    }
+
+    /// Whether a connection was spliced here by a node: it comes from a
+    /// node address **and** began with a PROXY header. Only such
+    /// connections get the loop guard (never spliced onward).
+    pub fn spliced_by_node(&self, peer: IpAddr, proxied: bool) -> bool {
+        proxied && self.is_node_address(peer)
     }
 
     /// Whether `ip` may send a PROXY header.

@@ -73,6 +73,7 @@ async fn serve(
     local: SocketAddr,
 ) -> (Option<String>, Option<String>, Outcome) {
     let config = &live.config;
+    // The forwarding mark counts only from a node address.
     let from_node = config.is_node_address(peer.ip());
     let allow_proxy = config.may_send_proxy(peer.ip());
     let preamble = match preface::read_in_slot::<Head, _>(
@@ -87,6 +88,7 @@ async fn serve(
         Err(e) => return (None, None, head_failed(stream, e).await),
     };
     let head = &preamble.parsed;
+    let spliced_by_node = config.spliced_by_node(peer.ip(), preamble.proxied.is_some());
     let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
     let destination = preamble
         .proxied
@@ -129,7 +131,7 @@ async fn serve(
                 &shared.peers,
                 site,
                 stream,
-                from_node,
+                spliced_by_node,
                 ends,
                 preamble.bytes,
             )
@@ -236,7 +238,7 @@ async fn to_upstream(
     peers: &PeerHealth,
     site: SiteId,
     stream: &mut TcpStream,
-    from_node: bool,
+    spliced_by_node: bool,
     (client, destination): (SocketAddr, SocketAddr),
     replay: Vec<u8>,
 ) -> Outcome {
@@ -254,7 +256,7 @@ async fn to_upstream(
             label: config.site(site).label.clone(),
         };
         (vec![target], None, header)
-    } else if from_node {
+    } else if spliced_by_node {
         respond(stream, 502, "", "config conflict: not a holder\n").await;
         return outcome("loop_guard", 502);
     } else {

@@ -288,7 +288,6 @@ async fn route_connection(
     accepted: Instant,
 ) -> Routed {
     let config = &live.config;
-    let from_node = config.is_node_address(peer.ip());
     let allow_proxy = config.may_send_proxy(peer.ip());
     let deadline = config.timeouts.hello;
     let slots = &shared.hello_slots;
@@ -299,6 +298,7 @@ async fn route_connection(
         Err(e) => return Routed::Done(hello_failed(e)),
     };
     metrics::histogram!(HELLO_SECONDS).record(accepted.elapsed().as_secs_f64());
+    let spliced_by_node = config.spliced_by_node(peer.ip(), preamble.proxied.is_some());
     // The original client: from a trusted PROXY header, else the socket peer.
     let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
     let destination = preamble
@@ -315,7 +315,7 @@ async fn route_connection(
         sni.as_deref(),
         Peer {
             client: client.ip(),
-            from_node,
+            spliced_by_node,
         },
         |site, name| {
             let name = preamble.parsed.sni.as_deref().or(Some(name));
@@ -347,7 +347,7 @@ async fn route_connection(
             }
             // A node that spliced to us learns of the refusal by a close
             // with no reply, and fails over to its next holder.
-            if sni.is_some() && !from_node {
+            if sni.is_some() && !spliced_by_node {
                 let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             }
             let outcome = Outcome::new("reject", reject.kind(), reject.kind());

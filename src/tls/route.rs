@@ -1,8 +1,9 @@
 //! The routing decision for a TLS connection: pure, no I/O.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::net::{IpAddr, SocketAddr};
+
+use siphasher::sip::SipHasher13;
 
 use crate::config::{Config, NodeId, SiteId, SiteRoute};
 
@@ -34,7 +35,7 @@ pub enum Reject {
     UnknownName,
     /// Held here, no valid certificate, and no other holder to splice to.
     NoHolder,
-    /// Came from a node, and we cannot terminate it: splicing on could loop.
+    /// Spliced here by a node, and we cannot terminate it: splicing on could loop.
     LoopGuard,
 }
 
@@ -88,8 +89,9 @@ impl Reject {
 pub struct Peer {
     /// The original client (from a trusted PROXY header, else the socket peer).
     pub client: IpAddr,
-    /// The socket peer is a node of the fleet.
-    pub from_node: bool,
+    /// Spliced here by a node (a node address that sent a PROXY header);
+    /// see [`Config::spliced_by_node`].
+    pub spliced_by_node: bool,
 }
 
 /// Decides a connection's route.
@@ -129,7 +131,7 @@ pub fn decide(
             if holders.contains(&config.this_node) && can_terminate(site, name) {
                 return Decision::Terminate { site };
             }
-            if peer.from_node {
+            if peer.spliced_by_node {
                 return Decision::Reject(Reject::LoopGuard);
             }
             let others: Vec<NodeId> = holders
@@ -152,16 +154,24 @@ pub fn decide(
 /// sticks to one holder, clients spread evenly, and losing a holder moves
 /// only that holder's clients.
 pub(crate) fn rendezvous(config: &Config, mut holders: Vec<NodeId>, client: IpAddr) -> Vec<NodeId> {
-    let score = |node: &NodeId| {
-        // DefaultHasher::new() has fixed keys: the order is the same on every
-        // node and across restarts of the same build.
-        let mut h = DefaultHasher::new();
-        client.hash(&mut h);
-        config.node(*node).name.hash(&mut h);
-        h.finish()
-    };
-    holders.sort_by_cached_key(|n| std::cmp::Reverse(score(n)));
+    holders.sort_by_cached_key(|n| std::cmp::Reverse(rendezvous_score(client, &config.node(*n).name)));
     holders
+}
+
+/// A holder's score for a client. Every node must compute the same number
+/// whatever toolchain built it, so the algorithm is spelled out (std's
+/// `DefaultHasher` promises no such thing): SipHash-1-3 with an all-zero
+/// key over the client address as 16 bytes (IPv4 as IPv4-mapped IPv6),
+/// then the node's name in UTF-8. A test pins it to known values.
+pub fn rendezvous_score(client: IpAddr, node: &str) -> u64 {
+    let client = match client {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let mut h = SipHasher13::new_with_keys(0, 0);
+    h.write(&client.octets());
+    h.write(node.as_bytes());
+    h.finish()
 }
 
 #[cfg(test)]
@@ -210,14 +220,14 @@ mod tests {
     fn client() -> Peer {
         Peer {
             client: "192.0.2.7".parse().unwrap(),
-            from_node: false,
+            spliced_by_node: false,
         }
     }
 
     fn node_peer() -> Peer {
         Peer {
             client: "192.0.2.7".parse().unwrap(),
-            from_node: true,
+            spliced_by_node: true,
         }
     }
 
@@ -301,6 +311,23 @@ mod tests {
         assert_eq!(d, Decision::Reject(Reject::NoHolder));
     }
 
+    /// Nodes built by different toolchains must agree: these values are the
+    /// algorithm's, and may never change.
+    #[test]
+    fn rendezvous_scores_are_pinned() {
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(rendezvous_score(v4, "edge-a"), PINNED[0]);
+        assert_eq!(rendezvous_score(mapped, "edge-a"), PINNED[0]);
+        assert_eq!(rendezvous_score(v4, "edge-b"), PINNED[1]);
+        assert_eq!(rendezvous_score(v6, "edge-a"), PINNED[2]);
+    }
+
+    // Computed independently of the crate, from the SipHash paper's
+    // reference algorithm (checked against its published vector).
+    const PINNED: [u64; 3] = [8078364907696529724, 543210705070796059, 8125288274471884935];
+
     #[test]
     fn rendezvous_is_stable_and_spreads() {
         let c = config();
@@ -308,7 +335,7 @@ mod tests {
         for i in 0..200u8 {
             let peer = Peer {
                 client: IpAddr::from([198, 51, 100, i]),
-                from_node: false,
+                spliced_by_node: false,
             };
             let a = decide(&c, 0, Some("www.shared.test"), peer, |_, _| false);
             let b = decide(&c, 0, Some("www.shared.test"), peer, |_, _| false);
