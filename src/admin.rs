@@ -106,6 +106,7 @@ pub fn status(shared: &Shared) -> Value {
     json!({
         "node": config.this().name,
         "config": config.source,
+        "config_digest": config.digest.to_string(),
         "ready": shared.ready.load(Ordering::Relaxed),
         "listeners": config.listeners.iter().map(|l| l.bind.to_string()).collect::<Vec<_>>(),
         "routes": routes,

@@ -25,6 +25,7 @@ pub const ACME_ORDERS: &str = "sni_router_acme_orders_total";
 pub const ACME_RENEWAL_INFO: &str = "sni_router_acme_renewal_info_total";
 pub const CERT_EXPIRY: &str = "sni_router_certificate_expiry_timestamp_seconds";
 pub const CONFIG_RELOADS: &str = "sni_router_config_reloads_total";
+pub const CONFIG_DRIFT: &str = "sni_router_config_drift_total";
 
 /// The label for a name that is in no site: one fixed value, so strangers
 /// cannot add series.
@@ -185,4 +186,8 @@ fn describe() {
         "Expiry of the certificate served for a held site (Unix time)."
     );
     describe_counter!(CONFIG_RELOADS, "Config reloads, by outcome.");
+    describe_counter!(
+        CONFIG_DRIFT,
+        "Connections from a peer node (splices, forwarded challenges) whose fleet digest differed from ours, by peer."
+    );
 }

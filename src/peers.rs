@@ -3,10 +3,13 @@
 //! each peer's TLS port, closed at once) fills quiet periods.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use crate::config::{Config, FleetDigest};
 use crate::connect;
+use crate::metrics::CONFIG_DRIFT;
 use crate::server::Handle;
 
 /// Often enough for a status page; rare enough to be noise-free.
@@ -18,6 +21,11 @@ pub struct PeerState {
     pub last_seen: Option<u64>,
     pub last_error: Option<String>,
     pub last_error_at: Option<u64>,
+    /// The fleet digest the peer last sent (on a splice or a forwarded
+    /// challenge), when, and whether it was ours.
+    pub config_digest: Option<String>,
+    pub config_digest_seen_at: Option<u64>,
+    pub config_digest_matches: Option<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +50,36 @@ impl PeerHealth {
         let state = peers.entry(node.to_string()).or_default();
         state.last_error = Some(error.to_string());
         state.last_error_at = Some(unix_now());
+    }
+
+    /// A connection that `from` marked as a node's carried `digest`: count
+    /// a mismatch with ours, and log the first of each new disagreement.
+    /// Peers that send none (older builds) are not compared.
+    pub fn heard(&self, config: &Config, from: IpAddr, digest: Option<FleetDigest>) {
+        let (Some(node), Some(digest)) = (config.node_at(from), digest) else {
+            return;
+        };
+        let name = &config.node(node).name;
+        let matches = digest == config.digest;
+        let text = digest.to_string();
+        let changed = {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let state = peers.entry(name.clone()).or_default();
+            let changed = state.config_digest.as_deref() != Some(text.as_str());
+            state.config_digest = Some(text);
+            state.config_digest_seen_at = Some(unix_now());
+            state.config_digest_matches = Some(matches);
+            changed
+        };
+        if !matches {
+            metrics::counter!(CONFIG_DRIFT, "node" => name.clone()).increment(1);
+            if changed {
+                tracing::warn!(
+                    peer = %name, theirs = %digest, ours = %config.digest,
+                    "config drift: this peer's nodes and sites differ from ours"
+                );
+            }
+        }
     }
 
     pub fn get(&self, node: &str) -> PeerState {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use ppp::PartialResult;
 
-use crate::config::ProxyVersion;
+use crate::config::{FleetDigest, ProxyVersion};
 
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 const V1_PREFIX: &[u8] = b"PROXY ";
@@ -14,12 +14,19 @@ const V1_PREFIX: &[u8] = b"PROXY ";
 /// this cap so a peer cannot make us buffer an arbitrary "header".
 pub const MAX_HEADER_LEN: usize = 536;
 
+/// The PROXY v2 TLV type a node's splice carries its fleet digest in: the
+/// first of the application range 0xE0-0xEF (spec section 2.2.7), which
+/// other proxies ignore. The value is the digest's 8 bytes, big-endian.
+pub const TLV_FLEET_DIGEST: u8 = 0xE0;
+
 /// Where a proxied connection really came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxiedAddrs {
     /// `None` for v2 LOCAL or v1 UNKNOWN: a health check from the proxy itself.
     pub source: Option<SocketAddr>,
     pub destination: Option<SocketAddr>,
+    /// The sender's fleet digest, when a node sent the header.
+    pub digest: Option<FleetDigest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,27 +43,47 @@ pub enum Decode {
 
 /// Encodes a header announcing a TCP connection from `source` to `destination`.
 pub fn encode(version: ProxyVersion, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    let (source, destination) = same_family(source, destination);
     match version {
-        ProxyVersion::V1 => ppp::v1::Addresses::from((source, destination))
-            .to_string()
-            .into_bytes(),
-        ProxyVersion::V2 => {
-            let built = ppp::v2::Builder::with_addresses(
-                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-                ppp::v2::Protocol::Stream,
-                (source, destination),
-            )
-            .build();
-            // Writing into a Vec with a fixed-size address block cannot fail;
-            // fall back to LOCAL (no address) rather than panic if it ever did.
-            built.unwrap_or_else(|_| {
-                let mut local = V2_SIGNATURE.to_vec();
-                local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
-                local
-            })
+        ProxyVersion::V1 => {
+            let (source, destination) = same_family(source, destination);
+            ppp::v1::Addresses::from((source, destination))
+                .to_string()
+                .into_bytes()
         }
+        ProxyVersion::V2 => encode_v2(source, destination, None),
     }
+}
+
+/// The v2 header a node sends ahead of a splice to another node: the
+/// addresses and this node's fleet digest.
+pub fn encode_from_node(
+    source: SocketAddr,
+    destination: SocketAddr,
+    digest: FleetDigest,
+) -> Vec<u8> {
+    encode_v2(source, destination, Some(digest))
+}
+
+fn encode_v2(source: SocketAddr, destination: SocketAddr, digest: Option<FleetDigest>) -> Vec<u8> {
+    let (source, destination) = same_family(source, destination);
+    let builder = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (source, destination),
+    );
+    let built = match digest {
+        Some(digest) => builder
+            .write_tlv(TLV_FLEET_DIGEST, &digest.0.to_be_bytes())
+            .and_then(ppp::v2::Builder::build),
+        None => builder.build(),
+    };
+    // Writing into a Vec with a fixed-size address block cannot fail;
+    // fall back to LOCAL (no address) rather than panic if it ever did.
+    built.unwrap_or_else(|_| {
+        let mut local = V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        local
+    })
 }
 
 /// Both addresses must share a family; map IPv4 into IPv6 when they differ.
@@ -137,9 +164,16 @@ fn from_v2(header: &ppp::v2::Header<'_>) -> ProxiedAddrs {
         )),
         _ => None,
     };
+    let digest = header
+        .tlvs()
+        .filter_map(Result::ok)
+        .find(|tlv| tlv.kind == TLV_FLEET_DIGEST)
+        .and_then(|tlv| <[u8; 8]>::try_from(tlv.value.as_ref()).ok())
+        .map(|bytes| FleetDigest(u64::from_be_bytes(bytes)));
     ProxiedAddrs {
         source: pair.map(|p| p.0),
         destination: pair.map(|p| p.1),
+        digest,
     }
 }
 
@@ -159,6 +193,7 @@ fn from_v1(header: &ppp::v1::Header<'_>) -> ProxiedAddrs {
     ProxiedAddrs {
         source: pair.map(|p| p.0),
         destination: pair.map(|p| p.1),
+        digest: None,
     }
 }
 
@@ -185,6 +220,7 @@ mod tests {
                     addrs: ProxiedAddrs {
                         source: Some(src),
                         destination: Some(dst),
+                        digest: None,
                     },
                 };
                 assert_eq!(decode(&bytes), want, "{version:?}");
@@ -211,6 +247,18 @@ mod tests {
             decode(&[b"PROXY ".as_slice(), &[b'1'; 600]].concat()),
             Decode::Invalid
         );
+    }
+
+    #[test]
+    fn a_node_header_carries_the_fleet_digest() {
+        let digest = FleetDigest(0x0123_4567_89ab_cdef);
+        let bytes = encode_from_node(addr("192.0.2.1:4000"), addr("[::1]:443"), digest);
+        let Decode::Complete { len, addrs } = decode(&bytes) else {
+            panic!("{:?}", decode(&bytes));
+        };
+        assert_eq!(len, bytes.len());
+        assert_eq!(addrs.digest, Some(digest));
+        assert_eq!(addrs.source, Some(addr("[::ffff:192.0.2.1]:4000")));
     }
 
     #[test]

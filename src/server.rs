@@ -177,7 +177,12 @@ impl Handle {
                 "listener addresses changed: they take effect at restart"
             );
         }
-        tracing::info!(source = %config.source, sites = config.sites.len(), "config reloaded");
+        tracing::info!(
+            source = %config.source,
+            sites = config.sites.len(),
+            digest = %config.digest,
+            "config reloaded"
+        );
         self.shared.live.store(Arc::new(live));
         self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(CONFIG_RELOADS, "outcome" => "ok").increment(1);

@@ -124,7 +124,10 @@ async fn only_a_proxy_header_from_a_node_marks_a_splice() {
     spliced.write_all(&bytes).await.unwrap();
     let (reply, eof) = read_until_eof(&mut spliced).await;
     assert!(eof);
-    assert!(reply.is_empty(), "a spliced connection closes silently: {reply:?}");
+    assert!(
+        reply.is_empty(),
+        "a spliced connection closes silently: {reply:?}"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(fleet.b.accepted(), 1, "nothing more spliced onward to b");
     assert_eq!(fleet.c.rejected(), 1);

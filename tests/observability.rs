@@ -161,7 +161,7 @@ async fn shipped_prometheus_config_and_alerts_pass_promtool() {
     .await;
     assert!(ok, "{out}");
     let (ok, out) = sh(format!("promtool check rules {root}/config/alerts.yml")).await;
-    assert!(ok && out.contains("8 rules found"), "{out}");
+    assert!(ok && out.contains("9 rules found"), "{out}");
     // The alerts' own tests: they fire when they should and only then.
     let (ok, out) = sh(format!("promtool test rules {root}/config/alerts.test.yml")).await;
     assert!(ok && out.contains("SUCCESS"), "{out}");

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::file::{FileConfig, FileSite};
 use super::{
-    Acme, CertFiles, Config, ConfigError, Http, HttpMode, KeyType, Limits, Listener, Node, NodeId,
-    Problem, ProxyVersion, Site, SiteId, SiteRoute, Timeouts, canonical,
+    Acme, CertFiles, Config, ConfigError, FleetDigest, Http, HttpMode, KeyType, Limits, Listener,
+    Node, NodeId, Problem, ProxyVersion, Site, SiteId, SiteRoute, Timeouts, canonical,
 };
 use crate::names::{NameTable, Pattern};
 
@@ -76,6 +76,7 @@ pub(super) fn build(text: &str, source: &str, node: Option<&str>) -> Result<Conf
     };
     let config = convert(&mut b, file, source, node).map(|mut config| {
         check_acme(&mut b, &config);
+        config.digest = super::digest::compute(&config);
         config.warnings = std::mem::take(&mut b.warnings);
         config
     });
@@ -235,6 +236,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
     }
 
     Some(Config {
+        digest: FleetDigest::default(),
         source: source.to_string(),
         this_node,
         nodes,
@@ -263,9 +265,9 @@ fn base_dir(source: &str) -> std::path::PathBuf {
         .to_path_buf()
 }
 
-fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashSet<IpAddr>) {
+fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashMap<IpAddr, NodeId>) {
     let mut nodes = Vec::new();
-    let mut addresses = HashSet::new();
+    let mut addresses = HashMap::new();
     let mut seen = HashSet::new();
     if file.nodes.is_empty() {
         b.problem("nodes", "at least one [[nodes]] entry is needed");
@@ -290,7 +292,9 @@ fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashSet<IpAddr>) {
         };
         for (j, raw) in n.addresses.iter().enumerate() {
             if let Some(ip) = b.ip(&format!("{field}.addresses[{j}]"), raw) {
-                addresses.insert(ip);
+                addresses
+                    .entry(canonical(ip))
+                    .or_insert(NodeId(nodes.len()));
             }
         }
         if let (Some(tls), Some(http), Some(tls_bind), Some(http_bind)) =
@@ -298,7 +302,9 @@ fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashSet<IpAddr>) {
         {
             for ip in [tls.ip(), http.ip()] {
                 if !ip.is_unspecified() {
-                    addresses.insert(canonical(ip));
+                    addresses
+                        .entry(canonical(ip))
+                        .or_insert(NodeId(nodes.len()));
                 }
             }
             let acme_name = n.acme_name.as_deref().and_then(|raw| {

@@ -3,16 +3,19 @@
 //! types below once; nothing downstream re-checks it.
 
 mod build;
+mod digest;
 mod file;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::names::{NameTable, Pattern};
+
+pub use digest::FleetDigest;
 
 /// The default config, shipped in the binary for `cargo run`.
 pub const EMBEDDED: &str = include_str!("../../config/sni-router.toml");
@@ -37,8 +40,12 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Addresses besides nodes allowed to send a PROXY header.
     pub trusted_proxies: Vec<IpAddr>,
-    /// Every address a node may connect from; see [`Config::is_node_address`].
-    node_addresses: HashSet<IpAddr>,
+    /// Every address a node may connect from, and which node it is; see
+    /// [`Config::is_node_address`].
+    node_addresses: HashMap<IpAddr, NodeId>,
+    /// The fleet-wide part of this config (nodes and sites), which every
+    /// node should share; sent to peers so drift shows.
+    pub digest: FleetDigest,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub workers: Option<usize>,
@@ -272,7 +279,12 @@ impl Config {
     /// it says only who may send a PROXY header or a forwarding mark: a
     /// client running on a node's host is an ordinary client.
     pub fn is_node_address(&self, ip: IpAddr) -> bool {
-        self.node_addresses.contains(&canonical(ip))
+        self.node_addresses.contains_key(&canonical(ip))
+    }
+
+    /// The node that connects from `ip`, if any.
+    pub fn node_at(&self, ip: IpAddr) -> Option<NodeId> {
+        self.node_addresses.get(&canonical(ip)).copied()
     }
 
     /// Whether a connection was spliced here by a node: it comes from a
@@ -332,6 +344,7 @@ impl Config {
         let mut out = String::new();
         let this = &self.this().name;
         out.push_str(&format!("node {this} ({})\n", self.source));
+        out.push_str(&format!("  fleet digest {}\n", self.digest));
         for listener in &self.listeners {
             let default = listener
                 .default_site

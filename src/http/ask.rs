@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
 use super::request::FORWARDED_MARK;
+use crate::config::FleetDigest;
 use crate::connect;
 
 /// A key authorization is a token, a dot and a 43-character thumbprint;
@@ -19,6 +20,7 @@ const MAX_RESPONSE: usize = 4096;
 pub async fn ask_holders(
     holders: &[SocketAddr],
     source: Option<IpAddr>,
+    digest: FleetDigest,
     host: &str,
     token: &str,
     timeout: Duration,
@@ -27,8 +29,11 @@ pub async fn ask_holders(
     for holder in holders {
         let (holder, host, token) = (*holder, host.to_string(), token.to_string());
         asks.spawn(async move {
-            let answer =
-                tokio::time::timeout(timeout, ask(holder, source, &host, &token, timeout)).await;
+            let answer = tokio::time::timeout(
+                timeout,
+                ask(holder, (source, digest), &host, &token, timeout),
+            )
+            .await;
             match answer {
                 Ok(Ok(found)) => found,
                 Ok(Err(e)) => {
@@ -48,9 +53,11 @@ pub async fn ask_holders(
     None
 }
 
+/// `from`: the address to connect from, and this node's fleet digest,
+/// which the mark carries so the holder sees drift.
 async fn ask(
     holder: SocketAddr,
-    source: Option<IpAddr>,
+    (source, digest): (Option<IpAddr>, FleetDigest),
     host: &str,
     token: &str,
     timeout: Duration,
@@ -59,7 +66,7 @@ async fn ask(
         .await
         .map_err(std::io::Error::other)?;
     let request = format!(
-        "GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nhost: {host}\r\n{FORWARDED_MARK}: 1\r\nconnection: close\r\n\r\n"
+        "GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nhost: {host}\r\n{FORWARDED_MARK}: {digest}\r\nconnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();

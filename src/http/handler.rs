@@ -14,7 +14,7 @@ use super::ask;
 use super::request::{Head, Invalid};
 use super::response::text as respond;
 use super::route::{self, HttpDecision};
-use crate::config::{Config, ProxyVersion, SiteId, SiteRoute};
+use crate::config::{Config, SiteId, SiteRoute};
 use crate::metrics::{HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
 use crate::peers::PeerHealth;
 use crate::preface::{self, PrefaceError};
@@ -89,6 +89,12 @@ async fn serve(
     };
     let head = &preamble.parsed;
     let spliced_by_node = config.spliced_by_node(peer.ip(), preamble.proxied.is_some());
+    if spliced_by_node {
+        let digest = preamble.proxied.and_then(|p| p.digest);
+        shared.peers.heard(config, peer.ip(), digest);
+    } else if from_node && head.forwarded {
+        shared.peers.heard(config, peer.ip(), head.forwarded_digest);
+    }
     let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
     let destination = preamble
         .proxied
@@ -206,7 +212,15 @@ async fn challenge(
     shared.stats.http_forwarded.fetch_add(1, Ordering::Relaxed);
     let source = Some(config.this().http.ip());
     let asked = Instant::now();
-    let found = ask::ask_holders(&holders, source, host, token, config.http.forward_timeout).await;
+    let found = ask::ask_holders(
+        &holders,
+        source,
+        config.digest,
+        host,
+        token,
+        config.http.forward_timeout,
+    )
+    .await;
     metrics::histogram!(HTTP_FORWARD_SECONDS).record(asked.elapsed().as_secs_f64());
     match found {
         Some(found) => ("challenge_forwarded", Some(found)),
@@ -269,7 +283,7 @@ async fn to_upstream(
                 label: config.node(*h).name.clone(),
             })
             .collect();
-        let header = proxy_protocol::encode(ProxyVersion::V2, client, destination);
+        let header = proxy_protocol::encode_from_node(client, destination, config.digest);
         (targets, Some(config.this().http.ip()), Some(header))
     };
     let via = Via {

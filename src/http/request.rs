@@ -5,8 +5,11 @@
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Most headers a head may carry; more is 431 too.
 const MAX_HEADERS: usize = 64;
-/// The header a node adds when it forwards a challenge request to a peer.
+/// The header a node adds when it forwards a challenge request to a peer;
+/// its value is the sender's fleet digest.
 pub const FORWARDED_MARK: &str = "sni-router-forwarded";
+
+use crate::config::FleetDigest;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -17,6 +20,8 @@ pub struct Head {
     pub host: Option<String>,
     /// Carries the forwarded mark (trusted only from node addresses).
     pub forwarded: bool,
+    /// The fleet digest the mark carried, if it was one.
+    pub forwarded_digest: Option<FleetDigest>,
     /// Bytes of the head, including the blank line.
     pub len: usize,
 }
@@ -56,15 +61,19 @@ pub fn parse(buf: &[u8]) -> Parse {
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case("host"))
                 .and_then(|h| host_name(h.value));
-            let forwarded = request
+            let mark = request
                 .headers
                 .iter()
-                .any(|h| h.name.eq_ignore_ascii_case(FORWARDED_MARK));
+                .find(|h| h.name.eq_ignore_ascii_case(FORWARDED_MARK));
+            let forwarded_digest = mark
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .and_then(|v| FleetDigest::parse(v.trim()));
             Parse::Complete(Head {
                 method: request.method.unwrap_or_default().to_string(),
                 target: request.path.unwrap_or_default().to_string(),
                 host,
-                forwarded,
+                forwarded: mark.is_some(),
+                forwarded_digest,
                 len,
             })
         }
@@ -119,7 +128,14 @@ mod tests {
             Parse::Complete(h) => {
                 assert_eq!(h.host, None);
                 assert!(h.forwarded);
+                assert_eq!(h.forwarded_digest, None);
             }
+            other => panic!("{other:?}"),
+        }
+        let head =
+            b"GET / HTTP/1.1\r\nhost: a.test\r\nsni-router-forwarded: 00000000000000ff\r\n\r\n";
+        match parse(head) {
+            Parse::Complete(h) => assert_eq!(h.forwarded_digest, Some(FleetDigest(255))),
             other => panic!("{other:?}"),
         }
     }

@@ -88,6 +88,7 @@ mod tests {
             target: target.into(),
             host: host.map(str::to_string),
             forwarded: false,
+            forwarded_digest: None,
             len: 0,
         }
     }

@@ -19,7 +19,6 @@ use super::forward::{self, ForwardError, Opened, Target, Via};
 use super::prefixed::Prefixed;
 use super::route::{self, Decision, Peer};
 use super::terminate::{self, Ends};
-use crate::config::ProxyVersion;
 use crate::metrics::{
     HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
     TERMINATE_FALLBACKS,
@@ -299,6 +298,10 @@ async fn route_connection(
     };
     metrics::histogram!(HELLO_SECONDS).record(accepted.elapsed().as_secs_f64());
     let spliced_by_node = config.spliced_by_node(peer.ip(), preamble.proxied.is_some());
+    if spliced_by_node {
+        let digest = preamble.proxied.and_then(|p| p.digest);
+        shared.peers.heard(config, peer.ip(), digest);
+    }
     // The original client: from a trusted PROXY header, else the socket peer.
     let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
     let destination = preamble
@@ -395,7 +398,7 @@ async fn route_connection(
                 .collect();
             // Node-to-node splices always carry PROXY v2: the terminating
             // node needs the client address, and the loop guard its source.
-            let header = proxy_protocol::encode(ProxyVersion::V2, client, destination);
+            let header = proxy_protocol::encode_from_node(client, destination, config.digest);
             let via = Via {
                 config,
                 peers: &shared.peers,

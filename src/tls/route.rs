@@ -154,7 +154,8 @@ pub fn decide(
 /// sticks to one holder, clients spread evenly, and losing a holder moves
 /// only that holder's clients.
 pub(crate) fn rendezvous(config: &Config, mut holders: Vec<NodeId>, client: IpAddr) -> Vec<NodeId> {
-    holders.sort_by_cached_key(|n| std::cmp::Reverse(rendezvous_score(client, &config.node(*n).name)));
+    holders
+        .sort_by_cached_key(|n| std::cmp::Reverse(rendezvous_score(client, &config.node(*n).name)));
     holders
 }
 
