@@ -354,6 +354,10 @@ impl Server {
                 left = tracker.len(),
                 "drain period over: closing remaining connections"
             );
+            // Each is logged and counted with end=drain_deadline: pairs in
+            // the splice engines now, tasks as the runtime drops them.
+            #[cfg(target_os = "linux")]
+            handle.shared.engines.end_all();
         }
     }
 }

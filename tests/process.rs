@@ -3,6 +3,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use std::process::Command;
 
@@ -213,4 +214,52 @@ async fn systemd_hears_ready_once_it_accepts_and_stopping_at_the_drain() {
         .unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(router.wait_exit().await.success());
+}
+
+/// Connections still open when the drain period runs out are cut, and each
+/// still gets its log line (with its bytes and its own end reason): one held
+/// by a splice engine (quiet), one in its task (busy).
+#[tokio::test]
+async fn connections_cut_by_the_drain_deadline_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    let node = free_addr("127.0.0.2");
+    let echo = Backend::echo("127.0.0.1").await;
+    let text = fleet_toml(
+        "a",
+        &[("a", node)],
+        "[timeouts]\ndrain = \"1s\"",
+        &site("pass.test", echo.addr),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut router = Process::start(&config, dir.path());
+    wait_listening(node).await;
+    let mut quiet = TcpStream::connect(node).await.unwrap();
+    echo_round(&mut quiet, HELLO).await;
+    let mut busy = TcpStream::connect(node).await.unwrap();
+    echo_round(&mut busy, HELLO).await;
+    // Past the hand-over time: the quiet pair now lives in a splice engine.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    router.signal("TERM");
+    router.wait_log("draining connections", 1).await;
+    for _ in 0..10 {
+        echo_round(&mut busy, b"busy while draining").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = router.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+    let log = router.log();
+    let cut: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection finished") && l.contains("end=drain_deadline"))
+        .collect();
+    assert_eq!(cut.len(), 2, "{log}");
+    let hello = HELLO.len();
+    let busy_bytes = format!("bytes_up={}", hello + 10 * b"busy while draining".len());
+    assert!(cut.iter().any(|l| l.contains(&busy_bytes)), "{log}");
+    assert!(
+        cut.iter()
+            .any(|l| l.contains(&format!("bytes_up={hello} "))),
+        "{log}"
+    );
 }

@@ -107,6 +107,24 @@ impl Engines {
             .find(|e| e.is_watched())
     }
 
+    /// Ends every pair the engines hold, as cut by the drain deadline: each
+    /// still gets its log line and metrics.
+    pub fn end_all(&self) {
+        for engine in &self.engines {
+            let cut: Vec<(Finish, Transfer)> = {
+                let mut inner = engine.lock();
+                inner
+                    .pairs
+                    .drain()
+                    .map(|pair| pair.end(End::Drained))
+                    .collect()
+            };
+            for (finish, transfer) in cut {
+                finish(transfer);
+            }
+        }
+    }
+
     /// Pairs held across all engines.
     pub fn len(&self) -> usize {
         self.engines.iter().map(|e| e.lock().pairs.len()).sum()

@@ -48,6 +48,9 @@ pub enum End {
     Idle,
     /// An I/O error on one side ended both directions.
     Error(Side, io::Error),
+    /// Still open when the drain period after SIGTERM or an upgrade ran
+    /// out: cut by this process's exit.
+    Drained,
 }
 
 impl End {
@@ -57,6 +60,7 @@ impl End {
             End::Idle => "idle_timeout",
             End::Error(Side::Client, _) => "client_error",
             End::Error(Side::Target, _) => "target_error",
+            End::Drained => "drain_deadline",
         }
     }
 }
@@ -68,6 +72,12 @@ impl std::fmt::Display for End {
             _ => f.write_str(self.kind()),
         }
     }
+}
+
+/// Bytes a join has moved so far (client to target, and back), for a
+/// connection cut before its join ends.
+pub trait Moved {
+    fn moved(&self) -> (u64, u64);
 }
 
 #[derive(Debug)]

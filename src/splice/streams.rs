@@ -167,6 +167,12 @@ impl<C, T> Copied<C, T> {
     }
 }
 
+impl<C, T> super::Moved for Copied<C, T> {
+    fn moved(&self) -> (u64, u64) {
+        (self.up.moved, self.down.moved)
+    }
+}
+
 impl<C, T> Future for Copied<C, T>
 where
     C: AsyncRead + AsyncWrite + Unpin,

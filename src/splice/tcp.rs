@@ -392,6 +392,12 @@ impl Joined {
     }
 }
 
+impl super::Moved for Joined {
+    fn moved(&self) -> (u64, u64) {
+        self.state.moved()
+    }
+}
+
 impl Future for Joined {
     type Output = Joint;
 

@@ -26,7 +26,7 @@ use crate::metrics::{
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
 use crate::server::{Admission, Live, Shared};
-use crate::splice::{Copied, Joined, Joint, Quiet, Transfer};
+use crate::splice::{Copied, Joined, Joint, Moved, Quiet, Transfer};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
@@ -205,17 +205,31 @@ pin_project_lite::pin_project! {
     /// A connection after routing: its whole task, the joined ends and what
     /// its log line needs, written as a plain future so nothing is stored
     /// twice.
-    struct Connected<J> {
+    struct Connected<J: Moved> {
         #[pin]
         join: J,
         // Taken when the join ends or hands its sockets on.
         ending: Option<(Report, Joining)>,
     }
+
+    // A task dropped before its join ended (the drain period ran out and
+    // the runtime is going away) still logs and counts its connection.
+    impl<J: Moved> PinnedDrop for Connected<J> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some((report, mut joining)) = this.ending.take() {
+                let (to_target, to_client) = this.join.moved();
+                let end = crate::splice::End::Drained;
+                let transfer = Transfer { to_target, to_client, end };
+                report.finish(joining.outcome(transfer));
+            }
+        }
+    }
 }
 
 impl<J> Future for Connected<J>
 where
-    J: Future,
+    J: Future + Moved,
     J::Output: Into<Joint>,
 {
     type Output = ();
