@@ -48,6 +48,8 @@
 pub mod config;
 pub mod names;
 pub mod server;
+pub mod listen;
+pub mod upgrade;
 pub mod limits;
 pub mod preface;
 pub mod tls;

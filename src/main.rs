@@ -125,6 +125,9 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
+    // First, before anything opens a descriptor: sockets handed over by
+    // systemd or by the process this one replaces.
+    let inherited = sni_router::listen::Inherited::from_env();
     let source = args.source();
     let config: Config = source.load()?;
     eprint!("{}", config.route_table());
@@ -140,7 +143,7 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.spawn(trim_allocator());
-    runtime.block_on(server::serve(source, config))?;
+    runtime.block_on(server::serve(source, config, inherited))?;
     Ok(())
 }
 

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +21,7 @@ use crate::config::{Config, ConfigError};
 use crate::http::challenge::ChallengeStore;
 use crate::http::guard::ForwardGuard;
 use crate::limits::{HelloSlots, SourceGuard, SourceLimits};
+use crate::listen::Inherited;
 use crate::metrics::{CONFIG_RELOADS, REJECTED};
 use crate::peers::PeerHealth;
 use crate::tls::terminate::{Contexts, Resumption};
@@ -216,19 +216,29 @@ pub struct Server {
 impl Server {
     /// Loads certificates and binds every TLS listener of this node.
     pub fn bind(config: Config) -> Result<Server, ServeError> {
+        Server::bind_with(config, &mut Inherited::default())
+    }
+
+    /// Like [`Server::bind`], taking each listener from `inherited` when it
+    /// holds one for the address (systemd, or the process this one
+    /// replaces).
+    pub fn bind_with(config: Config, inherited: &mut Inherited) -> Result<Server, ServeError> {
         let mut listeners = Vec::new();
         let http = config.this().http_bind;
+        let (backlog, defer) = (config.limits.backlog, Some(config.timeouts.hello));
         for addr in config.listeners.iter().map(|l| l.bind).chain([http]) {
-            let bound = bind_listener(addr, config.limits.backlog, Some(config.timeouts.hello))
+            let bound = crate::listen::open(addr, backlog, defer, inherited)
                 .map_err(|source| BindError { addr, source })?;
             listeners.push(bound);
         }
         let admin = match config.admin {
-            Some(addr) => {
-                Some(bind_listener(addr, 64, None).map_err(|source| BindError { addr, source })?)
-            }
+            Some(addr) => Some(
+                crate::listen::open(addr, 64, None, inherited)
+                    .map_err(|source| BindError { addr, source })?,
+            ),
             None => None,
         };
+        inherited.close_unclaimed();
         let certs = Arc::new(CertStore::default());
         let mut watch = FileWatch::default();
         watch.sync(&config, &certs);
@@ -267,6 +277,17 @@ impl Server {
 
     pub fn handle(&self) -> Handle {
         self.handle.clone()
+    }
+
+    /// Every listening descriptor (TLS, HTTP, admin), for an upgrade to
+    /// hand on. Valid while the server runs: its accept loops own them.
+    pub fn listening_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.listeners
+            .iter()
+            .chain(&self.admin)
+            .map(AsRawFd::as_raw_fd)
+            .collect()
     }
 
     /// The addresses actually bound: TLS listeners in `config.listeners`
@@ -380,83 +401,114 @@ struct AcceptLoop {
     tracker: TaskTracker,
 }
 
+/// How long a stopping process keeps accepting from a listener that a
+/// newer process shares, after the last connection it found queued: the
+/// newer process takes every new connection, so only handshakes already
+/// under way (one round trip) still land here.
+const SETTLE: Duration = Duration::from_millis(500);
+
 impl AcceptLoop {
     async fn run(self) {
         let mut backoff = Duration::from_millis(5);
         loop {
-            // Waiting for a permit before accepting leaves excess clients in
-            // the kernel backlog instead of holding them here.
-            let permit = tokio::select! {
-                permit = self.limit.clone().acquire_owned() => permit,
-                () = self.handle.shutdown.cancelled() => return,
-            };
-            let Ok(permit) = permit else { return };
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                () = self.handle.shutdown.cancelled() => return,
-            };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => {
-                    backoff = Duration::from_millis(5);
-                    accepted
-                }
-                Err(e) if is_per_connection(&e) => continue,
-                Err(e) => {
-                    // EMFILE/ENFILE/ENOBUFS: back off rather than spin.
-                    tracing::error!(error = %e, ?backoff, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let Some(source_guard) = self.handle.shared.sources.acquire(peer.ip()) else {
-                metrics::counter!(REJECTED, "reason" => "per_source_limit").increment(1);
-                continue;
-            };
-            // A listener bound to one address needs no getsockname per connection.
-            let local = match self.bound {
-                Some(bound) => bound,
-                None => stream.local_addr().unwrap_or_else(|_| unspecified()),
-            };
-            if !crate::sockopt::ACCEPTED_INHERIT_NODELAY {
-                let _ = stream.set_nodelay(true);
+            tokio::select! {
+                () = self.accept_one(&mut backoff) => {}
+                () = self.handle.shutdown.cancelled() => break,
             }
-            let shared = self.handle.shared.clone();
-            shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let metrics = self.metrics.clone();
-            metrics.accepted.increment(1);
-            let active = metrics.active.clone();
-            active.increment(1.0);
-            let admission = Admission {
-                _permit: permit,
-                _source: source_guard,
-                active,
-            };
-            let live = shared.config();
-            let port = self.port;
-            self.tracker.spawn(async move {
-                match port {
-                    Port::Tls(index) => {
-                        let accepted = crate::tls::handler::Accepted {
-                            shared,
-                            live,
-                            listener: (index, metrics),
-                            peer,
-                            local,
-                            admission,
-                        };
-                        crate::tls::handler::handle(accepted, stream).await
-                    }
-                    Port::Http => {
-                        Box::pin(crate::http::handler::handle(
-                            shared, live, stream, peer, local,
-                        ))
-                        .await;
-                        drop(admission);
-                    }
-                }
-            });
         }
+        // Closing the listener resets what waits in its queue. When a newer
+        // process listens beside this one (a restart by hand), it now gets
+        // every new connection: serve what is queued here first.
+        if !crate::listen::successor_listening(&self.listener) {
+            return;
+        }
+        let cap = self.handle.shared.config().config.timeouts.drain;
+        let lingering = async {
+            let mut accepted = 0u64;
+            while tokio::time::timeout(SETTLE, self.accept_one(&mut backoff))
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+            accepted
+        };
+        let accepted = tokio::time::timeout(cap, lingering).await;
+        tracing::info!(
+            listener = %self.metrics.label,
+            accepted = ?accepted.ok(),
+            "a newer process listens here: accepted what was still queued"
+        );
+    }
+
+    /// Accepts one connection (or one error) and starts its task.
+    async fn accept_one(&self, backoff: &mut Duration) {
+        // Waiting for a permit before accepting leaves excess clients in
+        // the kernel backlog instead of holding them here.
+        let Ok(permit) = self.limit.clone().acquire_owned().await else {
+            return std::future::pending().await;
+        };
+        let (stream, peer) = match self.listener.accept().await {
+            Ok(accepted) => {
+                *backoff = Duration::from_millis(5);
+                accepted
+            }
+            Err(e) if is_per_connection(&e) => return,
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: back off rather than spin.
+                tracing::error!(error = %e, ?backoff, "accept failed");
+                tokio::time::sleep(*backoff).await;
+                *backoff = (*backoff * 2).min(Duration::from_secs(1));
+                return;
+            }
+        };
+        let Some(source_guard) = self.handle.shared.sources.acquire(peer.ip()) else {
+            metrics::counter!(REJECTED, "reason" => "per_source_limit").increment(1);
+            return;
+        };
+        // A listener bound to one address needs no getsockname per connection.
+        let local = match self.bound {
+            Some(bound) => bound,
+            None => stream.local_addr().unwrap_or_else(|_| unspecified()),
+        };
+        if !crate::sockopt::ACCEPTED_INHERIT_NODELAY {
+            let _ = stream.set_nodelay(true);
+        }
+        let shared = self.handle.shared.clone();
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let metrics = self.metrics.clone();
+        metrics.accepted.increment(1);
+        let active = metrics.active.clone();
+        active.increment(1.0);
+        let admission = Admission {
+            _permit: permit,
+            _source: source_guard,
+            active,
+        };
+        let live = shared.config();
+        let port = self.port;
+        self.tracker.spawn(async move {
+            match port {
+                Port::Tls(index) => {
+                    let accepted = crate::tls::handler::Accepted {
+                        shared,
+                        live,
+                        listener: (index, metrics),
+                        peer,
+                        local,
+                        admission,
+                    };
+                    crate::tls::handler::handle(accepted, stream).await
+                }
+                Port::Http => {
+                    Box::pin(crate::http::handler::handle(
+                        shared, live, stream, peer, local,
+                    ))
+                    .await;
+                    drop(admission);
+                }
+            }
+        });
     }
 }
 
@@ -489,48 +541,49 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// A listening socket with the options an edge process wants. With
-/// `defer`, for protocols whose client speaks first, a connection reaches
-/// `accept` only with its first bytes or after `defer`.
+/// A new listening socket with the options an edge process wants; see
+/// [`crate::listen::open`].
 pub fn bind_listener(
     addr: SocketAddr,
     backlog: u32,
     defer: Option<Duration>,
 ) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    // Lets a new process bind beside an old one during a restart.
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        // Explicit, so behaviour does not depend on the host's bindv6only.
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    // Accepted sockets inherit it (see the accept loop).
-    socket.set_tcp_nodelay(true)?;
-    if let Some(wait) = defer {
-        crate::sockopt::defer_accept(&socket, wait)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    TcpListener::from_std(socket.into())
+    crate::listen::open(addr, backlog, defer, &mut Inherited::default())
 }
 
 /// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP.
-pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeError> {
+///
+/// `inherited`: listening sockets from systemd or from the process this
+/// one replaces. SIGUSR2 starts the binary on disk with every listening
+/// socket ([`crate::upgrade`]); once it listens, this process stops
+/// accepting and drains.
+pub async fn serve(
+    source: ConfigSource,
+    config: Config,
+    mut inherited: Inherited,
+) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
     // Handlers first: a SIGHUP that arrives while we bind must not kill us
     // (its default action), since the listeners already accept.
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let server = Server::bind(config)?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let server = Server::bind_with(config, &mut inherited)?;
+    let from = inherited.giver.map_or("bound here", |g| g.as_str());
     for addr in server.local_addrs() {
-        tracing::info!(%addr, "listening");
+        tracing::info!(%addr, from, "listening");
     }
+    let fds = server.listening_fds();
     let handle = server.handle();
     let running = tokio::spawn(server.run());
-    crate::notify::notify("READY=1");
+    // After an upgrade the old process tells systemd who the main process
+    // is now; a READY=1 from here would come from a process systemd does
+    // not yet listen to.
+    if !inherited.tell_predecessor() {
+        crate::notify::notify("READY=1");
+    }
+    let mut handed_over = false;
     loop {
         tokio::select! {
             _ = hup.recv() => match source.load() {
@@ -540,11 +593,22 @@ pub async fn serve(source: ConfigSource, config: Config) -> Result<(), ServeErro
                     tracing::error!("reload failed, keeping the running config:\n{e}");
                 }
             },
+            _ = usr2.recv() => match crate::upgrade::start_successor(&fds).await {
+                Ok(pid) => {
+                    tracing::info!(pid, "upgrade: the new process listens; this one stops accepting and drains");
+                    crate::notify::notify(&format!("MAINPID={pid}"));
+                    handed_over = true;
+                    break;
+                }
+                Err(e) => tracing::error!(error = %e, "upgrade failed: this process carries on serving"),
+            },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    crate::notify::notify("STOPPING=1");
+    if !handed_over {
+        crate::notify::notify("STOPPING=1");
+    }
     handle.shutdown();
     let _ = running.await;
     Ok(())

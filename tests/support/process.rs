@@ -213,3 +213,49 @@ impl Process {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
+
+/// Sends signal `name` (`TERM`, `USR2`, ...) to `pid`.
+pub fn signal_pid(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, after_comm) = stat.rsplit_once(')')?;
+            after_comm.split_whitespace().next().map(|s| s != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Waits (bounded by `within`) until `pid` no longer runs.
+pub async fn wait_gone(pid: u32, within: Duration) {
+    let deadline = Instant::now() + within;
+    while running(pid) {
+        assert!(Instant::now() < deadline, "process {pid} still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Processes a test did not start itself (an upgrade's successors): killed
+/// when dropped, so no test leaks one.
+#[derive(Default)]
+pub struct Strays(pub Vec<u32>);
+
+impl Drop for Strays {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if running(*pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Listening sockets, and how a restart loses none of their connections.
+//!
+//! A listener is bound here, or inherited: from systemd (socket activation,
+//! `LISTEN_FDS`) or from the process this one replaces (`SIGUSR2`, see
+//! [`crate::upgrade`]). An inherited socket is the very socket the kernel
+//! queues connections on, so nothing waiting in it is lost when the old
+//! process lets go of its copy.
+//!
+//! A process started by hand beside a running one binds sockets of its own
+//! in the same `SO_REUSEPORT` group. Closing the old process's sockets would
+//! reset whatever waits in their queues, so the newest process attaches a
+//! classic BPF program to the group that sends every new connection to its
+//! own socket ([`steer_here`]), and the old process, when it stops, accepts
+//! what is still queued before it closes ([`successor_listening`]).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+/// Set by [`crate::upgrade`] for the new process: the descriptor numbers of
+/// the listening sockets it hands over, comma-separated.
+pub const HANDED_FDS: &str = "SNI_ROUTER_LISTEN_FDS";
+/// Set by [`crate::upgrade`]: a pipe to write one byte to once listening.
+pub const READY_FD: &str = "SNI_ROUTER_READY_FD";
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// Who handed this process its listening sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Giver {
+    Systemd,
+    /// The router this process replaces, on `SIGUSR2`.
+    Predecessor,
+}
+
+impl Giver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Giver::Systemd => "systemd",
+            Giver::Predecessor => "the previous process",
+        }
+    }
+}
+
+/// Listening sockets this process was given, until each is claimed by
+/// address.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub giver: Option<Giver>,
+    sockets: Vec<(SocketAddr, Socket)>,
+    /// The predecessor's readiness pipe.
+    ready: Option<OwnedFd>,
+}
+
+impl Inherited {
+    /// Takes the sockets named by `LISTEN_FDS` (when `LISTEN_PID` is this
+    /// process) or by [`HANDED_FDS`]. Call once, before anything else opens
+    /// descriptors this process should own.
+    pub fn from_env() -> Inherited {
+        let var = |name| std::env::var(name).ok();
+        let me = std::process::id().to_string();
+        let (giver, fds): (Option<Giver>, Vec<RawFd>) = if var("LISTEN_PID") == Some(me) {
+            let count: RawFd = var("LISTEN_FDS").and_then(|n| n.parse().ok()).unwrap_or(0);
+            let fds = (SD_LISTEN_FDS_START..SD_LISTEN_FDS_START.saturating_add(count)).collect();
+            (Some(Giver::Systemd), fds)
+        } else if let Some(list) = var(HANDED_FDS) {
+            let fds = list
+                .split(',')
+                .filter_map(|f| f.trim().parse().ok())
+                .collect();
+            (Some(Giver::Predecessor), fds)
+        } else {
+            (None, Vec::new())
+        };
+        let mut inherited = Inherited {
+            giver,
+            ..Inherited::default()
+        };
+        for fd in fds.into_iter().filter(|fd| *fd >= 0) {
+            // SAFETY: systemd (sd_listen_fds(3)) or our predecessor handed
+            // this descriptor to this process to own, and nothing here has
+            // taken it before: this runs once, at start.
+            let socket = unsafe { Socket::from_raw_fd(fd) };
+            match listening_addr(&socket) {
+                Ok(addr) => inherited.sockets.push((addr, socket)),
+                Err(e) => {
+                    tracing::warn!(fd, error = %e, "an inherited descriptor is not a listening TCP socket: closed");
+                }
+            }
+        }
+        if let Some(fd) = var(READY_FD).and_then(|f| f.parse::<RawFd>().ok()) {
+            // SAFETY: as above, handed over for this process alone.
+            inherited.ready = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        inherited
+    }
+
+    /// The inherited socket bound to exactly `addr`, if any.
+    fn take(&mut self, addr: SocketAddr) -> Option<Socket> {
+        let at = self.sockets.iter().position(|(a, _)| *a == addr)?;
+        Some(self.sockets.swap_remove(at).1)
+    }
+
+    /// Closes the sockets no listener of the config claimed.
+    pub fn close_unclaimed(&mut self) {
+        for (addr, _) in self.sockets.drain(..) {
+            tracing::warn!(%addr, "an inherited listening socket is not in the config: closed");
+        }
+    }
+
+    /// Tells the process this one replaces that it is listening; true if
+    /// there was one to tell.
+    pub fn tell_predecessor(&mut self) -> bool {
+        let Some(fd) = self.ready.take() else {
+            return false;
+        };
+        let mut pipe = std::fs::File::from(fd);
+        if let Err(e) = io::Write::write_all(&mut pipe, b"1") {
+            tracing::warn!(error = %e, "cannot tell the previous process that this one is ready");
+        }
+        true
+    }
+}
+
+fn listening_addr(socket: &Socket) -> io::Result<SocketAddr> {
+    if socket.r#type()? != Type::STREAM || !socket.is_listener()? {
+        return Err(io::Error::other("not a listening stream socket"));
+    }
+    // A socket we keep must not leak into processes we start, unless the
+    // upgrade hands it on explicitly.
+    socket.set_cloexec(true)?;
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket"))
+}
+
+/// A listener on `addr`: the inherited socket bound there if there is one,
+/// else a new socket, steered to this process when it joins other
+/// processes' listeners on the same address. With `defer`, for protocols
+/// whose client speaks first, a connection reaches `accept` only with its
+/// first bytes or after `defer`.
+pub fn open(
+    addr: SocketAddr,
+    backlog: u32,
+    defer: Option<Duration>,
+    inherited: &mut Inherited,
+) -> io::Result<TcpListener> {
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    let socket = match inherited.take(addr) {
+        Some(socket) => {
+            configure(&socket, defer)?;
+            // listen(2) again on a listening socket sets its backlog.
+            socket.listen(backlog)?;
+            socket
+        }
+        None => {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            // Lets a new process bind beside an old one during a restart.
+            socket.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                // Explicit, so behaviour does not depend on the host's bindv6only.
+                socket.set_only_v6(true)?;
+            }
+            configure(&socket, defer)?;
+            socket.bind(&addr.into())?;
+            socket.listen(backlog)?;
+            steer_here(&socket, addr);
+            socket
+        }
+    };
+    TcpListener::from_std(socket.into())
+}
+
+fn configure(socket: &Socket, defer: Option<Duration>) -> io::Result<()> {
+    socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it (see the accept loop).
+    socket.set_tcp_nodelay(true)?;
+    if let Some(wait) = defer {
+        crate::sockopt::defer_accept(socket, wait)?;
+    }
+    Ok(())
+}
+
+/// When other listeners share `addr` (a router still running beside this
+/// new one), sends every new connection for the group to `socket`. The
+/// kernel appends a socket to its reuseport group when it starts
+/// listening, so this socket's index is the group's size less one; when an
+/// older socket leaves, an index past the end falls back to the kernel's
+/// usual hash, which then has only the remaining sockets to choose from.
+fn steer_here(socket: &Socket, addr: SocketAddr) {
+    let count = match listeners_on(addr) {
+        Ok(count) => count,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot count the listeners sharing this address: not steering");
+            return;
+        }
+    };
+    if count < 2 {
+        return;
+    }
+    let index = u32::try_from(count - 1).unwrap_or(u32::MAX);
+    match attach_steering(socket, index) {
+        Ok(()) => tracing::info!(
+            %addr,
+            listeners = count,
+            "another process listens here: new connections now come to this one"
+        ),
+        Err(e) => tracing::warn!(%addr, error = %e, "cannot steer new connections to this process"),
+    }
+}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; libc does not name
+/// it for every target).
+#[cfg(target_os = "linux")]
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// A one-instruction classic BPF program: "return `index`".
+#[cfg(target_os = "linux")]
+fn attach_steering(socket: &Socket, index: u32) -> io::Result<()> {
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: index,
+    }];
+    let program = libc::sock_fprog {
+        len: 1,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: a valid descriptor and a program that outlives the call; the
+    // kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::from_ref(&program).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn attach_steering(_: &Socket, _: u32) -> io::Result<()> {
+    Err(io::Error::other("steering needs Linux"))
+}
+
+/// Whether a listener other than `listener` (another process's, in the
+/// same reuseport group) listens on its address: then a stopping process
+/// accepts what is queued before it closes. A socket shared with a
+/// successor (an upgrade) or with systemd is one listener, not two.
+pub fn successor_listening(listener: &TcpListener) -> bool {
+    listener
+        .local_addr()
+        .and_then(listeners_on)
+        .is_ok_and(|count| count > 1)
+}
+
+/// Sockets listening on exactly `addr` in this network namespace.
+fn listeners_on(addr: SocketAddr) -> io::Result<usize> {
+    let table = match addr {
+        SocketAddr::V4(_) => "/proc/self/net/tcp",
+        SocketAddr::V6(_) => "/proc/self/net/tcp6",
+    };
+    let text = std::fs::read_to_string(table)?;
+    Ok(listening(&text).filter(|a| *a == addr).count())
+}
+
+/// The local addresses of the LISTEN sockets in a `/proc/net/tcp{,6}`
+/// table: `sl local_address rem_address st ...`, with addresses as the
+/// kernel's 32-bit words in hex (host byte order) and the state `0A`.
+fn listening(table: &str) -> impl Iterator<Item = SocketAddr> + '_ {
+    table.lines().skip(1).filter_map(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1)?;
+        let state = fields.nth(1)?;
+        if state != "0A" {
+            return None;
+        }
+        let (ip, port) = local.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let mut bytes = Vec::with_capacity(16);
+        for word in ip.as_bytes().chunks(8) {
+            let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+            bytes.extend_from_slice(&word.to_ne_bytes());
+        }
+        let ip = match bytes.len() {
+            4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+            16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn the_kernels_tables_are_read() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:20FB 0200007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+";
+        let found: Vec<SocketAddr> = listening(v4).collect();
+        assert_eq!(
+            found,
+            [
+                "127.0.0.1:8443".parse().unwrap(),
+                "0.0.0.0:80".parse().unwrap()
+            ]
+        );
+        let v6 = "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000001000000:20FB 00000000000000000000000000000000:0000 0A 00000000:00000000
+";
+        let found: Vec<SocketAddr> = listening(v6).collect();
+        assert_eq!(found, ["[::1]:8443".parse().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn a_listener_beside_another_is_counted_and_takes_new_connections() {
+        let mut none = Inherited::default();
+        let first = open("127.0.0.1:0".parse().unwrap(), 16, None, &mut none).unwrap();
+        let addr = first.local_addr().unwrap();
+        assert!(!successor_listening(&first));
+        let second = open(addr, 16, None, &mut none).unwrap();
+        assert!(successor_listening(&first));
+        // Every new connection goes to the newest listener.
+        for _ in 0..20 {
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (_, _) = tokio::time::timeout(Duration::from_secs(5), second.accept())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let nothing = tokio::time::timeout(Duration::from_millis(50), first.accept()).await;
+        assert!(nothing.is_err(), "the old listener got a new connection");
+        drop(first);
+        assert!(!successor_listening(&second));
+    }
+}
