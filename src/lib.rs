@@ -3,7 +3,9 @@
 //! # Layout, in the order a connection flows
 //!
 //! ```text
-//! config ──► server: bind (socket2), accept under a limit, reload, drain
+//! config ──► server: listen (bind, or inherit from systemd or the process
+//!              │    being replaced), accept under a limit, reload, drain,
+//!              │    upgrade (SIGUSR2: hand every listener to the new binary)
 //!              │
 //!              ▼  port 443
 //!            preface ── PROXY header (trusted peers only) + ClientHello bytes
@@ -32,7 +34,9 @@
 //! `proxy_protocol` encodes and decodes PROXY v1/v2; `sockopt` sets the
 //! socket options socket2 lacks; `splice` is the one place two streams are
 //! joined; `probe` is the `sni-router probe` command; `notify` tells
-//! systemd when the listeners are bound and when draining starts.
+//! systemd when the listeners are bound and when draining starts; `listen`
+//! opens or inherits listening sockets and steers a reuseport group to the
+//! newest process; `upgrade` starts the successor on SIGUSR2.
 
 // Nothing that handles network bytes may panic; tests may.
 #![cfg_attr(

@@ -152,10 +152,10 @@ pub fn open(
 ) -> io::Result<TcpListener> {
     let backlog = backlog.min(i32::MAX as u32) as i32;
     let socket = match inherited.take(addr) {
+        // Already listening, with the backlog its giver chose (systemd's
+        // `Backlog=`, or this router's own before an upgrade).
         Some(socket) => {
             configure(&socket, defer)?;
-            // listen(2) again on a listening socket sets its backlog.
-            socket.listen(backlog)?;
             socket
         }
         None => {

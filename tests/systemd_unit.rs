@@ -294,6 +294,28 @@ fn assert_within_the_units_other_limits(trace: &str) {
     }
 }
 
+/// Makes `conf` what the README lays out for /etc/sni-router: owned by
+/// root, readable by the group `sni-router` of the container's root.
+fn readable_by_the_unit(conf: &Path) {
+    let group = std::fs::read_to_string(Path::new(ROOT).join("etc/group")).unwrap();
+    let gid: u32 = group
+        .lines()
+        .find_map(|l| l.strip_prefix("sni-router:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|gid| gid.parse().ok())
+        .expect("the root has the sni-router group");
+    let mode = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    for entry in std::fs::read_dir(conf).unwrap() {
+        let path = entry.unwrap().path();
+        std::os::unix::fs::chown(&path, Some(0), Some(gid)).unwrap();
+        mode(&path, 0o640);
+    }
+    std::os::unix::fs::chown(conf, Some(0), Some(gid)).unwrap();
+    mode(conf, 0o750);
+}
+
 /// The Debian root that `scripts/test` builds for booting the unit.
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-tools/sdroot");
 
@@ -342,23 +364,7 @@ async fn the_unit_runs_the_router_under_systemd() {
     );
     let config = conf.join("sni-router.toml");
     std::fs::write(&config, &good).unwrap();
-    let group = std::fs::read_to_string(Path::new(ROOT).join("etc/group")).unwrap();
-    let gid: u32 = group
-        .lines()
-        .find_map(|l| l.strip_prefix("sni-router:x:"))
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|gid| gid.parse().ok())
-        .expect("the root has the sni-router group");
-    for entry in std::fs::read_dir(&conf).unwrap() {
-        std::os::unix::fs::chown(entry.unwrap().path(), Some(0), Some(gid)).unwrap();
-    }
-    std::os::unix::fs::chown(&conf, Some(0), Some(gid)).unwrap();
-    let mode = |path: &Path, mode| {
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
-    };
-    mode(&conf, 0o750);
-    mode(&conf.join("files.key"), 0o640);
-    mode(&conf.join("sni-router.toml"), 0o640);
+    readable_by_the_unit(&conf);
     let unit = dir.path().join("sni-router.service");
     std::fs::write(&unit, UNIT).unwrap();
 
@@ -451,6 +457,127 @@ async fn the_unit_runs_the_router_under_systemd() {
         wait_until(|| async { container.journal("sni-router").contains("draining") }).await;
     let journal = container.journal("sni-router");
     assert!(logged, "{journal}");
+    assert!(
+        !journal.to_lowercase().contains("not permitted"),
+        "{journal}"
+    );
+}
+
+const SOCKET_UNIT: &str = include_str!("../config/sni-router.socket");
+
+/// `systemctl show -p NAME --value sni-router`.
+fn show(container: &Container, name: &str) -> String {
+    let (_, value) = container.run(&["systemctl", "show", "-p", name, "--value", "sni-router"]);
+    value.trim().to_string()
+}
+
+/// Under systemd, with the shipped socket unit: three `systemctl restart`s
+/// and three in-place upgrades (`systemctl kill -s USR2`), each under the
+/// load generator, lose no connection; after each upgrade the new process
+/// is the unit's main process and the unit never left `active`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_and_upgrades_under_systemd_lose_nothing() {
+    if !root() || !have("systemd-nspawn") {
+        return;
+    }
+    assert!(
+        Path::new(ROOT).join("usr/lib/systemd/systemd").exists(),
+        "no {ROOT}: scripts/test builds it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let backend = free_addr("127.0.0.1");
+    let _backend = support::load::backend(backend);
+    wait_listening(backend).await;
+    let ip = "127.0.0.9";
+    let tls: SocketAddr = format!("{ip}:443").parse().unwrap();
+    let http = free_addr(ip);
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(
+        conf.join("sni-router.toml"),
+        format!(
+            "this_node = \"a\"\n[timeouts]\ndrain = \"5s\"\n\
+             [[nodes]]\nname = \"a\"\ntls = \"{tls}\"\nhttp = \"{http}\"\n\
+             [[sites]]\nnames = [\"pass.test\"]\npassthrough = \"{backend}\"\n"
+        ),
+    )
+    .unwrap();
+    readable_by_the_unit(&conf);
+    let unit = dir.path().join("sni-router.service");
+    std::fs::write(&unit, UNIT).unwrap();
+    let socket_unit = dir.path().join("sni-router.socket");
+    let sockets = SOCKET_UNIT
+        .replace("ListenStream=0.0.0.0:443", &format!("ListenStream={tls}"))
+        .replace("ListenStream=0.0.0.0:80", &format!("ListenStream={http}"));
+    std::fs::write(&socket_unit, sockets).unwrap();
+    let binds = [
+        (Path::new(BIN), BINARY_PATH),
+        (conf.as_path(), "/etc/sni-router"),
+        (unit.as_path(), "/etc/systemd/system/sni-router.service"),
+        (
+            socket_unit.as_path(),
+            "/etc/systemd/system/sni-router.socket",
+        ),
+    ];
+    let log = dir.path().join("boot.log");
+    let container = Container::boot(Path::new(ROOT), &binds, "sni-router.socket", &log).await;
+    wait_listening(tls).await;
+    let (ok, out) = container.run(&["systemctl", "start", "sni-router"]);
+    assert!(ok, "{out}\n{}", container.journal("sni-router"));
+    let journal = container.journal("sni-router");
+    assert!(journal.contains("from=\"systemd\""), "{journal}");
+
+    let load = support::load::ConnRate::start(tls, 8, 16);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..3 {
+        let (ok, out) = container.run(&["systemctl", "restart", "sni-router"]);
+        assert!(ok, "{out}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let rate = load.finish().await;
+    assert_eq!(rate.errors, 0, "connections lost across 3 restarts");
+
+    let load = support::load::ConnRate::start(tls, 8, 16);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for round in 1..=3 {
+        let before = show(&container, "MainPID");
+        let (ok, out) = container.run(&[
+            "systemctl",
+            "kill",
+            "-s",
+            "USR2",
+            "--kill-whom=main",
+            "sni-router",
+        ]);
+        assert!(ok, "{out}");
+        let mut states = BTreeSet::new();
+        let moved = wait_until(|| {
+            states.insert(show(&container, "ActiveState"));
+            let moved = ![before.as_str(), "0"].contains(&show(&container, "MainPID").as_str());
+            async move { moved }
+        })
+        .await;
+        assert!(
+            moved,
+            "round {round}: MainPID stayed {before}\n{}",
+            container.journal("sni-router")
+        );
+        assert_eq!(
+            states,
+            BTreeSet::from(["active".to_string()]),
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let rate = load.finish().await;
+    assert_eq!(rate.errors, 0, "connections lost across 3 upgrades");
+    assert_eq!(show(&container, "ActiveState"), "active");
+    let journal = container.journal("sni-router");
+    assert_eq!(
+        journal.matches("upgrade: the new process listens").count(),
+        3,
+        "{journal}"
+    );
     assert!(
         !journal.to_lowercase().contains("not permitted"),
         "{journal}"
