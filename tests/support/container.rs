@@ -52,7 +52,8 @@ impl Container {
             init: init().unwrap_or(0),
             nspawn,
         };
-        assert!(found && container.init != 0, "no container started");
+        let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+        assert!(found && container.init != 0, "no container started:\n{err}");
         container
     }
 
