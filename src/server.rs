@@ -211,6 +211,8 @@ pub struct Server {
     /// TLS listeners in `config.listeners` order, then the HTTP listener.
     listeners: Vec<TcpListener>,
     certs: FileWatch,
+    /// With every stored ACME certificate already live.
+    acme: crate::acme::Manager,
 }
 
 impl Server {
@@ -264,6 +266,11 @@ impl Server {
             #[cfg(target_os = "linux")]
             engines: crate::splice::engine::Engines::new(workers),
         });
+        // Stored ACME certificates go live before anything is accepted, as
+        // certificate files do above: a restarted node terminates its sites
+        // from its first connection.
+        let mut acme = crate::acme::Manager::new(shared.clone());
+        acme.load_stored();
         Ok(Server {
             handle: Handle {
                 shared,
@@ -272,6 +279,7 @@ impl Server {
             listeners,
             certs: watch,
             admin,
+            acme,
         })
     }
 
@@ -307,13 +315,14 @@ impl Server {
             listeners,
             certs,
             admin,
+            acme,
         } = self;
         // The recorder goes in before the first accept, so no count is lost.
         let admin = admin.map(|listener| (listener, crate::metrics::install()));
         let live = handle.shared.config();
         let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
         let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
-        let acme = tokio::spawn(crate::acme::Manager::new(handle.shared.clone()).run());
+        let acme = tokio::spawn(acme.run());
         let tracker = handle.shared.tasks.clone();
         #[cfg(target_os = "linux")]
         handle.shared.engines.start();

@@ -90,6 +90,22 @@ impl Manager {
         }
     }
 
+    /// Puts every stored certificate live. Called before the listeners
+    /// accept, so a restarted node terminates the sites it holds from its
+    /// first connection on, instead of refusing a site it alone holds
+    /// until its first tick.
+    pub fn load_stored(&mut self) {
+        let live = self.shared.config();
+        let Some(acme) = &live.config.acme else {
+            return;
+        };
+        for site in live.config.acme_sites() {
+            let label = live.config.site(site).label.clone();
+            let state = self.restore(acme, &label, identifiers(&live.config, site));
+            self.sites.insert(label, state);
+        }
+    }
+
     /// Runs until the task is dropped.
     pub async fn run(mut self) {
         let mut reloads = self.shared.reloaded.subscribe();
