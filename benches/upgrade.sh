@@ -6,9 +6,11 @@
 # process over its stats socket) and -sf. Each run puts the repository's
 # load generator on the router (new connections back to back, the
 # captured ClientHello out, 1 KiB back) and replaces the router UPGRADES
-# times, 1.5 s apart. Prints connections lost (refused, reset or answered
-# short) per replacement and the run's p50/p99; writes
-# docs/benchmarks-upgrade.json.
+# times, 1.5 s apart; the same load with no replacement is each router's
+# baseline. Prints connections lost (refused, reset or answered short) per
+# replacement and the run's p50/p99; writes docs/benchmarks-upgrade.json.
+# sni-router runs at the shipped log level (one line per connection, to a
+# file).
 #
 #   benches/upgrade.sh [ROUNDS] [UPGRADES] [CLIENTS]
 set -euo pipefail
@@ -79,9 +81,9 @@ newest() { pgrep -n -f "^$bin run"; }
 
 results="$work/results.jsonl"; : > "$results"
 for round in $(seq "$rounds"); do
-  for mode in sni-router-usr2 sni-router-by-hand haproxy-x; do
+  for mode in sni-router-steady sni-router-usr2 sni-router-by-hand haproxy-steady haproxy-x; do
     case $mode in
-      haproxy-x)
+      haproxy-*)
         target=127.0.0.3:$port
         haproxy -f "$work/haproxy.cfg" -D -p "$work/haproxy.pid"
         ;;
@@ -94,7 +96,8 @@ for round in $(seq "$rounds"); do
     $gen connrate "$target" "$secs" "$clients" > "$work/load.json" &
     load=$!
     sleep 1.5
-    for _ in $(seq "$upgrades"); do
+    n=$upgrades; case $mode in *-steady) n=0 ;; esac
+    for _ in $(seq "$n"); do
       case $mode in
         sni-router-usr2)
           old=$(newest); kill -USR2 "$old"
@@ -117,10 +120,10 @@ for round in $(seq "$rounds"); do
     done
     wait "$load"
     out=$(cat "$work/load.json")
-    echo "{\"mode\":\"$mode\",\"round\":$round,\"upgrades\":$upgrades,\"load\":$out}" >> "$results"
+    echo "{\"mode\":\"$mode\",\"round\":$round,\"upgrades\":$n,\"load\":$out}" >> "$results"
     echo "round $round $mode: $out"
     case $mode in
-      haproxy-x) kill "$(cat "$work/haproxy.pid")" 2>/dev/null || true ;;
+      haproxy-*) kill "$(cat "$work/haproxy.pid")" 2>/dev/null || true ;;
       *) pkill -f "^$bin run" || true ;;
     esac
     sleep 1
@@ -132,12 +135,13 @@ python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 out = {}
-print(f"{'mode':22} {'lost per upgrade':>17} {'conn/s':>8} {'p50 ms':>7} {'p99 ms':>7}  (medians of {len(rows)//3} rounds)")
-for mode in ["sni-router-usr2", "sni-router-by-hand", "haproxy-x"]:
+modes = ["sni-router-steady", "sni-router-usr2", "sni-router-by-hand", "haproxy-steady", "haproxy-x"]
+print(f"{'mode':22} {'lost per upgrade':>17} {'conn/s':>8} {'p50 ms':>7} {'p99 ms':>7}  (medians of {len(rows)//len(modes)} rounds)")
+for mode in modes:
     runs = [r for r in rows if r["mode"] == mode]
     if not runs:
         continue
-    lost = statistics.median(r["load"]["errors"] / r["upgrades"] for r in runs)
+    lost = statistics.median(r["load"]["errors"] / max(r["upgrades"], 1) for r in runs)
     total = sum(r["load"]["errors"] for r in runs)
     rate = statistics.median(r["load"]["conns_per_sec"] for r in runs)
     p50 = statistics.median(r["load"]["p50_ms"] for r in runs)
