@@ -33,16 +33,9 @@ fn peer<'a>(status: &'a serde_json::Value, node: &str) -> &'a serde_json::Value 
 async fn two_nodes_with_different_site_lists_show_drift() {
     let ca = TestCa::new();
     let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
     let cert = ca.leaf(&[HELD]).write(dir.path(), "held");
     let upstream = Backend::http("127.0.0.1").await;
-    let node = |name, ip| (name, free_addr(ip), free_addr(ip));
-    let nodes = [
-        node("a", "127.0.0.2"),
-        node("b", "127.0.0.3"),
-        node("c", "127.0.0.4"),
-    ];
+    let nodes = three_nodes();
     let held = format!(
         "[[sites]]\nnames = [\"{HELD}\"]\nheld_by = [\"b\"]\nupstream = \"{}\"\n{cert}",
         upstream.addr

@@ -32,12 +32,7 @@ async fn fleet() -> Fleet {
     let leaf = ca.leaf(&["held.test"]);
     let cert = leaf.write(dir.path(), "held");
     let upstream = Backend::http("127.0.0.1").await;
-    let node = |name, ip| (name, free_addr(ip), free_addr(ip));
-    let nodes = [
-        node("a", "127.0.0.2"),
-        node("b", "127.0.0.3"),
-        node("c", "127.0.0.4"),
-    ];
+    let nodes = three_nodes();
     let sites = format!(
         "[[sites]]\nnames = [\"held.test\"]\nheld_by = [\"c\"]\nupstream = \"{}\"\n{cert}\n\
          [[sites]]\nnames = [\"bnod.test\"]\nheld_by = [\"b\"]\nupstream = \"127.0.0.1:9\"\n",

@@ -150,8 +150,9 @@ async fn sighup_reloads_while_a_connection_streams() {
     assert_eq!(seen[0].bytes, sent, "no byte lost or reordered");
 }
 
-#[tokio::test]
-async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
+/// The binary as one node whose `pass.test` goes to an echo backend, with
+/// `drain` as its drain period; returns its directory, process and address.
+async fn echo_node(drain: &str) -> (tempfile::TempDir, Process, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("fleet.toml");
     let node = free_addr("127.0.0.2");
@@ -159,12 +160,18 @@ async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     let text = fleet_toml(
         "a",
         &[("a", node)],
-        "[timeouts]\ndrain = \"5s\"",
+        &format!("[timeouts]\ndrain = \"{drain}\""),
         &site("pass.test", echo.addr),
     );
     std::fs::write(&config, text).unwrap();
-    let mut router = Process::start(&config, dir.path());
+    let router = Process::start(&config, dir.path());
     wait_listening(node).await;
+    (dir, router, node)
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
+    let (_dir, mut router, node) = echo_node("5s").await;
     let mut stream = TcpStream::connect(node).await.unwrap();
     echo_round(&mut stream, HELLO).await;
 
@@ -221,19 +228,7 @@ async fn systemd_hears_ready_once_it_accepts_and_stopping_at_the_drain() {
 /// by a splice engine (quiet), one in its task (busy).
 #[tokio::test]
 async fn connections_cut_by_the_drain_deadline_are_logged() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fleet.toml");
-    let node = free_addr("127.0.0.2");
-    let echo = Backend::echo("127.0.0.1").await;
-    let text = fleet_toml(
-        "a",
-        &[("a", node)],
-        "[timeouts]\ndrain = \"1s\"",
-        &site("pass.test", echo.addr),
-    );
-    std::fs::write(&config, text).unwrap();
-    let mut router = Process::start(&config, dir.path());
-    wait_listening(node).await;
+    let (_dir, mut router, node) = echo_node("1s").await;
     let mut quiet = TcpStream::connect(node).await.unwrap();
     echo_round(&mut quiet, HELLO).await;
     let mut busy = TcpStream::connect(node).await.unwrap();
@@ -260,6 +255,39 @@ async fn connections_cut_by_the_drain_deadline_are_logged() {
     assert!(
         cut.iter()
             .any(|l| l.contains(&format!("bytes_up={hello} "))),
+        "{log}"
+    );
+}
+
+/// On port 80 too: a plain-HTTP splice to an upstream still open when the
+/// drain period runs out gets its log line, with its own result.
+#[tokio::test]
+async fn a_port_80_splice_cut_by_the_drain_deadline_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    let (node, http) = (free_addr("127.0.0.2"), free_addr("127.0.0.2"));
+    let echo = Backend::echo("127.0.0.1").await;
+    let site = format!(
+        "[[sites]]\nnames = [\"plain.test\"]\nheld_by = [\"a\"]\nupstream = \"{}\"\nhttp = \"upstream\"\n",
+        echo.addr
+    );
+    let text = fleet_toml_http(
+        "a",
+        &[("a", node, http)],
+        "[timeouts]\ndrain = \"1s\"",
+        &site,
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut router = Process::start(&config, dir.path());
+    wait_listening(http).await;
+    let mut stream = TcpStream::connect(http).await.unwrap();
+    echo_round(&mut stream, b"GET / HTTP/1.1\r\nhost: plain.test\r\n\r\n").await;
+    router.signal("TERM");
+    assert!(router.wait_exit().await.success());
+    let log = router.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("http request finished") && l.contains("result=\"drain_deadline\"")),
         "{log}"
     );
 }

@@ -50,13 +50,49 @@ pub async fn handle(
 ) {
     let started = Instant::now();
     shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+    let mut cut = Cut {
+        peer,
+        started,
+        armed: true,
+    };
     let (host, target, out) = serve(&shared, &live, &mut stream, peer, local).await;
+    cut.armed = false;
+    finished(peer, started, (host.as_deref(), target.as_deref()), &out);
+}
+
+/// A request whose task is dropped before it finished (an upstream splice
+/// still open when the drain period ran out) is logged and counted too.
+struct Cut {
+    peer: SocketAddr,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        if self.armed {
+            let out = Outcome {
+                result: "drain_deadline",
+                status: 0,
+                detail: "cut when the drain period ran out".into(),
+            };
+            finished(self.peer, self.started, (None, None), &out);
+        }
+    }
+}
+
+fn finished(
+    peer: SocketAddr,
+    started: Instant,
+    (host, path): (Option<&str>, Option<&str>),
+    out: &Outcome,
+) {
     metrics::counter!(HTTP_REQUESTS, "result" => out.result).increment(1);
     tracing::info!(
         target: "sni_router::http",
         client = %peer,
-        host = host.as_deref().unwrap_or("-"),
-        path = target.as_deref().unwrap_or("-"),
+        host = host.unwrap_or("-"),
+        path = path.unwrap_or("-"),
         result = out.result,
         status = out.status,
         detail = %out.detail,

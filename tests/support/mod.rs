@@ -513,6 +513,18 @@ pub fn have(command: &str) -> bool {
     found
 }
 
+/// Nodes a, b and c on 127.0.0.2, .3 and .4, each with a fresh TLS and
+/// HTTP port, for [`fleet_toml_http`]: one list, so every node's config
+/// names the same fleet.
+pub fn three_nodes() -> [(&'static str, SocketAddr, SocketAddr); 3] {
+    let node = |name, ip| (name, free_addr(ip), free_addr(ip));
+    [
+        node("a", "127.0.0.2"),
+        node("b", "127.0.0.3"),
+        node("c", "127.0.0.4"),
+    ]
+}
+
 /// Config text for a fleet: `nodes` as (name, tls address); `this` picks
 /// the node; `rest` adds sites, listeners, timeouts.
 pub fn fleet_toml(this: &str, nodes: &[(&str, SocketAddr)], top: &str, rest: &str) -> String {
