@@ -14,7 +14,7 @@ use crate::config::{Config, SiteId, SiteRoute};
 use crate::http::request::Head;
 use crate::http::response::{self, text};
 use crate::preface;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Admin clients are scrapers and operators on a trusted network.
 const HEAD_DEADLINE: Duration = Duration::from_secs(5);
@@ -69,7 +69,7 @@ fn unix(t: SystemTime) -> u64 {
 
 /// The status document.
 pub fn status(shared: &Shared) -> Value {
-    let live = shared.config();
+    let live = shared.live();
     let config = &live.config;
     let now = SystemTime::now();
     let renewals = shared

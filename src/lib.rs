@@ -16,7 +16,7 @@
 //!              ├─ terminate: tls::terminate (rustls over the replayed hello,
 //!              │    certificate from certs::store, suite order from
 //!              │    tls::suites) -> upstream, splice::Copied
-//!              ├─ splice / passthrough: tls::forward (connect with deadline,
+//!              ├─ splice / passthrough: forward (connect with deadline,
 //!              │    failover) -> replay PROXY header + peeked bytes, splice::Joined
 //!              └─ reject: unrecognized_name alert, close
 //!
@@ -30,7 +30,12 @@
 //!   └─ tokens ──► http (port 80: answer, ask holders, redirect)
 //! ```
 //!
-//! `names` holds the exact/wildcard lookup shared by config and routing;
+//! `state` is what connections and background tasks share (the live
+//! config, stores, counters): the handlers and the ACME manager take it as
+//! an argument, and nothing below `server` imports `server`.
+//! `names` normalizes names and holds the exact/wildcard lookup shared by
+//! config and routing; `forward` connects with failover in rendezvous order
+//! for both ports;
 //! `proxy_protocol` encodes and decodes PROXY v1/v2; `sockopt` sets the
 //! socket options socket2 lacks; `splice` is the one place two streams are
 //! joined; `probe` is the `sni-router probe` command; `notify` tells
@@ -51,6 +56,7 @@
 
 pub mod config;
 pub mod names;
+pub mod state;
 pub mod server;
 pub mod listen;
 pub mod upgrade;
@@ -59,6 +65,7 @@ pub mod preface;
 pub mod tls;
 pub mod http;
 pub mod proxy_protocol;
+pub mod forward;
 pub mod connect;
 pub mod sockopt;
 pub mod splice;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-/// Maps normalized names (see [`crate::tls::client_hello::normalize_name`]) to values.
+/// Maps normalized names (see [`normalize_name`]) to values.
 #[derive(Debug, Clone)]
 pub struct NameTable<T> {
     exact: HashMap<String, T>,
@@ -34,7 +34,6 @@ pub enum Pattern {
 impl Pattern {
     /// Parses a config name; `None` if it is not a valid host name or wildcard.
     pub fn parse(raw: &str) -> Option<Pattern> {
-        use crate::tls::client_hello::normalize_name;
         match raw.strip_prefix("*.") {
             Some(suffix) => normalize_name(suffix.as_bytes()).map(Pattern::Wildcard),
             None => normalize_name(raw.as_bytes()).map(Pattern::Exact),
@@ -52,6 +51,30 @@ impl Pattern {
             Pattern::Wildcard(suffix) => wildcard_covers(suffix, name),
         }
     }
+}
+
+/// DNS names are at most 253 characters without the trailing dot.
+const MAX_NAME_LEN: usize = 253;
+
+/// Lowercases a server name and strips one trailing dot, accepting only what
+/// a DNS host name can hold. The SNI parser, the Host header and the config
+/// all use it, so every side compares alike.
+pub fn normalize_name(raw: &[u8]) -> Option<String> {
+    let raw = raw.strip_suffix(b".").unwrap_or(raw);
+    if raw.is_empty() || raw.len() > MAX_NAME_LEN {
+        return None;
+    }
+    let valid_label = |label: &[u8]| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    };
+    if !raw.split(|b| *b == b'.').all(valid_label) {
+        return None;
+    }
+    Some(String::from_utf8_lossy(raw).to_ascii_lowercase())
 }
 
 /// Whether `*.{suffix}` covers `name`: exactly one more label, as TLS
@@ -98,6 +121,18 @@ impl<T> NameTable<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_normalize() {
+        assert_eq!(
+            normalize_name(b"WWW.Example.ORG.").as_deref(),
+            Some("www.example.org")
+        );
+        assert_eq!(normalize_name(b"a..b"), None);
+        assert_eq!(normalize_name(b"."), None);
+        assert_eq!(normalize_name(b"bad name"), None);
+        assert_eq!(normalize_name(&[b'a'; 64]), None);
+    }
+
     use super::*;
 
     fn table(patterns: &[(&str, u32)]) -> NameTable<u32> {

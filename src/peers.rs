@@ -3,14 +3,13 @@
 //! each peer's TLS port, closed at once) fills quiet periods.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, FleetDigest};
 use crate::connect;
 use crate::metrics::CONFIG_DRIFT;
-use crate::server::Handle;
 
 /// Often enough for a status page; rare enough to be noise-free.
 const PROBE_EVERY: Duration = Duration::from_secs(15);
@@ -88,19 +87,38 @@ impl PeerHealth {
     }
 }
 
-/// Probes every other node's TLS port until the task is dropped.
-pub async fn probe(handle: Handle) {
+/// What a probe round connects to: every other node's TLS port, from this
+/// node's own address, within the `connect` timeout.
+pub struct Targets {
+    nodes: Vec<(String, SocketAddr)>,
+    source: Option<IpAddr>,
+    timeout: Duration,
+}
+
+pub fn targets(config: &Config) -> Targets {
+    let nodes = config
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != config.this_node.0)
+        .map(|(_, node)| (node.name.clone(), node.tls))
+        .collect();
+    Targets {
+        nodes,
+        source: Some(config.this().tls.ip()),
+        timeout: config.timeouts.connect,
+    }
+}
+
+/// Probes the nodes `current()` names (read again each round, so a reload
+/// counts) until the task is dropped.
+pub async fn probe(peers: &PeerHealth, current: impl Fn() -> Targets) {
     loop {
-        let live = handle.shared.config();
-        let config = &live.config;
-        for (index, node) in config.nodes.iter().enumerate() {
-            if index == config.this_node.0 {
-                continue;
-            }
-            let source = Some(config.this().tls.ip());
-            match connect::connect(node.tls, source, config.timeouts.connect).await {
-                Ok(_) => handle.shared.peers.seen(&node.name),
-                Err(e) => handle.shared.peers.failed(&node.name, &e.to_string()),
+        let round = current();
+        for (name, addr) in &round.nodes {
+            match connect::connect(*addr, round.source, round.timeout).await {
+                Ok(_) => peers.seen(name),
+                Err(e) => peers.failed(name, &e.to_string()),
             }
         }
         tokio::time::sleep(PROBE_EVERY).await;

@@ -5,27 +5,24 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::acme::Renewal;
 use crate::certs::store::CertStore;
 use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
-use crate::http::challenge::ChallengeStore;
-use crate::http::guard::ForwardGuard;
-use crate::limits::{HelloSlots, SourceGuard, SourceLimits};
+use crate::limits::{HelloSlots, SourceLimits};
 use crate::listen::Inherited;
 use crate::metrics::{CONFIG_RELOADS, REJECTED};
 use crate::peers::PeerHealth;
-use crate::tls::terminate::{Contexts, Resumption};
-use std::collections::HashMap;
+use crate::state::{Admission, Live, Shared, Stats};
+use crate::tls::terminate::Resumption;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::watch;
@@ -48,104 +45,6 @@ impl ConfigSource {
                 self.node.as_deref(),
             ),
         }
-    }
-}
-
-/// Counters the tests and the status page read; Prometheus metrics are
-/// recorded alongside.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub accepted: AtomicU64,
-    pub finished: AtomicU64,
-    pub rejected: AtomicU64,
-    pub reloads: AtomicU64,
-    /// Held sites spliced to a peer for want of a valid certificate here.
-    pub fallbacks: AtomicU64,
-    /// Requests read on the HTTP port.
-    pub http_requests: AtomicU64,
-    /// Challenge requests forwarded to holders.
-    pub http_forwarded: AtomicU64,
-    /// ACME orders that ended in an installed certificate, and failures.
-    pub acme_issued: AtomicU64,
-    pub acme_failed: AtomicU64,
-}
-
-impl Stats {
-    pub fn finished(&self, decision: &str) {
-        self.finished.fetch_add(1, Ordering::Relaxed);
-        if decision == "reject" {
-            self.rejected.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// A config with everything built from it; swapped whole on reload so a
-/// connection never mixes two versions.
-#[derive(Debug)]
-pub struct Live {
-    pub config: Config,
-    pub tls: Contexts,
-    pub guard: ForwardGuard,
-}
-
-/// What an accepted connection holds until it ends, wherever it ends: its
-/// place under the connection limit and the per-source cap, and in the
-/// active-connections gauge.
-pub struct Admission {
-    _permit: OwnedSemaphorePermit,
-    _source: Option<SourceGuard>,
-    active: metrics::Gauge,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.active.decrement(1.0);
-    }
-}
-
-/// State every connection task can reach.
-#[derive(Debug)]
-pub struct Shared {
-    pub live: ArcSwap<Live>,
-    pub certs: Arc<CertStore>,
-    pub challenges: Arc<ChallengeStore>,
-    pub stats: Stats,
-    pub peers: PeerHealth,
-    /// Next ACME renewal per site label, for the status page.
-    pub renewals: Mutex<HashMap<String, Renewal>>,
-    /// Listeners bound and accepting (false before start and while draining).
-    pub ready: AtomicBool,
-    pub hello_slots: Arc<HelloSlots>,
-    pub sources: Arc<SourceLimits>,
-    resumption: Resumption,
-    /// Bumped on every reload; background tasks watch it.
-    pub reloaded: watch::Sender<u64>,
-    /// Every connection task, so shutdown can wait for them to drain.
-    pub tasks: TaskTracker,
-    /// Where routed TCP pairs live once joined.
-    #[cfg(target_os = "linux")]
-    pub engines: crate::splice::engine::Engines,
-}
-
-impl Live {
-    fn build(
-        config: Config,
-        certs: &Arc<CertStore>,
-        resumption: &Resumption,
-    ) -> Result<Live, rustls::Error> {
-        let tls = Contexts::build(&config, certs, resumption)?;
-        let guard = ForwardGuard::new(config.http.forward_per_second);
-        Ok(Live { config, tls, guard })
-    }
-}
-
-impl Shared {
-    fn build(&self, config: Config) -> Result<Live, rustls::Error> {
-        Live::build(config, &self.certs, &self.resumption)
-    }
-
-    pub fn config(&self) -> Arc<Live> {
-        self.live.load_full()
     }
 }
 
@@ -319,9 +218,9 @@ impl Server {
         } = self;
         // The recorder goes in before the first accept, so no count is lost.
         let admin = admin.map(|listener| (listener, crate::metrics::install()));
-        let live = handle.shared.config();
+        let live = handle.shared.live();
         let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
-        let watcher = tokio::spawn(watch_certificates(handle.clone(), certs));
+        let watcher = tokio::spawn(watch_certificates(handle.shared.clone(), certs));
         let acme = tokio::spawn(acme.run());
         let tracker = handle.shared.tasks.clone();
         #[cfg(target_os = "linux")]
@@ -356,7 +255,7 @@ impl Server {
             let serve = crate::admin::serve(listener, handle.shared.clone(), metrics);
             (
                 tokio::spawn(serve),
-                tokio::spawn(crate::peers::probe(handle.clone())),
+                tokio::spawn(probe_peers(handle.shared.clone())),
             )
         });
         handle.shutdown.cancelled().await;
@@ -373,7 +272,7 @@ impl Server {
             probe.abort();
         }
         tracker.close();
-        let drain = handle.shared.config().config.timeouts.drain;
+        let drain = handle.shared.live().config.timeouts.drain;
         tracing::info!(
             in_flight = tracker.len(),
             ?drain,
@@ -431,7 +330,7 @@ impl AcceptLoop {
         if !crate::listen::successor_listening(&self.listener) {
             return;
         }
-        let cap = self.handle.shared.config().config.timeouts.drain;
+        let cap = self.handle.shared.live().config.timeouts.drain;
         let lingering = async {
             let mut accepted = 0u64;
             while tokio::time::timeout(SETTLE, self.accept_one(&mut backoff))
@@ -494,7 +393,7 @@ impl AcceptLoop {
             _source: source_guard,
             active,
         };
-        let live = shared.config();
+        let live = shared.live();
         let port = self.port;
         self.tracker.spawn(async move {
             match port {
@@ -521,19 +420,27 @@ impl AcceptLoop {
     }
 }
 
+/// Probes every other node of the live config, for the status page.
+async fn probe_peers(shared: Arc<Shared>) {
+    crate::peers::probe(&shared.peers, || {
+        crate::peers::targets(&shared.live().config)
+    })
+    .await
+}
+
 /// Re-checks certificate files every `certs.poll`, and at once after a reload.
-async fn watch_certificates(handle: Handle, mut watch: FileWatch) {
-    let mut reloads = handle.shared.reloaded.subscribe();
+async fn watch_certificates(shared: Arc<Shared>, mut watch: FileWatch) {
+    let mut reloads = shared.reloaded.subscribe();
     loop {
-        let poll = handle.shared.config().config.cert_poll;
+        let poll = shared.live().config.cert_poll;
         tokio::select! {
             () = tokio::time::sleep(poll) => {}
             // A reload re-reads every file, changed or not: it is also how an
             // operator retries after fixing, say, a key file's permissions.
             _ = reloads.changed() => watch.forget(),
         }
-        let live = handle.shared.config();
-        watch.sync(&live.config, &handle.shared.certs);
+        let live = shared.live();
+        watch.sync(&live.config, &shared.certs);
     }
 }
 
@@ -548,16 +455,6 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
-}
-
-/// A new listening socket with the options an edge process wants; see
-/// [`crate::listen::open`].
-pub fn bind_listener(
-    addr: SocketAddr,
-    backlog: u32,
-    defer: Option<Duration>,
-) -> io::Result<TcpListener> {
-    crate::listen::open(addr, backlog, defer, &mut Inherited::default())
 }
 
 /// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP.

@@ -83,10 +83,11 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let listener = crate::server::bind_listener(
+        let listener = crate::listen::open(
             "127.0.0.1:0".parse().unwrap(),
             8,
             Some(Duration::from_secs(1)),
+            &mut crate::listen::Inherited::default(),
         )
         .unwrap();
         let addr = listener.local_addr().unwrap();

@@ -16,7 +16,7 @@ use crate::metrics::ACME_RENEWAL_INFO;
 const ASK_DEADLINE: Duration = Duration::from_secs(30);
 
 /// An ARI suggested window: start, end.
-pub type Window = (SystemTime, SystemTime);
+pub use super::status::Window;
 
 /// When to renew a certificate, and what the CA said about it.
 pub(super) struct Plan {

@@ -8,6 +8,7 @@ pub mod client;
 pub mod order;
 pub mod schedule;
 mod site;
+pub mod status;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -17,16 +18,16 @@ use std::time::{Duration, SystemTime};
 
 use instant_acme::{Account, CertificateIdentifier, ExternalAccountKey, NewAccount};
 
-pub use self::ari::Window;
 use self::ari::certificate_id;
 use self::order::{OrderError, Request};
 use self::site::{Hush, SiteState};
+pub use self::status::{Renewal, Window};
 use self::storage::{AccountFile, Meta, StorageError, Stored};
 use crate::certs::disk::{self, CertError, Loaded};
 use crate::certs::store::{Entry, Source};
 use crate::config::{Acme, Config, SiteId};
 use crate::metrics::ACME_ORDERS;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// An order that takes longer than this has stalled somewhere.
 const ORDER_DEADLINE: Duration = Duration::from_secs(300);
@@ -61,13 +62,6 @@ impl AcmeError {
     }
 }
 
-/// A site's next renewal and the CA's window behind it, for `/status`.
-#[derive(Debug, Clone, Copy)]
-pub struct Renewal {
-    pub at: SystemTime,
-    pub window: Option<Window>,
-}
-
 pub struct Manager {
     shared: Arc<Shared>,
     account: Option<(String, Account)>,
@@ -95,7 +89,7 @@ impl Manager {
     /// first connection on, instead of refusing a site it alone holds
     /// until its first tick.
     pub fn load_stored(&mut self) {
-        let live = self.shared.config();
+        let live = self.shared.live();
         let Some(acme) = &live.config.acme else {
             return;
         };
@@ -110,7 +104,7 @@ impl Manager {
     pub async fn run(mut self) {
         let mut reloads = self.shared.reloaded.subscribe();
         loop {
-            let live = self.shared.config();
+            let live = self.shared.live();
             let next = match &live.config.acme {
                 Some(acme) => self.tick(&live.config, acme).await,
                 None => None,

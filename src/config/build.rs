@@ -308,7 +308,7 @@ fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashMap<IpAddr, Node
                 }
             }
             let acme_name = n.acme_name.as_deref().and_then(|raw| {
-                let name = crate::tls::client_hello::normalize_name(raw.as_bytes());
+                let name = crate::names::normalize_name(raw.as_bytes());
                 if name.is_none() {
                     b.problem(
                         format!("{field}.acme_name"),

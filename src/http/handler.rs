@@ -15,12 +15,12 @@ use super::request::{Head, Invalid};
 use super::response::text as respond;
 use super::route::{self, HttpDecision};
 use crate::config::{Config, SiteId, SiteRoute};
+use crate::forward::{self, Target, TargetKind, Via};
 use crate::metrics::{HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
 use crate::peers::PeerHealth;
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
-use crate::server::{Live, Shared};
-use crate::tls::forward::{self, Target, Via};
+use crate::state::{Live, Shared};
 
 /// Largest webroot file served: a key authorization is ~90 bytes.
 const MAX_WEBROOT_FILE: u64 = 4096;
@@ -302,7 +302,7 @@ async fn to_upstream(
             .map(|v| proxy_protocol::encode(v, client, destination));
         let target = Target {
             addr: *upstream,
-            kind: "upstream",
+            kind: TargetKind::Upstream,
             label: config.site(site).label.clone(),
         };
         (vec![target], None, header)
@@ -310,12 +310,12 @@ async fn to_upstream(
         respond(stream, 502, "", "config conflict: not a holder\n").await;
         return outcome("loop_guard", 502);
     } else {
-        let order = crate::tls::route::rendezvous(config, config.other_holders(site), client.ip());
+        let order = crate::forward::rendezvous(config, config.other_holders(site), client.ip());
         let targets = order
             .iter()
             .map(|h| Target {
                 addr: config.node(*h).http,
-                kind: "node",
+                kind: TargetKind::Node,
                 label: config.node(*h).name.clone(),
             })
             .collect();

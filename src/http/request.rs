@@ -93,7 +93,7 @@ fn host_name(value: &[u8]) -> Option<String> {
         Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
         _ => value,
     };
-    crate::tls::client_hello::normalize_name(name.as_bytes())
+    crate::names::normalize_name(name.as_bytes())
 }
 
 crate::impl_preface!(Head, MAX_HEAD_BYTES);

@@ -31,8 +31,6 @@ const CONTENT_TYPE_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 /// TLS records carry at most 2^14 bytes of plaintext (RFC 8446 5.1).
 const MAX_RECORD_LEN: usize = 16 * 1024;
-/// DNS names are at most 253 characters without the trailing dot.
-const MAX_NAME_LEN: usize = 253;
 
 /// What the router needs from a ClientHello.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,7 +233,7 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
                     .find(|(kind, _)| *kind == SNIType::HostName)
                     .map(|(_, name)| *name);
                 if let Some(host) = host {
-                    sni = Some(normalize_name(host).ok_or(Invalid::BadServerName)?);
+                    sni = Some(crate::names::normalize_name(host).ok_or(Invalid::BadServerName)?);
                 }
             }
             Ok((_, TlsExtension::ALPN(protocols))) => {
@@ -260,26 +258,6 @@ fn chacha_first(suites: &[TlsCipherSuiteID]) -> bool {
             _ => None,
         })
         .unwrap_or(false)
-}
-
-/// Lowercases a server name and strips one trailing dot, accepting only what
-/// a DNS host name can hold. Shared with config so both sides compare alike.
-pub fn normalize_name(raw: &[u8]) -> Option<String> {
-    let raw = raw.strip_suffix(b".").unwrap_or(raw);
-    if raw.is_empty() || raw.len() > MAX_NAME_LEN {
-        return None;
-    }
-    let valid_label = |label: &[u8]| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-    };
-    if !raw.split(|b| *b == b'.').all(valid_label) {
-        return None;
-    }
-    Some(String::from_utf8_lossy(raw).to_ascii_lowercase())
 }
 
 crate::impl_preface!(ClientHello, MAX_HELLO_BYTES);
@@ -443,17 +421,5 @@ mod tests {
             *byte = 0xff;
         }
         assert!(matches!(parse(&buf), Parse::Invalid(_)));
-    }
-
-    #[test]
-    fn names_normalize() {
-        assert_eq!(
-            normalize_name(b"WWW.Example.ORG.").as_deref(),
-            Some("www.example.org")
-        );
-        assert_eq!(normalize_name(b"a..b"), None);
-        assert_eq!(normalize_name(b"."), None);
-        assert_eq!(normalize_name(b"bad name"), None);
-        assert_eq!(normalize_name(&[b'a'; 64]), None);
     }
 }

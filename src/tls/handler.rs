@@ -15,18 +15,18 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::client_hello::{ClientHello, Invalid};
-use super::forward::{self, ForwardError, Opened, Target, Via};
 use super::prefixed::Prefixed;
 use super::route::{self, Decision, Peer};
 use super::terminate::{self, Ends};
+use crate::forward::{self, ForwardError, Opened, Target, TargetKind, Via};
 use crate::metrics::{
     HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
     TERMINATE_FALLBACKS,
 };
 use crate::preface::{self, PrefaceError};
 use crate::proxy_protocol;
-use crate::server::{Admission, Live, Shared};
 use crate::splice::{Copied, Joined, Joint, Moved, Quiet, Transfer};
+use crate::state::{Admission, Live, Shared};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
@@ -377,7 +377,7 @@ async fn route_connection(
                 .map(|v| proxy_protocol::encode(v, client, destination));
             let target = Target {
                 addr: backend,
-                kind: "backend",
+                kind: TargetKind::Backend,
                 label: site.label.clone(),
             };
             let via = Via {
@@ -406,7 +406,7 @@ async fn route_connection(
                 .iter()
                 .map(|h| Target {
                     addr: config.node(*h).tls,
-                    kind: "node",
+                    kind: TargetKind::Node,
                     label: config.node(*h).name.clone(),
                 })
                 .collect();

@@ -2,7 +2,6 @@
 //! (or, for names this node holds, terminate).
 
 pub mod client_hello;
-pub mod forward;
 pub mod handler;
 pub mod route;
 pub mod prefixed;

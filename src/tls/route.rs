@@ -1,9 +1,8 @@
 //! The routing decision for a TLS connection: pure, no I/O.
 
-use std::hash::Hasher;
 use std::net::{IpAddr, SocketAddr};
 
-use siphasher::sip::SipHasher13;
+use crate::forward::rendezvous;
 
 use crate::config::{Config, NodeId, SiteId, SiteRoute};
 
@@ -150,31 +149,6 @@ pub fn decide(
     }
 }
 
-/// Orders holders by rendezvous hashing on the client address: each client
-/// sticks to one holder, clients spread evenly, and losing a holder moves
-/// only that holder's clients.
-pub(crate) fn rendezvous(config: &Config, mut holders: Vec<NodeId>, client: IpAddr) -> Vec<NodeId> {
-    holders
-        .sort_by_cached_key(|n| std::cmp::Reverse(rendezvous_score(client, &config.node(*n).name)));
-    holders
-}
-
-/// A holder's score for a client. Every node must compute the same number
-/// whatever toolchain built it, so the algorithm is spelled out (std's
-/// `DefaultHasher` promises no such thing): SipHash-1-3 with an all-zero
-/// key over the client address as 16 bytes (IPv4 as IPv4-mapped IPv6),
-/// then the node's name in UTF-8. A test pins it to known values.
-pub fn rendezvous_score(client: IpAddr, node: &str) -> u64 {
-    let client = match client {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    let mut h = SipHasher13::new_with_keys(0, 0);
-    h.write(&client.octets());
-    h.write(node.as_bytes());
-    h.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,23 +285,6 @@ mod tests {
         let d = decide(&c, 0, Some("solo.test"), client(), |_, _| false);
         assert_eq!(d, Decision::Reject(Reject::NoHolder));
     }
-
-    /// Nodes built by different toolchains must agree: these values are the
-    /// algorithm's, and may never change.
-    #[test]
-    fn rendezvous_scores_are_pinned() {
-        let v4: IpAddr = "192.0.2.7".parse().unwrap();
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        let v6: IpAddr = "2001:db8::1".parse().unwrap();
-        assert_eq!(rendezvous_score(v4, "edge-a"), PINNED[0]);
-        assert_eq!(rendezvous_score(mapped, "edge-a"), PINNED[0]);
-        assert_eq!(rendezvous_score(v4, "edge-b"), PINNED[1]);
-        assert_eq!(rendezvous_score(v6, "edge-a"), PINNED[2]);
-    }
-
-    // Computed independently of the crate, from the SipHash paper's
-    // reference algorithm (checked against its published vector).
-    const PINNED: [u64; 3] = [8078364907696529724, 543210705070796059, 8125288274471884935];
 
     #[test]
     fn rendezvous_is_stable_and_spreads() {

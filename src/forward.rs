@@ -4,46 +4,95 @@
 //! peeked bytes can be replayed to the next holder when one fails. The
 //! caller joins the two sockets (see [`crate::splice`]).
 
+use std::hash::Hasher;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+use siphasher::sip::SipHasher13;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 use crate::connect::{self, ConnectError};
 use crate::metrics::{CONNECT_FAILURES, FAILOVERS};
 use crate::peers::PeerHealth;
 use crate::splice;
 
+/// Orders holders by rendezvous hashing on the client address: each client
+/// sticks to one holder, clients spread evenly, and losing a holder moves
+/// only that holder's clients.
+pub fn rendezvous(config: &Config, mut holders: Vec<NodeId>, client: IpAddr) -> Vec<NodeId> {
+    holders
+        .sort_by_cached_key(|n| std::cmp::Reverse(rendezvous_score(client, &config.node(*n).name)));
+    holders
+}
+
+/// A holder's score for a client. Every node must compute the same number
+/// whatever toolchain built it, so the algorithm is spelled out (std's
+/// `DefaultHasher` promises no such thing): SipHash-1-3 with an all-zero
+/// key over the client address as 16 bytes (IPv4 as IPv4-mapped IPv6),
+/// then the node's name in UTF-8. A test pins it to known values.
+pub fn rendezvous_score(client: IpAddr, node: &str) -> u64 {
+    let client = match client {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let mut h = SipHasher13::new_with_keys(0, 0);
+    h.write(&client.octets());
+    h.write(node.as_bytes());
+    h.finish()
+}
+
 /// Enough for a server's first flight in one read; passed on at once.
 const FIRST_READ: usize = 16 * 1024;
+
+/// What a target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// A holder node's TLS or HTTP port.
+    Node,
+    /// A passthrough backend, with its own certificate.
+    Backend,
+    /// A held site's plaintext upstream.
+    Upstream,
+}
+
+impl TargetKind {
+    /// The metric label and log word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Node => "node",
+            TargetKind::Backend => "backend",
+            TargetKind::Upstream => "upstream",
+        }
+    }
+}
 
 /// Where to connect, and how metrics name it (a node or a site from the
 /// config: a closed set).
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
-    /// `node`, `backend` or `upstream`.
-    pub kind: &'static str,
+    pub kind: TargetKind,
     pub label: String,
 }
 
 impl Target {
     fn connected(&self, peers: &PeerHealth) {
-        if self.kind == "node" {
+        if self.kind == TargetKind::Node {
             peers.seen(&self.label);
         }
     }
 
     fn failed(&self, peers: &PeerHealth, error: &ForwardError) {
-        if self.kind == "node" {
+        if self.kind == TargetKind::Node {
             peers.failed(&self.label, &error.to_string());
         }
     }
 
     fn connect_failed(&self) {
-        metrics::counter!(CONNECT_FAILURES, "kind" => self.kind, "target" => self.label.clone())
+        let kind = self.kind.as_str();
+        metrics::counter!(CONNECT_FAILURES, "kind" => kind, "target" => self.label.clone())
             .increment(1);
     }
 }
@@ -236,4 +285,26 @@ async fn open_holder(
     first.truncate(n);
     first.shrink_to_fit();
     Ok((target, first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nodes built by different toolchains must agree: these values are the
+    /// algorithm's, and may never change.
+    #[test]
+    fn rendezvous_scores_are_pinned() {
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(rendezvous_score(v4, "edge-a"), PINNED[0]);
+        assert_eq!(rendezvous_score(mapped, "edge-a"), PINNED[0]);
+        assert_eq!(rendezvous_score(v4, "edge-b"), PINNED[1]);
+        assert_eq!(rendezvous_score(v6, "edge-a"), PINNED[2]);
+    }
+
+    // Computed independently of the crate, from the SipHash paper's
+    // reference algorithm (checked against its published vector).
+    const PINNED: [u64; 3] = [8078364907696529724, 543210705070796059, 8125288274471884935];
 }
