@@ -15,13 +15,13 @@
 //!              │
 //!              ├─ terminate: tls::terminate (rustls over the replayed hello,
 //!              │    certificate from certs::store, suite order from
-//!              │    tls::suites) -> upstream, splice::Copied
+//!              │    tls::suites) -> upstream, splice::StreamJoin
 //!              ├─ splice / passthrough: forward (connect with deadline,
-//!              │    failover) -> replay PROXY header + peeked bytes, splice::Joined
+//!              │    failover) -> replay PROXY header + peeked bytes, splice::TcpJoin
 //!              └─ reject: unrecognized_name alert, close
 //!
 //! Routing runs in the accept's task; a joined connection then lives in a
-//! small task of its own (tls::handler::Connected). A spliced pair quiet
+//! small task of its own (tls::handler::ConnectionTask). A spliced pair quiet
 //! for a second moves on to a splice::engine (Linux: an epoll set, no task
 //! per pair). None holds a buffer while idle.
 //!

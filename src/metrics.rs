@@ -7,6 +7,8 @@ use std::sync::{Arc, OnceLock};
 use ::metrics::{Counter, Gauge, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::tls::route::DecisionKind;
+
 pub const CONNECTIONS_ACCEPTED: &str = "sni_router_connections_accepted_total";
 pub const CONNECTIONS_FINISHED: &str = "sni_router_connections_finished_total";
 pub const CONNECTIONS_ACTIVE: &str = "sni_router_connections_active";
@@ -27,10 +29,6 @@ pub const CERT_EXPIRY: &str = "sni_router_certificate_expiry_timestamp_seconds";
 pub const CONFIG_RELOADS: &str = "sni_router_config_reloads_total";
 pub const CONFIG_DRIFT: &str = "sni_router_config_drift_total";
 
-/// The label for a name that is in no site: one fixed value, so strangers
-/// cannot add series.
-pub const UNKNOWN: &str = "unknown";
-
 /// Buckets for the latency histograms: a hello or a forwarded challenge
 /// takes milliseconds; the deadlines are seconds.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -38,7 +36,7 @@ const SECONDS_BUCKETS: &[f64] = &[
 ];
 
 /// The decisions a finished TLS-port connection is counted under.
-const DECISIONS: [&str; 4] = crate::tls::route::Decision::KINDS;
+const DECISIONS: [DecisionKind; 4] = DecisionKind::ALL;
 
 /// One listener's per-connection series, looked up once when it starts
 /// accepting. A labelled `counter!` builds its key, hashes it and takes the
@@ -66,9 +64,11 @@ impl ListenerMetrics {
     pub fn new(label: Arc<str>, tls: bool) -> Self {
         let outcomes = tls.then(|| Outcomes {
             finished: DECISIONS.map(|decision| {
+                let decision = decision.as_str();
                 ::metrics::counter!(CONNECTIONS_FINISHED, "listener" => label.clone(), "decision" => decision)
             }),
             bytes: DECISIONS.map(|decision| {
+                let decision = decision.as_str();
                 (
                     ::metrics::counter!(BYTES, "direction" => "up", "decision" => decision),
                     ::metrics::counter!(BYTES, "direction" => "down", "decision" => decision),
@@ -85,8 +85,9 @@ impl ListenerMetrics {
     }
 
     /// Counts a finished connection and the bytes it moved each way.
-    pub fn finished(&self, decision: &'static str, up: u64, down: u64) {
+    pub fn finished(&self, decision: DecisionKind, up: u64, down: u64) {
         let i = DECISIONS.iter().position(|d| *d == decision);
+        let decision = decision.as_str();
         let held = i.and_then(|i| {
             let outcomes = self.outcomes.as_ref()?;
             Some((outcomes.finished.get(i)?, outcomes.bytes.get(i)?))

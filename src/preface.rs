@@ -10,6 +10,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
+use crate::config::{Config, NodeId};
 use crate::limits::HelloSlots;
 use crate::proxy_protocol::{self, Decode, MAX_HEADER_LEN, ProxiedAddrs};
 
@@ -63,6 +66,32 @@ pub struct Preamble<T> {
     pub parsed: T,
     /// The message and anything the client sent after it, to replay verbatim.
     pub bytes: Vec<u8>,
+}
+
+/// Who a connection is between, as routing and logs see it; the same on
+/// both ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ends {
+    /// The original client: from a trusted PROXY header, else the socket peer.
+    pub client: SocketAddr,
+    /// What the client connected to: from the PROXY header, else our address.
+    pub destination: SocketAddr,
+    /// The node that spliced the connection here, if one did: a node
+    /// address **and** a PROXY header. A client on a node's host, with no
+    /// header, is an ordinary client. Such connections get the loop guard.
+    pub via_node: Option<NodeId>,
+}
+
+impl<T> Preamble<T> {
+    /// The connection's ends, given its socket's `peer` and `local` address.
+    pub fn ends(&self, config: &Config, peer: SocketAddr, local: SocketAddr) -> Ends {
+        let proxied = self.proxied;
+        Ends {
+            client: proxied.and_then(|p| p.source).unwrap_or(peer),
+            destination: proxied.and_then(|p| p.destination).unwrap_or(local),
+            via_node: proxied.and(config.node_at(peer.ip())),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

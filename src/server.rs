@@ -83,7 +83,6 @@ impl Handle {
             "config reloaded"
         );
         self.shared.live.store(Arc::new(live));
-        self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(CONFIG_RELOADS, "outcome" => "ok").increment(1);
         self.shared
             .reloaded

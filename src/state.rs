@@ -19,6 +19,7 @@ use crate::http::challenge::ChallengeStore;
 use crate::http::guard::ForwardGuard;
 use crate::limits::{HelloSlots, SourceGuard, SourceLimits};
 use crate::peers::PeerHealth;
+use crate::tls::route::DecisionKind;
 use crate::tls::terminate::{Contexts, Resumption};
 
 /// Counters the tests and the status page read; Prometheus metrics are
@@ -28,7 +29,6 @@ pub struct Stats {
     pub accepted: AtomicU64,
     pub finished: AtomicU64,
     pub rejected: AtomicU64,
-    pub reloads: AtomicU64,
     /// Held sites spliced to a peer for want of a valid certificate here.
     pub fallbacks: AtomicU64,
     /// Requests read on the HTTP port.
@@ -41,9 +41,9 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn finished(&self, decision: &str) {
+    pub fn finished(&self, decision: DecisionKind) {
         self.finished.fetch_add(1, Ordering::Relaxed);
-        if decision == "reject" {
+        if decision == DecisionKind::Reject {
             self.rejected.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 mod support;
 
 use sni_router::splice::engine::Engines;
-use sni_router::splice::{End, Joined, Joint, Mode, Quiet, Side, Transfer};
+use sni_router::splice::{Done, End, JoinEnd, Mode, Moved, QuietPair, Side, TcpJoin, Transfer};
 use support::segments_in;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -28,11 +28,11 @@ async fn joined(
     let finish = Box::new(move |transfer| {
         let _ = tx.send(transfer);
     });
-    let quiet = Quiet {
+    let quiet = QuietPair {
         client: accepted,
         target: outbound,
-        moved: (0, 0),
-        done: (false, false),
+        moved: Moved::default(),
+        done: Done::default(),
         quiet_for: Duration::ZERO,
         idle,
     };
@@ -213,7 +213,7 @@ async fn a_quiet_join_hands_over_and_the_engine_carries_on_counting() {
     let (mut client, accepted, outbound, mut backend) = sockets().await;
     let quiet = Duration::from_millis(200);
     let join =
-        Joined::new(accepted, outbound, Duration::from_secs(30), Mode::Splice).quiet_after(quiet);
+        TcpJoin::new(accepted, outbound, Duration::from_secs(30), Mode::Splice).quiet_after(quiet);
     let task = tokio::spawn(join);
     // A half-close before the hand-over must carry over too.
     client.write_all(b"before").await.unwrap();
@@ -221,11 +221,23 @@ async fn a_quiet_join_hands_over_and_the_engine_carries_on_counting() {
     let mut got = [0u8; 6];
     backend.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"before");
-    let Joint::Quiet(handed) = timeout(WAIT, task).await.unwrap().unwrap() else {
+    let JoinEnd::Quiet(handed) = timeout(WAIT, task).await.unwrap().unwrap() else {
         panic!("the join ended instead of going quiet");
     };
-    assert_eq!(handed.moved, (6, 0));
-    assert_eq!(handed.done, (true, false));
+    assert_eq!(
+        handed.moved,
+        Moved {
+            to_target: 6,
+            to_client: 0
+        }
+    );
+    assert_eq!(
+        handed.done,
+        Done {
+            up: true,
+            down: false
+        }
+    );
     assert!(handed.quiet_for >= quiet);
     let (tx, done) = oneshot::channel();
     let finish = Box::new(move |transfer| {
@@ -244,7 +256,7 @@ async fn a_quiet_join_hands_over_and_the_engine_carries_on_counting() {
 #[tokio::test]
 async fn a_busy_join_never_goes_quiet() {
     let (mut client, accepted, outbound, mut backend) = sockets().await;
-    let join = Joined::new(accepted, outbound, Duration::from_secs(30), Mode::Splice)
+    let join = TcpJoin::new(accepted, outbound, Duration::from_secs(30), Mode::Splice)
         .quiet_after(Duration::from_millis(300));
     let task = tokio::spawn(join);
     let gap = Duration::from_millis(100);
@@ -252,7 +264,7 @@ async fn a_busy_join_never_goes_quiet() {
     drop(client);
     drop(backend);
     let joint = timeout(WAIT, task).await.unwrap().unwrap();
-    assert!(matches!(joint, Joint::Ended(_)));
+    assert!(matches!(joint, JoinEnd::Ended(_)));
 }
 
 /// The task join's idle timer only notes the time while bytes move, and
@@ -262,11 +274,11 @@ async fn a_busy_join_never_goes_quiet() {
 async fn a_task_join_ends_idle_after_its_last_byte_not_its_first() {
     let (mut client, accepted, outbound, mut backend) = sockets().await;
     let idle = Duration::from_millis(300);
-    let task = tokio::spawn(Joined::new(accepted, outbound, idle, Mode::Splice));
+    let task = tokio::spawn(TcpJoin::new(accepted, outbound, idle, Mode::Splice));
     let gap = Duration::from_millis(100);
     trickle(&mut backend, &mut client, gap, || !task.is_finished()).await;
     let last_byte = tokio::time::Instant::now();
-    let Joint::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
+    let JoinEnd::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
         panic!("a join without a quiet time went quiet");
     };
     let waited = last_byte.elapsed();
@@ -289,7 +301,7 @@ async fn a_reply_and_its_fin_leave_in_one_segment() {
         backend.write_all(&reply).await.unwrap();
         backend.shutdown().await.unwrap();
         let before = segments_in(&client);
-        let task = tokio::spawn(Joined::new(
+        let task = tokio::spawn(TcpJoin::new(
             accepted,
             outbound,
             Duration::from_secs(30),
@@ -298,7 +310,7 @@ async fn a_reply_and_its_fin_leave_in_one_segment() {
         assert_eq!(read_to_end(&mut client).await, reply, "{mode:?}");
         assert_eq!(segments_in(&client) - before, 1, "{mode:?}");
         client.shutdown().await.unwrap();
-        let Joint::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
+        let JoinEnd::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
             panic!("{mode:?}: the join went quiet");
         };
         assert!(matches!(transfer.end, End::Closed), "{:?}", transfer.end);
@@ -321,7 +333,7 @@ async fn a_long_reply_read_ahead_before_its_fin_arrives_whole() {
                 backend
             })
         };
-        let task = tokio::spawn(Joined::new(
+        let task = tokio::spawn(TcpJoin::new(
             accepted,
             outbound,
             Duration::from_secs(30),
@@ -330,7 +342,7 @@ async fn a_long_reply_read_ahead_before_its_fin_arrives_whole() {
         assert!(read_to_end(&mut client).await == reply, "{mode:?}");
         drop(client);
         let _backend = timeout(WAIT, writer).await.unwrap().unwrap();
-        let Joint::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
+        let JoinEnd::Ended(transfer) = timeout(WAIT, task).await.unwrap().unwrap() else {
             panic!("{mode:?}: the join went quiet");
         };
         assert_eq!(transfer.to_client, 3 << 20, "{mode:?}");

@@ -277,7 +277,8 @@ impl Config {
 
     /// Whether `ip` is an address a node of the fleet connects from. Alone
     /// it says only who may send a PROXY header or a forwarding mark: a
-    /// client running on a node's host is an ordinary client.
+    /// client running on a node's host is an ordinary client (see
+    /// [`crate::preface::Ends::via_node`]).
     pub fn is_node_address(&self, ip: IpAddr) -> bool {
         self.node_addresses.contains_key(&canonical(ip))
     }
@@ -285,13 +286,6 @@ impl Config {
     /// The node that connects from `ip`, if any.
     pub fn node_at(&self, ip: IpAddr) -> Option<NodeId> {
         self.node_addresses.get(&canonical(ip)).copied()
-    }
-
-    /// Whether a connection was spliced here by a node: it comes from a
-    /// node address **and** began with a PROXY header. Only such
-    /// connections get the loop guard (never spliced onward).
-    pub fn spliced_by_node(&self, peer: IpAddr, proxied: bool) -> bool {
-        proxied && self.is_node_address(peer)
     }
 
     /// Whether `ip` may send a PROXY header.

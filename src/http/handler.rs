@@ -18,7 +18,7 @@ use crate::config::{Config, SiteId, SiteRoute};
 use crate::forward::{self, Target, TargetKind, Via};
 use crate::metrics::{HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
 use crate::peers::PeerHealth;
-use crate::preface::{self, PrefaceError};
+use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
 use crate::state::{Live, Shared};
 
@@ -124,18 +124,13 @@ async fn serve(
         Err(e) => return (None, None, head_failed(stream, e).await),
     };
     let head = &preamble.parsed;
-    let spliced_by_node = config.spliced_by_node(peer.ip(), preamble.proxied.is_some());
-    if spliced_by_node {
+    let ends = preamble.ends(config, peer, local);
+    if ends.via_node.is_some() {
         let digest = preamble.proxied.and_then(|p| p.digest);
         shared.peers.heard(config, peer.ip(), digest);
     } else if from_node && head.forwarded {
         shared.peers.heard(config, peer.ip(), head.forwarded_digest);
     }
-    let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
-    let destination = preamble
-        .proxied
-        .and_then(|p| p.destination)
-        .unwrap_or(local);
     let out = match route::decide(config, head) {
         HttpDecision::Challenge { token } => {
             let (result, answer) = challenge(shared, live, head, &token, from_node).await;
@@ -167,17 +162,8 @@ async fn serve(
             outcome("unknown_host", 404)
         }
         HttpDecision::Upstream { site } => {
-            let ends = (client, destination);
-            to_upstream(
-                config,
-                &shared.peers,
-                site,
-                stream,
-                spliced_by_node,
-                ends,
-                preamble.bytes,
-            )
-            .await
+            let peers = &shared.peers;
+            to_upstream(config, peers, site, stream, ends, preamble.bytes).await
         }
     };
     (head.host.clone(), Some(head.target.clone()), out)
@@ -288,8 +274,11 @@ async fn to_upstream(
     peers: &PeerHealth,
     site: SiteId,
     stream: &mut TcpStream,
-    spliced_by_node: bool,
-    (client, destination): (SocketAddr, SocketAddr),
+    Ends {
+        client,
+        destination,
+        via_node,
+    }: Ends,
     replay: Vec<u8>,
 ) -> Outcome {
     let SiteRoute::Held { upstream, .. } = &config.site(site).route else {
@@ -306,7 +295,7 @@ async fn to_upstream(
             label: config.site(site).label.clone(),
         };
         (vec![target], None, header)
-    } else if spliced_by_node {
+    } else if via_node.is_some() {
         respond(stream, 502, "", "config conflict: not a holder\n").await;
         return outcome("loop_guard", 502);
     } else {

@@ -29,7 +29,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
 use super::pipe::{self, Pipe};
-use super::{End, Quiet, Side, Transfer};
+use super::{End, QuietPair, Side, Transfer};
 
 /// Readiness events taken per `epoll_wait`.
 const EVENTS: usize = 256;
@@ -350,19 +350,19 @@ impl Engine {
 
     /// Takes over a quiet pair; `finish` is called when it ends, or at once
     /// if the sockets cannot be moved here.
-    pub fn adopt(&self, quiet: Quiet, finish: Finish) {
+    pub fn adopt(&self, quiet: QuietPair, finish: Finish) {
         let moved = quiet.moved;
         if let Err(e) = self.insert(quiet, finish) {
             let (finish, e) = *e;
             finish(Transfer {
-                to_target: moved.0,
-                to_client: moved.1,
+                to_target: moved.to_target,
+                to_client: moved.to_client,
                 end: End::Error(Side::Client, e),
             });
         }
     }
 
-    fn insert(&self, quiet: Quiet, finish: Finish) -> Result<(), Box<(Finish, io::Error)>> {
+    fn insert(&self, quiet: QuietPair, finish: Finish) -> Result<(), Box<(Finish, io::Error)>> {
         let (client, target) = match (quiet.client.into_std(), quiet.target.into_std()) {
             (Ok(client), Ok(target)) => (client, target),
             (Err(e), _) | (_, Err(e)) => return Err(Box::new((finish, e))),
@@ -393,8 +393,8 @@ impl Engine {
         let pair = entry.insert(Pair {
             client: socket(client, Side::Client),
             target: socket(target, Side::Target),
-            up: Flow::carried(quiet.moved.0, quiet.done.0),
-            down: Flow::carried(quiet.moved.1, quiet.done.1),
+            up: Flow::carried(quiet.moved.to_target, quiet.done.up),
+            down: Flow::carried(quiet.moved.to_client, quiet.done.down),
             last,
             idle,
             finish,

@@ -1,8 +1,8 @@
 //! The one place that joins two streams: both directions copied with
 //! half-close (one side's EOF shuts down the other side's write while the
 //! reverse direction keeps flowing), an idle timeout, and byte counts.
-//! [`Copied`] takes any streams (TLS terminated here; see [`streams`]);
-//! [`join_tcp`] and [`Joined`] take two sockets and move bytes without
+//! [`StreamJoin`] takes any streams (TLS terminated here; see [`streams`]);
+//! [`join_tcp`] and [`TcpJoin`] take two sockets and move bytes without
 //! copying them through user space (see [`tcp`]); on Linux an [`engine`]
 //! holds routed pairs without a task each.
 
@@ -13,8 +13,8 @@ mod pipe;
 mod streams;
 pub mod tcp;
 
-pub use streams::Copied;
-pub use tcp::{Joined, Joint, Mode, Quiet};
+pub use streams::StreamJoin;
+pub use tcp::{JoinEnd, Mode, QuietPair, TcpJoin};
 
 use std::io;
 use std::pin::Pin;
@@ -74,10 +74,23 @@ impl std::fmt::Display for End {
     }
 }
 
-/// Bytes a join has moved so far (client to target, and back), for a
-/// connection cut before its join ends.
-pub trait Moved {
-    fn moved(&self) -> (u64, u64);
+/// Bytes moved each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub to_target: u64,
+    pub to_client: u64,
+}
+
+/// What a join has moved so far, for a connection cut before its join ends.
+pub trait Progress {
+    fn moved(&self) -> Moved;
+}
+
+/// Which directions of a pair already reached EOF (and passed it on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Done {
+    pub up: bool,
+    pub down: bool,
 }
 
 #[derive(Debug)]
@@ -89,7 +102,7 @@ pub struct Transfer {
 }
 
 /// Joins two borrowed sockets; see [`tcp`] for how bytes move, and
-/// [`Joined`] for a pair that owns its sockets.
+/// [`TcpJoin`] for a pair that owns its sockets.
 pub async fn join_tcp(
     client: &TcpStream,
     target: &TcpStream,

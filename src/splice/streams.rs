@@ -134,7 +134,7 @@ pin_project_lite::pin_project! {
     /// Two streams copied into each other until both directions are done,
     /// one side fails, or nothing moves for `idle`. A plain future that owns
     /// its streams, so it can be a connection's whole task.
-    pub struct Copied<C, T> {
+    pub struct StreamJoin<C, T> {
         client: C,
         target: T,
         up: Direction,
@@ -143,7 +143,7 @@ pin_project_lite::pin_project! {
         deadline: super::IdleDeadline,
     }
 
-    impl<C, T> PinnedDrop for Copied<C, T> {
+    impl<C, T> PinnedDrop for StreamJoin<C, T> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             for dir in [this.up, this.down] {
@@ -155,9 +155,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<C, T> Copied<C, T> {
+impl<C, T> StreamJoin<C, T> {
     pub fn new(client: C, target: T, idle: Duration) -> Self {
-        Copied {
+        StreamJoin {
             client,
             target,
             up: Direction::new(Side::Client),
@@ -167,13 +167,16 @@ impl<C, T> Copied<C, T> {
     }
 }
 
-impl<C, T> super::Moved for Copied<C, T> {
-    fn moved(&self) -> (u64, u64) {
-        (self.up.moved, self.down.moved)
+impl<C, T> super::Progress for StreamJoin<C, T> {
+    fn moved(&self) -> super::Moved {
+        super::Moved {
+            to_target: self.up.moved,
+            to_client: self.down.moved,
+        }
     }
 }
 
-impl<C, T> Future for Copied<C, T>
+impl<C, T> Future for StreamJoin<C, T>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     T: AsyncRead + AsyncWrite + Unpin,

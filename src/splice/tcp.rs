@@ -291,8 +291,11 @@ impl State {
         }
     }
 
-    fn moved(&self) -> (u64, u64) {
-        (self.up.moved, self.down.moved)
+    fn moved(&self) -> super::Moved {
+        super::Moved {
+            to_target: self.up.moved,
+            to_client: self.down.moved,
+        }
     }
 
     fn poll(
@@ -341,8 +344,8 @@ pin_project_lite::pin_project! {
     /// A joined pair that owns its sockets: a future small enough (a few
     /// hundred bytes) to be a connection's whole task once routing is done.
     /// With a quiet time set, it hands its sockets back once nothing has
-    /// moved for that long and nothing waits to be written ([`Joint::Quiet`]).
-    pub struct Joined {
+    /// moved for that long and nothing waits to be written ([`JoinEnd::QuietPair`]).
+    pub struct TcpJoin {
         // Taken only when the pair goes quiet.
         sockets: Option<(TcpStream, TcpStream)>,
         #[pin]
@@ -350,64 +353,63 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// How a [`Joined`] pair left its task.
-pub enum Joint {
+/// How a [`TcpJoin`] pair left its task.
+pub enum JoinEnd {
     Ended(Transfer),
     /// Nothing moved for the quiet time: the sockets and what they carried.
-    Quiet(Quiet),
+    Quiet(QuietPair),
 }
 
 /// A quiet pair, handed on with everything needed to carry on joining it.
-pub struct Quiet {
+pub struct QuietPair {
     pub client: TcpStream,
     pub target: TcpStream,
-    /// Bytes moved so far, client to target and back.
-    pub moved: (u64, u64),
-    /// Which directions already reached EOF (and passed it on).
-    pub done: (bool, bool),
+    /// Bytes moved so far.
+    pub moved: super::Moved,
+    pub done: super::Done,
     /// How long nothing has moved.
     pub quiet_for: Duration,
     /// The pair's idle time, counted from its last byte.
     pub idle: Duration,
 }
 
-impl From<Transfer> for Joint {
-    fn from(transfer: Transfer) -> Joint {
-        Joint::Ended(transfer)
+impl From<Transfer> for JoinEnd {
+    fn from(transfer: Transfer) -> JoinEnd {
+        JoinEnd::Ended(transfer)
     }
 }
 
-impl Joined {
+impl TcpJoin {
     pub fn new(client: TcpStream, target: TcpStream, idle: Duration, mode: Mode) -> Self {
-        Joined {
+        TcpJoin {
             sockets: Some((client, target)),
             state: State::new(idle, mode),
         }
     }
 
-    /// Ends the join with [`Joint::Quiet`] after `quiet` without a byte.
+    /// Ends the join with [`JoinEnd::QuietPair`] after `quiet` without a byte.
     pub fn quiet_after(mut self, quiet: Duration) -> Self {
         self.state.deadline = self.state.deadline.with_quiet(quiet);
         self
     }
 }
 
-impl super::Moved for Joined {
-    fn moved(&self) -> (u64, u64) {
+impl super::Progress for TcpJoin {
+    fn moved(&self) -> super::Moved {
         self.state.moved()
     }
 }
 
-impl Future for Joined {
-    type Output = Joint;
+impl Future for TcpJoin {
+    type Output = JoinEnd;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Joint> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<JoinEnd> {
         let mut this = self.project();
         let Some((client, target)) = this.sockets.as_ref() else {
             return Poll::Pending;
         };
         if let Poll::Ready(transfer) = this.state.as_mut().poll(cx, client, target) {
-            return Poll::Ready(Joint::Ended(transfer));
+            return Poll::Ready(JoinEnd::Ended(transfer));
         }
         if !this.state.deadline.went_quiet {
             return Poll::Pending;
@@ -416,11 +418,14 @@ impl Future for Joined {
             return Poll::Pending;
         };
         let state = &*this.state;
-        Poll::Ready(Joint::Quiet(Quiet {
+        Poll::Ready(JoinEnd::Quiet(QuietPair {
             client,
             target,
             moved: state.moved(),
-            done: (state.up.done, state.down.done),
+            done: super::Done {
+                up: state.up.done,
+                down: state.down.done,
+            },
             quiet_for: state.deadline.last.elapsed(),
             idle: state.deadline.idle,
         }))

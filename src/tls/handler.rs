@@ -16,16 +16,17 @@ use tokio_rustls::server::TlsStream;
 
 use super::client_hello::{ClientHello, Invalid};
 use super::prefixed::Prefixed;
-use super::route::{self, Decision, Peer};
-use super::terminate::{self, Ends};
+use super::route::{self, Decision, DecisionKind, Peer, Reject};
+use super::terminate;
+use crate::config::{Config, NodeId, SiteId};
 use crate::forward::{self, ForwardError, Opened, Target, TargetKind, Via};
 use crate::metrics::{
     HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
     TERMINATE_FALLBACKS,
 };
-use crate::preface::{self, PrefaceError};
+use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
-use crate::splice::{Copied, Joined, Joint, Moved, Quiet, Transfer};
+use crate::splice::{JoinEnd, Moved, Progress, QuietPair, StreamJoin, TcpJoin, Transfer};
 use crate::state::{Admission, Live, Shared};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
@@ -37,7 +38,7 @@ struct Outcome {
     /// The original client, when a trusted PROXY header named one.
     client: Option<SocketAddr>,
     sni: Option<String>,
-    decision: &'static str,
+    decision: DecisionKind,
     /// How it ended, as a bounded label (`closed`, `unknown_name`, ...).
     kind: &'static str,
     /// The same, with detail for the log.
@@ -47,7 +48,7 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn new(decision: &'static str, kind: &'static str, detail: impl Into<String>) -> Self {
+    fn new(decision: DecisionKind, kind: &'static str, detail: impl Into<String>) -> Self {
         Outcome {
             client: None,
             sni: None,
@@ -59,7 +60,7 @@ impl Outcome {
         }
     }
 
-    fn joined(decision: &'static str, target: SocketAddr, transfer: Transfer) -> Self {
+    fn joined(decision: DecisionKind, target: SocketAddr, transfer: Transfer) -> Self {
         Outcome {
             kind: transfer.end.kind(),
             detail: transfer.end.to_string(),
@@ -88,25 +89,25 @@ pub struct Accepted {
 enum Routed {
     Done(Outcome),
     /// Both ends connected: join them in a task of their own.
-    Joining(Pair, Joining),
+    Joined(Join, Route),
 }
 
 /// The two ends of a routed connection.
 #[allow(clippy::large_enum_variant)]
-enum Pair {
+enum Join {
     /// Raw TCP to a backend or holder node.
-    Spliced(Joined),
+    Spliced(TcpJoin),
     /// TLS terminated here, plaintext to the upstream.
-    Terminated(Copied<TlsStream<Prefixed<TcpStream>>, TcpStream>),
+    Terminated(StreamJoin<TlsStream<Prefixed<TcpStream>>, TcpStream>),
 }
 
 /// What the log line needs of a joined connection besides its transfer.
-struct Joining {
-    decision: &'static str,
+struct Route {
+    decision: DecisionKind,
     client: SocketAddr,
     target: SocketAddr,
     /// Bytes replayed to the target and answered to the client while routing.
-    prefix: (u64, u64),
+    prefix: Moved,
     sni: Option<String>,
 }
 
@@ -137,19 +138,19 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
             }
             report.finish(outcome);
         }
-        Routed::Joining(pair, joining) => {
+        Routed::Joined(pair, route) => {
             let tasks = report.shared.tasks.clone();
             match pair {
-                Pair::Spliced(join) => {
-                    tasks.spawn(Connected {
+                Join::Spliced(join) => {
+                    tasks.spawn(ConnectionTask {
                         join,
-                        ending: Some((report, joining)),
+                        ending: Some((report, route)),
                     });
                 }
-                Pair::Terminated(join) => {
-                    tasks.spawn(Connected {
+                Join::Terminated(join) => {
+                    tasks.spawn(ConnectionTask {
                         join,
-                        ending: Some((report, joining)),
+                        ending: Some((report, route)),
                     });
                 }
             };
@@ -182,7 +183,7 @@ impl Report {
             .map_or((0, 0), |t| (t.to_target, t.to_client));
         shared.stats.finished(outcome.decision);
         listener.finished(outcome.decision, up, down);
-        if outcome.decision == "reject" {
+        if outcome.decision == DecisionKind::Reject {
             metrics::counter!(REJECTED, "reason" => outcome.kind).increment(1);
         }
         tracing::info!(
@@ -190,7 +191,7 @@ impl Report {
             client = %outcome.client.unwrap_or(*peer),
             via = %peer,
             sni = outcome.sni.as_deref().unwrap_or("-"),
-            decision = outcome.decision,
+            decision = outcome.decision.as_str(),
             target = %outcome.target.map_or_else(|| "-".to_string(), |t| t.to_string()),
             bytes_up = up,
             bytes_down = down,
@@ -205,42 +206,45 @@ pin_project_lite::pin_project! {
     /// A connection after routing: its whole task, the joined ends and what
     /// its log line needs, written as a plain future so nothing is stored
     /// twice.
-    struct Connected<J: Moved> {
+    struct ConnectionTask<J: Progress> {
         #[pin]
         join: J,
         // Taken when the join ends or hands its sockets on.
-        ending: Option<(Report, Joining)>,
+        ending: Option<(Report, Route)>,
     }
 
     // A task dropped before its join ended (the drain period ran out and
     // the runtime is going away) still logs and counts its connection.
-    impl<J: Moved> PinnedDrop for Connected<J> {
+    impl<J: Progress> PinnedDrop for ConnectionTask<J> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some((report, mut joining)) = this.ending.take() {
-                let (to_target, to_client) = this.join.moved();
-                let end = crate::splice::End::Drained;
-                let transfer = Transfer { to_target, to_client, end };
-                report.finish(joining.outcome(transfer));
+            if let Some((report, mut route)) = this.ending.take() {
+                let moved = this.join.moved();
+                let transfer = Transfer {
+                    to_target: moved.to_target,
+                    to_client: moved.to_client,
+                    end: crate::splice::End::Drained,
+                };
+                report.finish(route.outcome(transfer));
             }
         }
     }
 }
 
-impl<J> Future for Connected<J>
+impl<J> Future for ConnectionTask<J>
 where
-    J: Future + Moved,
-    J::Output: Into<Joint>,
+    J: Future + Progress,
+    J::Output: Into<JoinEnd>,
 {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
         let joint = std::task::ready!(this.join.poll(cx)).into();
-        if let Some((report, mut joining)) = this.ending.take() {
+        if let Some((report, mut route)) = this.ending.take() {
             match joint {
-                Joint::Ended(transfer) => report.finish(joining.outcome(transfer)),
-                Joint::Quiet(quiet) => hand_over(report, joining, quiet),
+                JoinEnd::Ended(transfer) => report.finish(route.outcome(transfer)),
+                JoinEnd::Quiet(quiet) => hand_over(report, route, quiet),
             }
         }
         Poll::Ready(())
@@ -256,7 +260,7 @@ const QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Hands a quiet pair to a splice engine; its log line is written when the
 /// engine ends it. The tracker token keeps the drain waiting meanwhile.
-fn hand_over(report: Report, mut joining: Joining, quiet: Quiet) {
+fn hand_over(report: Report, mut route: Route, quiet: QuietPair) {
     #[cfg(target_os = "linux")]
     if let Some(engine) = report.shared.engines.pick().cloned() {
         let token = report.shared.tasks.token();
@@ -264,7 +268,7 @@ fn hand_over(report: Report, mut joining: Joining, quiet: Quiet) {
         held.increment(1.0);
         let finish = move |transfer| {
             held.decrement(1.0);
-            report.finish(joining.outcome(transfer));
+            report.finish(route.outcome(transfer));
             drop(token);
         };
         engine.adopt(quiet, Box::new(finish));
@@ -272,18 +276,18 @@ fn hand_over(report: Report, mut joining: Joining, quiet: Quiet) {
     }
     // Only pairs with an engine to go to are ever quiet.
     let transfer = Transfer {
-        to_target: quiet.moved.0,
-        to_client: quiet.moved.1,
+        to_target: quiet.moved.to_target,
+        to_client: quiet.moved.to_client,
         end: crate::splice::End::Idle,
     };
-    report.finish(joining.outcome(transfer));
+    report.finish(route.outcome(transfer));
 }
 
-impl Joining {
+impl Route {
     /// The outcome of a joined connection, counting the routing prefix.
     fn outcome(&mut self, mut transfer: Transfer) -> Outcome {
-        transfer.to_target += self.prefix.0;
-        transfer.to_client += self.prefix.1;
+        transfer.to_target += self.prefix.to_target;
+        transfer.to_client += self.prefix.to_client;
         let mut outcome = Outcome::joined(self.decision, self.target, transfer);
         outcome.client = Some(self.client);
         outcome.sni = self.sni.take();
@@ -291,6 +295,8 @@ impl Joining {
     }
 }
 
+/// Reads the hello, decides, and acts on the decision: one function per
+/// decision below.
 async fn route_connection(
     shared: &Shared,
     live: &Live,
@@ -302,8 +308,7 @@ async fn route_connection(
 ) -> Routed {
     let config = &live.config;
     let allow_proxy = config.may_send_proxy(peer.ip());
-    let deadline = config.timeouts.hello;
-    let slots = &shared.hello_slots;
+    let (deadline, slots) = (config.timeouts.hello, &shared.hello_slots);
     let read =
         preface::read_in_slot::<ClientHello, _>(&mut stream, allow_proxy, deadline, slots).await;
     let preamble = match read {
@@ -311,175 +316,239 @@ async fn route_connection(
         Err(e) => return Routed::Done(hello_failed(e)),
     };
     metrics::histogram!(HELLO_SECONDS).record(accepted.elapsed().as_secs_f64());
-    let spliced_by_node = config.spliced_by_node(peer.ip(), preamble.proxied.is_some());
-    if spliced_by_node {
+    let ends = preamble.ends(config, peer, local);
+    if ends.via_node.is_some() {
         let digest = preamble.proxied.and_then(|p| p.digest);
         shared.peers.heard(config, peer.ip(), digest);
     }
-    // The original client: from a trusted PROXY header, else the socket peer.
-    let client = preamble.proxied.and_then(|p| p.source).unwrap_or(peer);
-    let destination = preamble
-        .proxied
-        .and_then(|p| p.destination)
-        .unwrap_or(local);
-    let sni = preamble.parsed.sni.clone();
-    if sni.is_none() {
+    let hello = &preamble.parsed;
+    if hello.sni.is_none() {
         metrics::counter!(HELLO_FAILURES, "reason" => "no_sni").increment(1);
     }
-    let decision = route::decide(
+    let decision = decide(shared, config, listener, hello, &ends);
+    let kind = decision.kind();
+    let at = Here {
+        shared,
+        live,
+        ends,
+        sni: hello.sni.clone(),
+        peer,
+    };
+    let chacha_first = hello.chacha_first;
+    let replay = preamble.bytes;
+    let joined = match decision {
+        Decision::Reject(reject) => Err(at.refuse(stream, reject).await),
+        Decision::Passthrough { site, backend } => {
+            at.pass_through(stream, site, backend, replay).await
+        }
+        Decision::Splice { site, holders } => {
+            at.splice_to_holders(stream, site, &holders, replay).await
+        }
+        Decision::Terminate { site } => at.terminate(stream, site, replay, chacha_first).await,
+    };
+    match joined {
+        Ok((join, target, prefix)) => Routed::Joined(
+            join,
+            Route {
+                decision: kind,
+                client: at.ends.client,
+                target,
+                prefix,
+                sni: at.sni,
+            },
+        ),
+        Err(mut outcome) => {
+            outcome.sni = at.sni;
+            outcome.client = Some(at.ends.client);
+            Routed::Done(outcome)
+        }
+    }
+}
+
+/// The pure decision, with whether this node can terminate a name now.
+fn decide(
+    shared: &Shared,
+    config: &Config,
+    listener: usize,
+    hello: &ClientHello,
+    ends: &Ends,
+) -> Decision {
+    let peer = Peer {
+        client: ends.client.ip(),
+        spliced_by_node: ends.via_node.is_some(),
+    };
+    route::decide(
         config,
         listener,
-        sni.as_deref(),
-        Peer {
-            client: client.ip(),
-            spliced_by_node,
-        },
+        hello.sni.as_deref(),
+        peer,
         |site, name| {
-            let name = preamble.parsed.sni.as_deref().or(Some(name));
+            let name = hello.sni.as_deref().or(Some(name));
             shared
                 .certs
                 .valid_for(&config.site(site).label, name, SystemTime::now())
                 .is_some()
         },
-    );
-    let idle = config.timeouts.idle;
-    // Raw TCP: join the client to the target that took the replayed bytes.
-    let spliced = |client, opened: Opened| {
+    )
+}
+
+/// What acting on a decision needs: where the connection stands.
+struct Here<'a> {
+    shared: &'a Shared,
+    live: &'a Live,
+    ends: Ends,
+    sni: Option<String>,
+    /// The socket's peer (a node or a trusted proxy, when one sent a header).
+    peer: SocketAddr,
+}
+
+/// Both ends connected: the join, the target, and the bytes replayed and
+/// answered while routing. Otherwise, how it ended.
+type Acted = Result<(Join, SocketAddr, Moved), Outcome>;
+
+impl Here<'_> {
+    /// An unknown name (or no SNI, or a loop): an alert for a client, a
+    /// silent close for a node, which then fails over to its next holder.
+    async fn refuse(&self, mut stream: TcpStream, reject: Reject) -> Outcome {
+        let spliced_by_node = self.ends.via_node.is_some();
+        if reject == Reject::LoopGuard {
+            tracing::warn!(
+                client = %self.ends.client, via = %self.peer,
+                sni = self.sni.as_deref().unwrap_or("-"),
+                "config conflict: a node spliced a name here that this node cannot terminate"
+            );
+        }
+        if self.sni.is_some() && !spliced_by_node {
+            let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+        }
+        Outcome::new(DecisionKind::Reject, reject.kind(), reject.kind())
+    }
+
+    /// Raw TLS to a backend with its own certificate.
+    async fn pass_through(
+        &self,
+        stream: TcpStream,
+        site: SiteId,
+        backend: SocketAddr,
+        replay: Vec<u8>,
+    ) -> Acted {
+        let config = &self.live.config;
+        let site = config.site(site);
+        let header = site
+            .proxy_protocol
+            .map(|v| proxy_protocol::encode(v, self.ends.client, self.ends.destination));
+        let target = Target {
+            addr: backend,
+            kind: TargetKind::Backend,
+            label: site.label.clone(),
+        };
+        let via = Via {
+            config,
+            peers: &self.shared.peers,
+            source: None,
+        };
+        match forward::to_first_reachable(via, &[target], header, replay).await {
+            Ok(opened) => Ok(self.spliced(stream, opened)),
+            Err(e) => Err(forward_failed(DecisionKind::Passthrough, e)),
+        }
+    }
+
+    /// Raw TLS to the first holder node that answers, in rendezvous order,
+    /// with a PROXY v2 header carrying the client and our fleet digest.
+    async fn splice_to_holders(
+        &self,
+        mut stream: TcpStream,
+        site: SiteId,
+        holders: &[NodeId],
+        replay: Vec<u8>,
+    ) -> Acted {
+        let config = &self.live.config;
+        if config.holds(site) {
+            self.shared.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            let label = config.site(site).label.clone();
+            metrics::counter!(TERMINATE_FALLBACKS, "site" => label.clone()).increment(1);
+            tracing::warn!(
+                site = %label, client = %self.ends.client,
+                "no valid certificate here for a held site: splicing to another holder"
+            );
+        }
+        let targets: Vec<Target> = holders
+            .iter()
+            .map(|h| Target {
+                addr: config.node(*h).tls,
+                kind: TargetKind::Node,
+                label: config.node(*h).name.clone(),
+            })
+            .collect();
+        let (client, destination) = (self.ends.client, self.ends.destination);
+        let header = proxy_protocol::encode_from_node(client, destination, config.digest);
+        // From this node's own address, so the holder knows a node.
+        let via = Via {
+            config,
+            peers: &self.shared.peers,
+            source: Some(config.this().tls.ip()),
+        };
+        match forward::to_holders(via, &mut stream, &targets, header, replay).await {
+            Ok(opened) => Ok(self.spliced(stream, opened)),
+            Err(e) => Err(forward_failed(DecisionKind::Splice, e)),
+        }
+    }
+
+    /// TLS ends here; the plaintext goes to the site's upstream.
+    async fn terminate(
+        &self,
+        stream: TcpStream,
+        site: SiteId,
+        replay: Vec<u8>,
+        chacha_first: bool,
+    ) -> Acted {
+        let config = &self.live.config;
+        let tls = &self.live.tls;
+        // Boxed: only terminated connections pay for the handshake state.
+        let serve = terminate::serve(config, tls, site, stream, replay, chacha_first, self.ends);
+        match Box::pin(serve).await {
+            Ok(done) => {
+                let join = StreamJoin::new(done.tls, done.upstream, config.timeouts.idle);
+                Ok((Join::Terminated(join), done.addr, Moved::default()))
+            }
+            Err(e) => {
+                if e.is_handshake() {
+                    metrics::counter!(HANDSHAKE_FAILURES, "reason" => e.kind()).increment(1);
+                }
+                let detail = format!("{}: {e}", e.kind());
+                Err(Outcome::new(DecisionKind::Terminate, e.kind(), detail))
+            }
+        }
+    }
+
+    /// Raw TCP: joins the client to the target that took the replayed bytes.
+    fn spliced(&self, client: TcpStream, opened: Opened) -> (Join, SocketAddr, Moved) {
+        let config = &self.live.config;
         let mode = forward::mode(config);
-        let mut join = Joined::new(client, opened.stream, idle, mode);
+        let mut join = TcpJoin::new(client, opened.stream, config.timeouts.idle, mode);
         #[cfg(target_os = "linux")]
-        if mode == crate::splice::Mode::Splice && shared.engines.available() {
+        if mode == crate::splice::Mode::Splice && self.shared.engines.available() {
             join = join.quiet_after(QUIET);
         }
-        let prefix = (opened.replayed, opened.answered);
-        (Pair::Spliced(join), opened.target, prefix)
-    };
-    let (decision, pair) = match decision {
-        Decision::Reject(reject) => {
-            if reject == route::Reject::LoopGuard {
-                tracing::warn!(
-                    client = %client, via = %peer, sni = sni.as_deref().unwrap_or("-"),
-                    "config conflict: a node spliced a name here that this node cannot terminate"
-                );
-            }
-            // A node that spliced to us learns of the refusal by a close
-            // with no reply, and fails over to its next holder.
-            if sni.is_some() && !spliced_by_node {
-                let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
-            }
-            let outcome = Outcome::new("reject", reject.kind(), reject.kind());
-            ("reject", Err(outcome))
-        }
-        Decision::Passthrough { site, backend } => {
-            let site = config.site(site);
-            let header = site
-                .proxy_protocol
-                .map(|v| proxy_protocol::encode(v, client, destination));
-            let target = Target {
-                addr: backend,
-                kind: TargetKind::Backend,
-                label: site.label.clone(),
-            };
-            let via = Via {
-                config,
-                peers: &shared.peers,
-                source: None,
-            };
-            let result = forward::to_first_reachable(via, &[target], header, preamble.bytes).await;
-            let pair = result.map(|opened| spliced(stream, opened));
-            (
-                "passthrough",
-                pair.map_err(|e| forward_failed("passthrough", e)),
-            )
-        }
-        Decision::Splice { site, holders } => {
-            if config.holds(site) {
-                shared.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-                let label = config.site(site).label.clone();
-                metrics::counter!(TERMINATE_FALLBACKS, "site" => label.clone()).increment(1);
-                tracing::warn!(
-                    site = %label, client = %client,
-                    "no valid certificate here for a held site: splicing to another holder"
-                );
-            }
-            let targets: Vec<Target> = holders
-                .iter()
-                .map(|h| Target {
-                    addr: config.node(*h).tls,
-                    kind: TargetKind::Node,
-                    label: config.node(*h).name.clone(),
-                })
-                .collect();
-            // Node-to-node splices always carry PROXY v2: the terminating
-            // node needs the client address, and the loop guard its source.
-            let header = proxy_protocol::encode_from_node(client, destination, config.digest);
-            let via = Via {
-                config,
-                peers: &shared.peers,
-                source: Some(config.this().tls.ip()),
-            };
-            let result =
-                forward::to_holders(via, &mut stream, &targets, header, preamble.bytes).await;
-            let pair = result.map(|opened| spliced(stream, opened));
-            ("splice", pair.map_err(|e| forward_failed("splice", e)))
-        }
-        Decision::Terminate { site } => {
-            let ends = Ends {
-                client,
-                destination,
-            };
-            // Boxed: only terminated connections pay for the handshake state.
-            let serve = Box::pin(terminate::serve(
-                config,
-                &live.tls,
-                site,
-                stream,
-                preamble.bytes,
-                preamble.parsed.chacha_first,
-                ends,
-            ));
-            let pair = match serve.await {
-                Ok(done) => {
-                    let join = Copied::new(done.tls, done.upstream, idle);
-                    Ok((Pair::Terminated(join), done.addr, (0, 0)))
-                }
-                Err(e) => {
-                    if e.is_handshake() {
-                        metrics::counter!(HANDSHAKE_FAILURES, "reason" => e.kind()).increment(1);
-                    }
-                    let detail = format!("{}: {e}", e.kind());
-                    Err(Outcome::new("terminate", e.kind(), detail))
-                }
-            };
-            ("terminate", pair)
-        }
-    };
-    match pair {
-        Ok((pair, target, prefix)) => Routed::Joining(
-            pair,
-            Joining {
-                decision,
-                client,
-                target,
-                prefix,
-                sni,
-            },
-        ),
-        Err(mut outcome) => {
-            outcome.sni = sni;
-            outcome.client = Some(client);
-            Routed::Done(outcome)
-        }
+        let prefix = Moved {
+            to_target: opened.replayed,
+            to_client: opened.answered,
+        };
+        (Join::Spliced(join), opened.target, prefix)
     }
 }
 
 fn hello_failed(e: PrefaceError<Invalid>) -> Outcome {
     let kind = e.kind(Invalid::kind);
     metrics::counter!(HELLO_FAILURES, "reason" => kind).increment(1);
-    Outcome::new("reject", kind, format!("{kind}: ClientHello {e}"))
+    Outcome::new(
+        DecisionKind::Reject,
+        kind,
+        format!("{kind}: ClientHello {e}"),
+    )
 }
 
-fn forward_failed(decision: &'static str, e: ForwardError) -> Outcome {
+fn forward_failed(decision: DecisionKind, e: ForwardError) -> Outcome {
     Outcome::new(decision, e.kind(), format!("{}: {e}", e.kind()))
 }
 
@@ -490,7 +559,7 @@ mod tests {
     /// active connection.
     #[test]
     fn a_spliced_connection_task_stays_small() {
-        let size = std::mem::size_of::<super::Connected<crate::splice::Joined>>();
+        let size = std::mem::size_of::<super::ConnectionTask<crate::splice::TcpJoin>>();
         // Debug builds lay it out 16 bytes larger than release.
         assert!(size <= 736, "a spliced connection grew to {size} bytes");
     }

@@ -38,27 +38,43 @@ pub enum Reject {
     LoopGuard,
 }
 
-impl Decision {
-    const TERMINATE: &'static str = "terminate";
-    const SPLICE: &'static str = "splice";
-    const PASSTHROUGH: &'static str = "passthrough";
-    const REJECT: &'static str = "reject";
+/// What kind of route a connection took: the `decision` label of logs and
+/// metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionKind {
+    Terminate,
+    Splice,
+    Passthrough,
+    Reject,
+}
 
-    /// Every value `kind` returns, so metrics can hold a series for each.
-    pub const KINDS: [&'static str; 4] = [
-        Self::TERMINATE,
-        Self::SPLICE,
-        Self::PASSTHROUGH,
-        Self::REJECT,
+impl DecisionKind {
+    /// Every kind, so metrics can hold a series for each; in this order,
+    /// `self as usize` indexes it.
+    pub const ALL: [DecisionKind; 4] = [
+        DecisionKind::Terminate,
+        DecisionKind::Splice,
+        DecisionKind::Passthrough,
+        DecisionKind::Reject,
     ];
 
-    /// A bounded label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Decision::Terminate { .. } => Self::TERMINATE,
-            Decision::Splice { .. } => Self::SPLICE,
-            Decision::Passthrough { .. } => Self::PASSTHROUGH,
-            Decision::Reject(_) => Self::REJECT,
+            DecisionKind::Terminate => "terminate",
+            DecisionKind::Splice => "splice",
+            DecisionKind::Passthrough => "passthrough",
+            DecisionKind::Reject => "reject",
+        }
+    }
+}
+
+impl Decision {
+    pub fn kind(&self) -> DecisionKind {
+        match self {
+            Decision::Terminate { .. } => DecisionKind::Terminate,
+            Decision::Splice { .. } => DecisionKind::Splice,
+            Decision::Passthrough { .. } => DecisionKind::Passthrough,
+            Decision::Reject(_) => DecisionKind::Reject,
         }
     }
 
@@ -88,8 +104,7 @@ impl Reject {
 pub struct Peer {
     /// The original client (from a trusted PROXY header, else the socket peer).
     pub client: IpAddr,
-    /// Spliced here by a node (a node address that sent a PROXY header);
-    /// see [`Config::spliced_by_node`].
+    /// Spliced here by a node; see [`crate::preface::Ends::via_node`].
     pub spliced_by_node: bool,
 }
 
@@ -231,7 +246,7 @@ mod tests {
         let c = config();
         let d = decide(&c, 0, Some("www.shared.test"), client(), |_, _| true);
         assert_eq!(d.site(), Some(SiteId(1)));
-        assert_eq!(d.kind(), "splice");
+        assert_eq!(d.kind(), DecisionKind::Splice);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Local TLS termination: one rustls context per held site, the handshake
 //! under a deadline over the replayed hello, then a connected upstream for
-//! the plaintext (the caller joins the two: see [`crate::splice::Copied`]).
+//! the plaintext (the caller joins the two: see [`crate::splice::StreamJoin`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ use super::suites;
 use crate::certs::store::{CertStore, SiteResolver};
 use crate::config::{Config, SiteId, SiteRoute};
 use crate::connect::{self, ConnectError};
+use crate::preface::Ends;
 use crate::proxy_protocol;
 
 /// Session cache entries shared by every site: enough for the resumption
@@ -177,13 +178,6 @@ impl TerminateError {
             TerminateError::Upstream(_) => "upstream_error",
         }
     }
-}
-
-/// Addresses of the connection being terminated.
-pub struct Ends {
-    /// The original client (from a node's PROXY header when spliced to us).
-    pub client: SocketAddr,
-    pub destination: SocketAddr,
 }
 
 /// A finished handshake and its connected upstream, ready to be joined.
