@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use instant_acme::CertificateIdentifier;
 
+use super::order::Step;
 use super::{AcmeError, Manager, causes, schedule};
 use crate::certs::disk::Loaded;
 use crate::config::Acme;
@@ -56,7 +57,7 @@ impl Manager {
             Ari::Window(window, retry_after, explanation) => {
                 // RFC 9773 asks that operators can see why a window moved.
                 if let Some(url) = explanation.filter(|_| Some(window) != known) {
-                    tracing::info!(site = label, step = "renewal_info", explanation = %url, "the CA explains its renewal window");
+                    tracing::info!(site = label, step = Step::RenewalInfo.as_str(), explanation = %url, "the CA explains its renewal window");
                 }
                 (Some(window), retry_after)
             }
@@ -67,7 +68,7 @@ impl Manager {
                 if window.is_some() && window != known {
                     tracing::warn!(
                         site = label,
-                        step = "renewal_info",
+                        step = Step::RenewalInfo.as_str(),
                         "the CA's renewal window ends after the certificate expires; renewing at a third of its lifetime left"
                     );
                 }
@@ -105,7 +106,7 @@ impl Manager {
         };
         tracing::info!(
             site = label,
-            step = "renewal_info",
+            step = Step::RenewalInfo.as_str(),
             next_renewal = %humantime::format_rfc3339_seconds(plan.renew),
             "{what}"
         );
@@ -135,12 +136,12 @@ impl Manager {
         let answer = match tokio::time::timeout(ASK_DEADLINE, asked).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
-                tracing::warn!(site = label, step = "renewal_info", error = %causes(&e), "cannot ask the CA for renewal information");
+                tracing::warn!(site = label, step = Step::RenewalInfo.as_str(), error = %causes(&e), "cannot ask the CA for renewal information");
                 return Ari::Failed;
             }
             Err(_) => {
                 self.unanswered.note();
-                tracing::warn!(site = label, step = "renewal_info", deadline = ?ASK_DEADLINE, "the CA did not answer in time; asking again later");
+                tracing::warn!(site = label, step = Step::RenewalInfo.as_str(), deadline = ?ASK_DEADLINE, "the CA did not answer in time; asking again later");
                 return Ari::Failed;
             }
         };
@@ -155,7 +156,7 @@ impl Manager {
             }
             Err(instant_acme::Error::Unsupported(_)) => Ari::Unsupported,
             Err(e) => {
-                tracing::warn!(site = label, step = "renewal_info", error = %causes(&e), "renewal information unavailable; asking again later");
+                tracing::warn!(site = label, step = Step::RenewalInfo.as_str(), error = %causes(&e), "renewal information unavailable; asking again later");
                 Ari::Failed
             }
         }

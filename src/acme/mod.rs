@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use instant_acme::{Account, CertificateIdentifier, ExternalAccountKey, NewAccount};
 
 use self::ari::certificate_id;
-use self::order::{OrderError, Request};
+use self::order::{OrderError, Request, Step};
 use self::site::{Hush, SiteState};
 pub use self::status::{Renewal, Window};
 use self::storage::{AccountFile, Meta, StorageError, Stored};
@@ -51,13 +51,13 @@ pub enum AcmeError {
 }
 
 impl AcmeError {
-    pub fn step(&self) -> &'static str {
+    pub fn step(&self) -> Step {
         match self {
-            AcmeError::Account(_) | AcmeError::OtherDirectory(..) => "account",
+            AcmeError::Account(_) | AcmeError::OtherDirectory(..) => Step::Account,
             AcmeError::Order(e) => e.step(),
-            AcmeError::Deadline(_) => "deadline",
-            AcmeError::Storage(_) => "storage",
-            AcmeError::Certificate(_) => "certificate",
+            AcmeError::Deadline(_) => Step::Deadline,
+            AcmeError::Storage(_) => Step::Storage,
+            AcmeError::Certificate(_) => Step::Certificate,
         }
     }
 }
@@ -129,6 +129,21 @@ impl Manager {
         if acme.shared_account {
             self.publish_thumbprint(acme);
         }
+        let labels = self.track(config, acme);
+        // Every stored certificate is live before the first wait on the CA.
+        self.work_due(acme, &labels).await;
+        self.publish_renewals();
+        self.sites
+            .values()
+            .flat_map(|s| [Some(s.next), s.recheck])
+            .flatten()
+            .min()
+    }
+
+    /// Follows the config: forgets sites no longer held here (and their
+    /// certificates), restores new ones and those whose names changed.
+    /// Returns the labels of the sites managed now.
+    fn track(&mut self, config: &Config, acme: &Acme) -> Vec<String> {
         let managed = config.acme_sites();
         let labels: Vec<String> = managed
             .iter()
@@ -150,17 +165,22 @@ impl Manager {
                 self.sites.insert(label, state);
             }
         }
-        // Every stored certificate is live before the first wait on the CA.
+        labels
+    }
+
+    /// Orders what is due and asks for renewal information where it is
+    /// due. After a request the CA left unanswered, the sites behind it
+    /// wait for that site's next try ([`Hush`]) instead of each waiting out
+    /// its own deadline.
+    async fn work_due(&mut self, acme: &Acme, labels: &[String]) {
         let mut hush: Option<Hush> = None;
         let mut deferred = 0;
         self.unanswered.take();
-        for label in &labels {
+        for label in labels {
             let now = SystemTime::now();
             let Some(state) = self.sites.get_mut(label) else {
                 continue;
             };
-            // A CA that left one site's request unanswered would leave the
-            // rest waiting out their deadlines one after another.
             if let Some(h) = &hush
                 && state.defer(now, h.until, h.orders)
             {
@@ -196,6 +216,10 @@ impl Manager {
                 "the CA left a request unanswered; {waiting} for this site's next try"
             );
         }
+    }
+
+    /// Each site's next renewal and the CA's window, for `/status`.
+    fn publish_renewals(&self) {
         if let Ok(mut renewals) = self.shared.renewals.lock() {
             *renewals = self
                 .sites
@@ -209,11 +233,6 @@ impl Manager {
                 })
                 .collect();
         }
-        self.sites
-            .values()
-            .flat_map(|s| [Some(s.next), s.recheck])
-            .flatten()
-            .min()
     }
 
     /// A stored certificate for the same identifiers goes live at once and
@@ -324,7 +343,7 @@ impl Manager {
                 state.failures += 1;
                 // A CA that refuses `replaces` (already replaced, say) gets
                 // a plain order next time.
-                if e.step() == "new_order" {
+                if e.step() == Step::NewOrder {
                     state.window = None;
                 }
                 let wait = schedule::backoff(
@@ -338,7 +357,7 @@ impl Manager {
                 state.next = schedule::after_failure(now, wait, asked);
                 tracing::error!(
                     site = label,
-                    step = e.step(),
+                    step = e.step().as_str(),
                     failures = state.failures,
                     retry_in = ?state.next.duration_since(now).unwrap_or_default(),
                     ca_retry_after = asked.map(humantime::format_rfc3339_seconds).map(tracing::field::display),
@@ -380,7 +399,7 @@ impl Manager {
         if let Err(e) = storage::save_site(&acme.state_dir, label, &stored) {
             tracing::error!(
                 site = label,
-                step = "storage",
+                step = Step::Storage.as_str(),
                 error = %e,
                 "certificate served but not stored; a restart orders it again"
             );
@@ -439,7 +458,7 @@ impl Manager {
                     terms_of_service_agreed: true,
                     only_return_existing: false,
                 };
-                tracing::info!(step = "new_account", directory = %acme.directory, "creating ACME account");
+                tracing::info!(step = Step::NewAccount.as_str(), directory = %acme.directory, "creating ACME account");
                 let (account, credentials) = builder
                     .create(&new, acme.directory.clone(), eab.as_ref())
                     .await

@@ -23,9 +23,9 @@ const POLL: RetryPolicy = RetryPolicy::new()
 #[derive(Debug, thiserror::Error)]
 pub enum OrderError {
     /// The CA's answer; a problem document's type and detail are in `source`.
-    #[error("{step}: {source}")]
+    #[error("{}: {source}", step.as_str())]
     Acme {
-        step: &'static str,
+        step: Step,
         source: instant_acme::Error,
     },
     #[error("no http-01 challenge offered for {0}")]
@@ -40,20 +40,60 @@ pub enum OrderError {
     Challenges(#[from] Full),
 }
 
-impl OrderError {
-    pub fn step(&self) -> &'static str {
+/// A step of obtaining a certificate, as logs name it (`step=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    NewAccount,
+    Account,
+    NewOrder,
+    Authorization,
+    Challenge,
+    SetReady,
+    PollReady,
+    Csr,
+    Finalize,
+    Certificate,
+    Deadline,
+    Storage,
+    Issued,
+    RenewalInfo,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
         match self {
-            OrderError::Acme { step, .. } => step,
-            OrderError::NoHttp01(_) | OrderError::Authorization(..) | OrderError::Challenges(_) => {
-                "challenge"
-            }
-            OrderError::Order(_) => "poll_ready",
-            OrderError::Csr(_) => "csr",
+            Step::NewAccount => "new_account",
+            Step::Account => "account",
+            Step::NewOrder => "new_order",
+            Step::Authorization => "authorization",
+            Step::Challenge => "challenge",
+            Step::SetReady => "set_ready",
+            Step::PollReady => "poll_ready",
+            Step::Csr => "csr",
+            Step::Finalize => "finalize",
+            Step::Certificate => "certificate",
+            Step::Deadline => "deadline",
+            Step::Storage => "storage",
+            Step::Issued => "issued",
+            Step::RenewalInfo => "renewal_info",
         }
     }
 }
 
-fn at(step: &'static str) -> impl FnOnce(instant_acme::Error) -> OrderError {
+impl OrderError {
+    pub fn step(&self) -> Step {
+        match self {
+            OrderError::Acme { step, .. } => *step,
+            OrderError::NoHttp01(_) | OrderError::Authorization(..) | OrderError::Challenges(_) => {
+                Step::Challenge
+            }
+            OrderError::Order(_) => Step::PollReady,
+            OrderError::Csr(_) => Step::Csr,
+        }
+    }
+}
+
+fn at(step: Step) -> impl FnOnce(instant_acme::Error) -> OrderError {
     move |source| OrderError::Acme { step, source }
 }
 
@@ -87,17 +127,17 @@ pub async fn obtain(
     if let Some(replaces) = request.replaces {
         new_order = new_order.replaces(replaces);
     }
-    tracing::info!(site, step = "new_order", identifiers = ?request.identifiers, replaces, "ACME order");
+    tracing::info!(site, step = Step::NewOrder.as_str(), identifiers = ?request.identifiers, replaces, "ACME order");
     let mut order = account
         .new_order(&new_order)
         .await
-        .map_err(at("new_order"))?;
+        .map_err(at(Step::NewOrder))?;
 
     let mut tokens = Vec::new();
     let result = async {
         let mut authorizations = order.authorizations();
         while let Some(authorization) = authorizations.next().await {
-            let mut authorization = authorization.map_err(at("authorization"))?;
+            let mut authorization = authorization.map_err(at(Step::Authorization))?;
             let name = authorization.identifier().to_string();
             match authorization.status {
                 AuthorizationStatus::Pending => {}
@@ -110,10 +150,10 @@ pub async fn obtain(
             let key_authorization = challenge.key_authorization();
             challenges.insert(&challenge.token, key_authorization.as_str(), TOKEN_TTL)?;
             tokens.push(challenge.token.clone());
-            tracing::info!(site, step = "challenge", identifier = %name, "HTTP-01 token in place, set ready");
-            challenge.set_ready().await.map_err(at("set_ready"))?;
+            tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, "HTTP-01 token in place, set ready");
+            challenge.set_ready().await.map_err(at(Step::SetReady))?;
         }
-        let status = order.poll_ready(&POLL).await.map_err(at("poll_ready"))?;
+        let status = order.poll_ready(&POLL).await.map_err(at(Step::PollReady))?;
         if status != OrderStatus::Ready {
             return Err(OrderError::Order(status));
         }
@@ -126,13 +166,21 @@ pub async fn obtain(
     result?;
 
     let (csr, key_pem) = csr(request.identifiers, request.key_type)?;
-    tracing::info!(site, step = "finalize", "ACME order ready, finalizing");
-    order.finalize_csr(&csr).await.map_err(at("finalize"))?;
+    tracing::info!(
+        site,
+        step = Step::Finalize.as_str(),
+        "ACME order ready, finalizing"
+    );
+    order.finalize_csr(&csr).await.map_err(at(Step::Finalize))?;
     let chain = order
         .poll_certificate(&POLL)
         .await
-        .map_err(at("certificate"))?;
-    tracing::info!(site, step = "issued", "ACME certificate issued");
+        .map_err(at(Step::Certificate))?;
+    tracing::info!(
+        site,
+        step = Step::Issued.as_str(),
+        "ACME certificate issued"
+    );
     Ok((chain, key_pem))
 }
 

@@ -108,133 +108,34 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         .enumerate()
         .map(|(i, n)| (n.name.as_str(), NodeId(i)))
         .collect();
-
-    let this_name = node.unwrap_or(&file.this_node);
-    let field = if node.is_some() {
-        "--node"
-    } else {
-        "this_node"
-    };
-    let this_node = node_ids.get(this_name).copied();
-    if this_node.is_none() {
-        let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-        b.problem(
-            field,
-            format!("{this_name:?} is not among [[nodes]] (known: {known:?})"),
-        );
-    }
-
+    let this_node = this_node(b, &nodes, &node_ids, node.ok_or(&file.this_node));
     let (sites, names, site_ids) = sites(b, &file.sites, &node_ids, &base_dir(source));
-    let site_ref = |b: &mut Builder, field: &str, raw: &str| -> Option<SiteId> {
-        let found = Pattern::parse(raw).and_then(|p| site_ids.get(&p).copied());
-        if found.is_none() {
-            b.problem(
-                field,
-                format!("{raw:?} is not a name of any [[sites]] entry"),
-            );
-        }
-        found
-    };
     let default_site = file
         .default_site
         .as_deref()
-        .and_then(|raw| site_ref(b, "default_site", raw));
-
+        .and_then(|raw| site_ref(b, &site_ids, "default_site", raw));
     let trusted_proxies = file
         .trusted_proxies
         .iter()
         .enumerate()
         .filter_map(|(i, raw)| b.ip(&format!("trusted_proxies[{i}]"), raw))
         .collect();
-
-    let t = &file.timeouts;
-    let d = Timeouts::default();
-    let timeouts = Timeouts {
-        hello: b.duration("timeouts.hello", t.hello.as_deref(), d.hello),
-        connect: b.duration("timeouts.connect", t.connect.as_deref(), d.connect),
-        idle: b.duration("timeouts.idle", t.idle.as_deref(), d.idle),
-        drain: b.duration("timeouts.drain", t.drain.as_deref(), d.drain),
-        handshake: b.duration("timeouts.handshake", t.handshake.as_deref(), d.handshake),
-        http_head: b.duration("timeouts.http_head", t.http_head.as_deref(), d.http_head),
-    };
-    let h = &file.http;
-    let http = Http {
-        webroot: h.webroot.as_ref().map(|w| base_dir(source).join(w)),
-        forward: h.forward.unwrap_or(true),
-        forward_timeout: b.duration(
-            "http.forward_timeout",
-            h.forward_timeout.as_deref(),
-            Duration::from_secs(2),
-        ),
-        forward_per_second: h.forward_per_second.unwrap_or(20),
-    };
+    let timeouts = timeouts(b, &file.timeouts);
+    let http = http(b, &file.http, source);
     let cert_poll = b.duration(
         "certs.poll",
         file.certs.poll.as_deref(),
         Duration::from_secs(5),
     );
-    let defaults = Limits::default();
-    let l = &file.limits;
-    let limits = Limits {
-        backlog: l.backlog.unwrap_or(defaults.backlog),
-        max_connections: l.max_connections.unwrap_or(defaults.max_connections),
-        max_pending_hellos: l.max_pending_hellos.unwrap_or(defaults.max_pending_hellos),
-        max_per_source: l.max_per_source.unwrap_or(defaults.max_per_source),
-        zero_copy: l.zero_copy.unwrap_or(defaults.zero_copy),
-    };
-    if limits.max_pending_hellos == 0 {
-        b.problem("limits.max_pending_hellos", "must be at least 1");
-    }
-    if limits.max_connections == 0 {
-        b.problem("limits.max_connections", "must be at least 1");
-    }
+    let limits = limits(b, &file.limits);
     if file.workers == Some(0) {
         b.problem("workers", "must be at least 1");
     }
-
     let acme = file.acme.as_ref().map(|a| acme(b, a, source));
-    let admin = file
-        .admin
-        .as_ref()
-        .and_then(|a| b.addr("admin.listen", &a.listen));
-    if let Some(admin) = admin.filter(|a| !a.ip().is_loopback()) {
-        b.warnings.push(Problem {
-            field: "admin.listen".into(),
-            message: format!(
-                "{admin} is not loopback: /metrics and /status will be reachable from the network"
-            ),
-        });
-    }
+    let admin = admin(b, &file);
     let this_node = this_node?;
-    let mut listeners = vec![Listener {
-        bind: nodes.get(this_node.0)?.tls_bind,
-        default_site: None,
-    }];
-    for (i, l) in file.listeners.iter().enumerate() {
-        let field = format!("listeners[{i}]");
-        if let Some(only) = &l.node {
-            match node_ids.get(only.as_str()) {
-                Some(id) if *id != this_node => continue,
-                Some(_) => {}
-                None => b.problem(format!("{field}.node"), format!("unknown node {only:?}")),
-            }
-        }
-        let bind = b.addr(&format!("{field}.bind"), &l.bind);
-        let default_site = l
-            .default_site
-            .as_deref()
-            .and_then(|raw| site_ref(b, &format!("{field}.default_site"), raw));
-        if let Some(bind) = bind {
-            if listeners.iter().any(|other| other.bind == bind) {
-                b.problem(
-                    format!("{field}.bind"),
-                    format!("{bind} is bound twice on this node"),
-                );
-            }
-            listeners.push(Listener { bind, default_site });
-        }
-    }
-
+    let tls_bind = nodes.get(this_node.0)?.tls_bind;
+    let listeners = listeners(b, &file, (this_node, tls_bind), &node_ids, &site_ids);
     Some(Config {
         digest: FleetDigest::default(),
         source: source.to_string(),
@@ -255,6 +156,145 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         admin,
         warnings: Vec::new(),
     })
+}
+
+/// Which node this is: `--node` (`Ok`) or the file's `this_node` (`Err`).
+fn this_node(
+    b: &mut Builder,
+    nodes: &[Node],
+    node_ids: &HashMap<&str, NodeId>,
+    chosen: Result<&str, &String>,
+) -> Option<NodeId> {
+    let (name, field) = match chosen {
+        Ok(name) => (name, "--node"),
+        Err(name) => (name.as_str(), "this_node"),
+    };
+    let found = node_ids.get(name).copied();
+    if found.is_none() {
+        let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        b.problem(
+            field,
+            format!("{name:?} is not among [[nodes]] (known: {known:?})"),
+        );
+    }
+    found
+}
+
+/// The site a `default_site` names, or a problem at `field`.
+fn site_ref(
+    b: &mut Builder,
+    site_ids: &HashMap<Pattern, SiteId>,
+    field: &str,
+    raw: &str,
+) -> Option<SiteId> {
+    let found = Pattern::parse(raw).and_then(|p| site_ids.get(&p).copied());
+    if found.is_none() {
+        b.problem(
+            field,
+            format!("{raw:?} is not a name of any [[sites]] entry"),
+        );
+    }
+    found
+}
+
+fn timeouts(b: &mut Builder, t: &super::file::FileTimeouts) -> Timeouts {
+    let d = Timeouts::default();
+    Timeouts {
+        hello: b.duration("timeouts.hello", t.hello.as_deref(), d.hello),
+        connect: b.duration("timeouts.connect", t.connect.as_deref(), d.connect),
+        idle: b.duration("timeouts.idle", t.idle.as_deref(), d.idle),
+        drain: b.duration("timeouts.drain", t.drain.as_deref(), d.drain),
+        handshake: b.duration("timeouts.handshake", t.handshake.as_deref(), d.handshake),
+        http_head: b.duration("timeouts.http_head", t.http_head.as_deref(), d.http_head),
+    }
+}
+
+fn http(b: &mut Builder, h: &super::file::FileHttp, source: &str) -> Http {
+    Http {
+        webroot: h.webroot.as_ref().map(|w| base_dir(source).join(w)),
+        forward: h.forward.unwrap_or(true),
+        forward_timeout: b.duration(
+            "http.forward_timeout",
+            h.forward_timeout.as_deref(),
+            Duration::from_secs(2),
+        ),
+        forward_per_second: h.forward_per_second.unwrap_or(20),
+    }
+}
+
+fn limits(b: &mut Builder, l: &super::file::FileLimits) -> Limits {
+    let defaults = Limits::default();
+    let limits = Limits {
+        backlog: l.backlog.unwrap_or(defaults.backlog),
+        max_connections: l.max_connections.unwrap_or(defaults.max_connections),
+        max_pending_hellos: l.max_pending_hellos.unwrap_or(defaults.max_pending_hellos),
+        max_per_source: l.max_per_source.unwrap_or(defaults.max_per_source),
+        zero_copy: l.zero_copy.unwrap_or(defaults.zero_copy),
+    };
+    if limits.max_pending_hellos == 0 {
+        b.problem("limits.max_pending_hellos", "must be at least 1");
+    }
+    if limits.max_connections == 0 {
+        b.problem("limits.max_connections", "must be at least 1");
+    }
+    limits
+}
+
+/// The admin address, with a warning when it is reachable from the network.
+fn admin(b: &mut Builder, file: &FileConfig) -> Option<SocketAddr> {
+    let admin = file
+        .admin
+        .as_ref()
+        .and_then(|a| b.addr("admin.listen", &a.listen));
+    if let Some(admin) = admin.filter(|a| !a.ip().is_loopback()) {
+        b.warnings.push(Problem {
+            field: "admin.listen".into(),
+            message: format!(
+                "{admin} is not loopback: /metrics and /status will be reachable from the network"
+            ),
+        });
+    }
+    admin
+}
+
+/// This node's TLS listeners: its own address first, then the extras meant
+/// for every node or for this one.
+fn listeners(
+    b: &mut Builder,
+    file: &FileConfig,
+    (this_node, tls_bind): (NodeId, SocketAddr),
+    node_ids: &HashMap<&str, NodeId>,
+    site_ids: &HashMap<Pattern, SiteId>,
+) -> Vec<Listener> {
+    let mut listeners = vec![Listener {
+        bind: tls_bind,
+        default_site: None,
+    }];
+    for (i, l) in file.listeners.iter().enumerate() {
+        let field = format!("listeners[{i}]");
+        if let Some(only) = &l.node {
+            match node_ids.get(only.as_str()) {
+                Some(id) if *id != this_node => continue,
+                Some(_) => {}
+                None => b.problem(format!("{field}.node"), format!("unknown node {only:?}")),
+            }
+        }
+        let bind = b.addr(&format!("{field}.bind"), &l.bind);
+        let default_site = l
+            .default_site
+            .as_deref()
+            .and_then(|raw| site_ref(b, site_ids, &format!("{field}.default_site"), raw));
+        if let Some(bind) = bind {
+            if listeners.iter().any(|other| other.bind == bind) {
+                b.problem(
+                    format!("{field}.bind"),
+                    format!("{bind} is bound twice on this node"),
+                );
+            }
+            listeners.push(Listener { bind, default_site });
+        }
+    }
+    listeners
 }
 
 /// Relative paths in a config file are relative to the file's directory.
@@ -413,6 +453,62 @@ fn sites(
     (sites, names, by_pattern)
 }
 
+/// A site its holders terminate: holders, upstream, certificate files, ALPN.
+fn held(
+    b: &mut Builder,
+    field: &str,
+    s: &FileSite,
+    node_ids: &HashMap<&str, NodeId>,
+    base: &Path,
+) -> Option<SiteRoute> {
+    let mut holders = Vec::new();
+    for (j, name) in s.held_by.iter().enumerate() {
+        match node_ids.get(name.as_str()) {
+            Some(id) if holders.contains(id) => b.problem(
+                format!("{field}.held_by[{j}]"),
+                format!("node {name:?} is listed twice"),
+            ),
+            Some(id) => holders.push(*id),
+            None => b.problem(
+                format!("{field}.held_by[{j}]"),
+                format!("unknown node {name:?}: not among [[nodes]]"),
+            ),
+        }
+    }
+    let upstream = match &s.upstream {
+        Some(raw) => b.addr(&format!("{field}.upstream"), raw),
+        None => {
+            b.problem(
+                format!("{field}.upstream"),
+                "a site with held_by needs an upstream (IP:port of the plaintext service)",
+            );
+            None
+        }
+    };
+    let cert_files = match (&s.cert_file, &s.key_file) {
+        (Some(cert), Some(key)) => Some(CertFiles {
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            b.problem(format!("{field}.key_file"), "cert_file needs a key_file");
+            None
+        }
+        (None, Some(_)) => {
+            b.problem(format!("{field}.cert_file"), "key_file needs a cert_file");
+            None
+        }
+    };
+    let alpn = alpn(b, field, s.alpn.as_deref());
+    Some(SiteRoute::Held {
+        holders,
+        upstream: upstream?,
+        cert_files,
+        alpn,
+    })
+}
+
 fn site_route(
     b: &mut Builder,
     field: &str,
@@ -435,54 +531,7 @@ fn site_route(
         }
     }
     match (s.held_by.is_empty(), &s.passthrough) {
-        (false, None) => {
-            let mut holders = Vec::new();
-            for (j, name) in s.held_by.iter().enumerate() {
-                match node_ids.get(name.as_str()) {
-                    Some(id) if holders.contains(id) => b.problem(
-                        format!("{field}.held_by[{j}]"),
-                        format!("node {name:?} is listed twice"),
-                    ),
-                    Some(id) => holders.push(*id),
-                    None => b.problem(
-                        format!("{field}.held_by[{j}]"),
-                        format!("unknown node {name:?}: not among [[nodes]]"),
-                    ),
-                }
-            }
-            let upstream = match &s.upstream {
-                Some(raw) => b.addr(&format!("{field}.upstream"), raw),
-                None => {
-                    b.problem(
-                        format!("{field}.upstream"),
-                        "a site with held_by needs an upstream (IP:port of the plaintext service)",
-                    );
-                    None
-                }
-            };
-            let cert_files = match (&s.cert_file, &s.key_file) {
-                (Some(cert), Some(key)) => Some(CertFiles {
-                    cert: base.join(cert),
-                    key: base.join(key),
-                }),
-                (None, None) => None,
-                (Some(_), None) => {
-                    b.problem(format!("{field}.key_file"), "cert_file needs a key_file");
-                    None
-                }
-                (None, Some(_)) => {
-                    b.problem(format!("{field}.cert_file"), "key_file needs a cert_file");
-                    None
-                }
-            };
-            let alpn = alpn(b, field, s.alpn.as_deref());
-            Some(SiteRoute::Held {
-                holders,
-                upstream: upstream?,
-                cert_files,
-                alpn,
-            })
-        }
+        (false, None) => held(b, field, s, node_ids, base),
         (true, Some(raw)) => {
             if s.upstream.is_some() {
                 b.problem(
