@@ -11,6 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -217,45 +218,22 @@ impl Server {
         } = self;
         // The recorder goes in before the first accept, so no count is lost.
         let admin = admin.map(|listener| (listener, crate::metrics::install()));
-        let live = handle.shared.live();
-        let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
-        let watcher = tokio::spawn(watch_certificates(handle.shared.clone(), certs));
-        let acme = tokio::spawn(acme.run());
-        let tracker = handle.shared.tasks.clone();
+        let background = [
+            tokio::spawn(watch_certificates(handle.shared.clone(), certs)),
+            tokio::spawn(acme.run()),
+        ];
         #[cfg(target_os = "linux")]
         handle.shared.engines.start();
-        let mut accept_loops = Vec::new();
-        let http = listeners.len().saturating_sub(1);
-        for (index, listener) in listeners.into_iter().enumerate() {
-            let addr = listener.local_addr().ok();
-            let label: Arc<str> = addr.map_or_else(|| "unknown".into(), |a| a.to_string().into());
-            let bound = addr.filter(|a| !a.ip().is_unspecified());
-            let port = if index == http {
-                Port::Http
-            } else {
-                Port::Tls(index)
-            };
-            let tls = matches!(port, Port::Tls(_));
-            let ctx = AcceptLoop {
-                bound,
-                metrics: Arc::new(crate::metrics::ListenerMetrics::new(label, tls)),
-                port,
-                listener,
-                handle: handle.clone(),
-                limit: limit.clone(),
-                tracker: tracker.clone(),
-            };
-            accept_loops.push(tokio::spawn(ctx.run()));
-        }
+        let accept_loops = start_accepting(&handle, listeners);
         handle.shared.ready.store(true, Ordering::Relaxed);
         // Served after `ready`, so the first /readyz answered is true. Peer
         // probes feed only the status page, so they run with it.
         let admin = admin.map(|(listener, metrics)| {
             let serve = crate::admin::serve(listener, handle.shared.clone(), metrics);
-            (
+            [
                 tokio::spawn(serve),
                 tokio::spawn(probe_peers(handle.shared.clone())),
-            )
+            ]
         });
         handle.shutdown.cancelled().await;
         handle.shared.ready.store(false, Ordering::Relaxed);
@@ -264,29 +242,62 @@ impl Server {
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
-        watcher.abort();
-        acme.abort();
-        if let Some((serve, probe)) = admin {
-            serve.abort();
-            probe.abort();
+        for task in background.iter().chain(admin.iter().flatten()) {
+            task.abort();
         }
-        tracker.close();
-        let drain = handle.shared.live().config.timeouts.drain;
-        tracing::info!(
-            in_flight = tracker.len(),
-            ?drain,
-            "shutting down: draining connections"
+        drain(&handle.shared).await;
+    }
+}
+
+/// One accept loop per listener: TLS listeners in `config.listeners`
+/// order, then the HTTP listener.
+fn start_accepting(handle: &Handle, listeners: Vec<TcpListener>) -> Vec<JoinHandle<()>> {
+    let live = handle.shared.live();
+    let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
+    let http = listeners.len().saturating_sub(1);
+    let mut accept_loops = Vec::new();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let addr = listener.local_addr().ok();
+        let label: Arc<str> = addr.map_or_else(|| "unknown".into(), |a| a.to_string().into());
+        let port = if index == http {
+            Port::Http
+        } else {
+            Port::Tls(index)
+        };
+        let tls = matches!(port, Port::Tls(_));
+        let ctx = AcceptLoop {
+            bound: addr.filter(|a| !a.ip().is_unspecified()),
+            metrics: Arc::new(crate::metrics::ListenerMetrics::new(label, tls)),
+            port,
+            listener,
+            handle: handle.clone(),
+            limit: limit.clone(),
+            tracker: handle.shared.tasks.clone(),
+        };
+        accept_loops.push(tokio::spawn(ctx.run()));
+    }
+    accept_loops
+}
+
+/// Waits up to `timeouts.drain` for the connections in flight; those still
+/// open then are cut, each logged and counted with `end=drain_deadline`:
+/// pairs in the splice engines here, tasks as the runtime drops them.
+async fn drain(shared: &Shared) {
+    let tracker = &shared.tasks;
+    tracker.close();
+    let drain = shared.live().config.timeouts.drain;
+    tracing::info!(
+        in_flight = tracker.len(),
+        ?drain,
+        "shutting down: draining connections"
+    );
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            left = tracker.len(),
+            "drain period over: closing remaining connections"
         );
-        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                left = tracker.len(),
-                "drain period over: closing remaining connections"
-            );
-            // Each is logged and counted with end=drain_deadline: pairs in
-            // the splice engines now, tasks as the runtime drops them.
-            #[cfg(target_os = "linux")]
-            handle.shared.engines.end_all();
-        }
+        #[cfg(target_os = "linux")]
+        shared.engines.end_all();
     }
 }
 
