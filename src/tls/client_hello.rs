@@ -9,8 +9,8 @@ use std::borrow::Cow;
 
 use tls_parser::{
     SNIType, TlsCipherEnc, TlsCipherEncMode, TlsCipherSuite, TlsCipherSuiteID, TlsExtension,
-    TlsExtensionType, TlsMessage, TlsMessageHandshake, parse_tls_extension_alpn_content,
-    parse_tls_extension_sni_content, parse_tls_extension_unknown, parse_tls_message_handshake,
+    TlsExtensionType, TlsMessage, TlsMessageHandshake, parse_tls_extension_sni_content,
+    parse_tls_extension_unknown, parse_tls_message_handshake,
 };
 
 /// Largest handshake message we reassemble. Real hellos, even with ML-KEM
@@ -37,8 +37,6 @@ const MAX_RECORD_LEN: usize = 16 * 1024;
 pub struct ClientHello {
     /// The server name, lowercased, trailing dot stripped; `None` without SNI.
     pub sni: Option<String>,
-    /// ALPN protocols offered, in client order.
-    pub alpn: Vec<Vec<u8>>,
     /// Bytes of the input that carry the hello (all its records).
     pub len: usize,
     /// Of the AEAD suites the client offers, it lists ChaCha20-Poly1305
@@ -85,9 +83,8 @@ impl Invalid {
 pub fn parse(buf: &[u8]) -> Parse {
     match reassemble(buf) {
         Ok(Some((handshake, len))) => match extract(&handshake) {
-            Ok((sni, alpn, chacha_first)) => Parse::Complete(ClientHello {
+            Ok((sni, chacha_first)) => Parse::Complete(ClientHello {
                 sni,
-                alpn,
                 len,
                 chacha_first,
             }),
@@ -192,7 +189,8 @@ fn join_prefix<'a>(fragments: &[&'a [u8]], len: usize) -> Cow<'a, [u8]> {
     Cow::Owned(joined)
 }
 
-type Extracted = (Option<String>, Vec<Vec<u8>>, bool);
+/// The SNI, and whether ChaCha20 comes before AES-GCM.
+type Extracted = (Option<String>, bool);
 
 /// Reads SNI, ALPN and the AEAD preference out of one complete ClientHello
 /// handshake message.
@@ -203,15 +201,14 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
     };
     let chacha_first = chacha_first(&hello.ciphers);
     let Some(ext) = hello.ext else {
-        return Ok((None, Vec::new(), chacha_first));
+        return Ok((None, chacha_first));
     };
-    // Only SNI and ALPN are ours to read. Every other extension (key shares,
+    // Only SNI is ours to read. Every other extension (ALPN, key shares,
     // groups, signature schemes) is the terminator's or the backend's
     // business: its framing is checked, its content is not parsed. That
     // halves the work per hello and lets through extensions newer than
     // tls-parser.
     let mut sni = None;
-    let mut alpn = Vec::new();
     let mut rest = ext;
     while !rest.is_empty() {
         let Ok((after, TlsExtension::Unknown(kind, data))) = parse_tls_extension_unknown(rest)
@@ -219,13 +216,10 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
             return Err(Invalid::Malformed);
         };
         rest = after;
-        let content = match kind {
-            TlsExtensionType::ServerName => parse_tls_extension_sni_content(data),
-            TlsExtensionType::ApplicationLayerProtocolNegotiation => {
-                parse_tls_extension_alpn_content(data)
-            }
-            _ => continue,
-        };
+        if kind != TlsExtensionType::ServerName {
+            continue;
+        }
+        let content = parse_tls_extension_sni_content(data);
         match content {
             Ok((_, TlsExtension::SNI(entries))) => {
                 let host = entries
@@ -236,13 +230,10 @@ fn extract(message: &[u8]) -> Result<Extracted, Invalid> {
                     sni = Some(crate::names::normalize_name(host).ok_or(Invalid::BadServerName)?);
                 }
             }
-            Ok((_, TlsExtension::ALPN(protocols))) => {
-                alpn = protocols.iter().map(|p| p.to_vec()).collect();
-            }
             _ => return Err(Invalid::Malformed),
         }
     }
-    Ok((sni, alpn, chacha_first))
+    Ok((sni, chacha_first))
 }
 
 /// Whether the first AEAD suite in the client's list is ChaCha20-Poly1305
@@ -303,10 +294,9 @@ mod tests {
     }
 
     #[test]
-    fn real_capture_yields_sni_and_alpn() {
+    fn real_capture_yields_sni() {
         let hello = complete(RUSTLS_HELLO);
         assert_eq!(hello.sni.as_deref(), Some("pass.test"));
-        assert_eq!(hello.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
         assert_eq!(hello.len, RUSTLS_HELLO.len());
         // rustls lists AES-256-GCM, AES-128-GCM, then ChaCha20.
         assert!(!hello.chacha_first);
@@ -334,7 +324,6 @@ mod tests {
             let split = split_records(RUSTLS_HELLO, n);
             let hello = complete(&split);
             assert_eq!(hello.sni, single.sni);
-            assert_eq!(hello.alpn, single.alpn);
             assert_eq!(hello.len, split.len());
             for end in 0..split.len() {
                 assert_eq!(
