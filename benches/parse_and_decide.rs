@@ -11,14 +11,7 @@ use sni_router::config::Config;
 use sni_router::tls::client_hello::parse;
 use sni_router::tls::route::{Peer, decide};
 
-const HELLO: &[u8] = include_bytes!("../tests/data/hello-rustls-mlkem.bin");
-
-fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
-    let body = &hello[5..];
-    body.chunks(body.len().div_ceil(n))
-        .flat_map(|part| [&hello[..3], &(part.len() as u16).to_be_bytes()[..], part].concat())
-        .collect()
-}
+use sni_router::test_helpers::{HELLO, split_records};
 
 /// A fleet of three nodes and `sites` sites, every other one with a wildcard.
 pub fn fleet(sites: usize) -> String {

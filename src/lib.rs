@@ -76,3 +76,5 @@ pub mod peers;
 pub mod admin;
 pub mod probe;
 pub mod notify;
+#[cfg(any(test, feature = "test-helpers"))]
+pub mod test_helpers;

@@ -1,4 +1,4 @@
-//! Command line: `run` (the default) and `check`.
+//! Command line: `run` (the default), `check` and `probe`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

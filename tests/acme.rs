@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use support::pebble::{Options, Pebble, held, wait_acme};
+use support::pebble::{Options, Pebble, wait_acme};
 use support::*;
 
 const NODES: [(&str, &str); 3] = [("a", "127.0.0.2"), ("b", "127.0.0.3"), ("c", "127.0.0.4")];
@@ -36,7 +36,7 @@ async fn holder_a(pebble: &Pebble, state: &Path, site: &str) -> String {
         "a",
         &addresses(pebble)[..1],
         &pebble.acme_section(state, ""),
-        &held(site, "\"a\""),
+        &held_site(&[site], &["a"], NOWHERE, ""),
     )
 }
 
@@ -50,8 +50,8 @@ async fn every_holder_gets_its_own_certificate_while_dns_points_elsewhere() {
     let nodes = addresses(&pebble);
     let sites = format!(
         "{}{}",
-        held("one.test", "\"a\""),
-        held("two.test", "\"b\", \"c\"")
+        held_site(&["one.test"], &["a"], NOWHERE, ""),
+        held_site(&["two.test"], &["b", "c"], NOWHERE, "")
     );
     pebble.add_a("one.test", "127.0.0.3").await;
     pebble.add_a("two.test", "127.0.0.2").await;
@@ -145,7 +145,7 @@ async fn short_lived_certificates_renew_before_expiry() {
                 name,
                 &nodes,
                 &top,
-                &held("short.test", "\"a\", \"b\""),
+                &held_site(&["short.test"], &["a", "b"], NOWHERE, ""),
             ))
             .await,
         );
@@ -221,8 +221,11 @@ async fn a_down_or_refusing_ca_backs_off_while_peers_serve() {
     ] {
         let nodes = addresses(pebble);
         // a manages down.test by ACME; b holds it too, from files.
-        let site_a = held("down.test", "\"a\", \"b\"");
-        let site_b = format!("{}{peer_files}", held("down.test", "\"a\", \"b\""));
+        let site_a = held_site(&["down.test"], &["a", "b"], NOWHERE, "");
+        let site_b = format!(
+            "{}{peer_files}",
+            held_site(&["down.test"], &["a", "b"], NOWHERE, "")
+        );
         let state = tempfile::tempdir().unwrap();
         let a = Router::start(&fleet_toml_http(
             "a",
@@ -274,7 +277,11 @@ async fn a_shared_account_issues_without_forwarding() {
         sni_router::acme::storage::save_account(&dir.path().join(name), &file).unwrap();
     }
     let nodes = addresses(&pebble);
-    let sites = format!("{}{}", held("sa.test", "\"a\""), held("sb.test", "\"b\""));
+    let sites = format!(
+        "{}{}",
+        held_site(&["sa.test"], &["a"], NOWHERE, ""),
+        held_site(&["sb.test"], &["b"], NOWHERE, "")
+    );
     pebble.add_a("sa.test", "127.0.0.3").await;
     pebble.add_a("sb.test", "127.0.0.4").await;
     let mut routers = Vec::new();
@@ -404,7 +411,7 @@ async fn a_ca_that_asks_to_retry_later_is_not_asked_sooner() {
         "a",
         &[("a", node)],
         &acme,
-        &held("later.test", "\"a\""),
+        &held_site(&["later.test"], &["a"], NOWHERE, ""),
     ))
     .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -430,7 +437,7 @@ async fn without_ca_file_the_systems_roots_verify_the_ca() {
         "a",
         &nodes[..1],
         &pebble.acme_section_trusting_the_system(&state, ""),
-        &held("system.test", "\"a\""),
+        &held_site(&["system.test"], &["a"], NOWHERE, ""),
     );
     std::fs::write(&config, toml).unwrap();
     // Not trusted yet: the log says why, not just "client error (Connect)".
@@ -476,8 +483,8 @@ async fn a_silent_ca_costs_one_deadline_not_one_per_site() {
     let nodes = [("a", free_addr("127.0.0.2"), free_addr("127.0.0.2"))];
     let sites = format!(
         "{}{}",
-        held("one.silent.test", "\"a\""),
-        held("two.silent.test", "\"a\"")
+        held_site(&["one.silent.test"], &["a"], NOWHERE, ""),
+        held_site(&["two.silent.test"], &["a"], NOWHERE, "")
     );
     let started = Instant::now();
     let a = Router::start(&fleet_toml_http("a", &nodes, &top, &sites)).await;

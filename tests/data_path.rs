@@ -12,10 +12,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn passthrough_site(name: &str, backend: SocketAddr) -> String {
-    format!("[[sites]]\nnames = [\"{name}\"]\npassthrough = \"{backend}\"\n")
-}
-
 /// One router node at 127.0.0.2 passing `pass.test` through to `backend`.
 async fn single_node(backend: SocketAddr, top: &str, rest: &str) -> Router {
     let node = free_addr("127.0.0.2");
@@ -113,18 +109,6 @@ async fn one_byte_segments_arrive_untouched() {
     let seen = backend.wait_for(1).await;
     let want = [HELLO, b"after the hello"].concat();
     assert_eq!(seen[0].bytes, want);
-}
-
-/// Re-frames the captured single-record hello into `n` TLS records.
-fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
-    let body = &hello[5..];
-    let mut out = Vec::new();
-    for part in body.chunks(body.len().div_ceil(n)) {
-        out.extend_from_slice(&hello[..3]);
-        out.extend_from_slice(&(part.len() as u16).to_be_bytes());
-        out.extend_from_slice(part);
-    }
-    out
 }
 
 #[tokio::test]

@@ -34,17 +34,19 @@ async fn fleet(
     (routers, dir)
 }
 
-fn site(names: &str, holders: &str) -> String {
-    format!("[[sites]]\nnames = [{names}]\nheld_by = [{holders}]\nupstream = \"127.0.0.1:9\"\n")
-}
-
 fn challenge_path(token: &str) -> String {
     format!("/.well-known/acme-challenge/{token}")
 }
 
 #[tokio::test]
 async fn a_token_held_by_one_node_is_answered_through_every_node() {
-    let (routers, _dir) = fleet(|_, _| (String::new(), site("\"acme.test\"", "\"b\""))).await;
+    let (routers, _dir) = fleet(|_, _| {
+        (
+            String::new(),
+            held_site(&["acme.test"], &["b"], NOWHERE, ""),
+        )
+    })
+    .await;
     routers[1]
         .handle
         .shared
@@ -87,7 +89,10 @@ async fn a_token_in_one_nodes_webroot_is_answered_through_every_node() {
         } else {
             String::new()
         };
-        (top, site("\"web.test\", \"*.web.test\"", "\"a\", \"c\""))
+        (
+            top,
+            held_site(&["web.test", "*.web.test"], &["a", "c"], NOWHERE, ""),
+        )
     })
     .await;
     let challenges = dir.path().join("webroot/.well-known/acme-challenge");
@@ -108,11 +113,14 @@ async fn a_missing_token_is_a_quick_404_and_conflicting_holders_forward_once() {
     // Each node believes the next one holds the name: a -> b -> c -> a.
     let (routers, _dir) = fleet(|node, _| {
         let holder = match node {
-            "a" => "\"b\"",
-            "b" => "\"c\"",
-            _ => "\"a\"",
+            "a" => "b",
+            "b" => "c",
+            _ => "a",
         };
-        (String::new(), site("\"loop.test\"", holder))
+        (
+            String::new(),
+            held_site(&["loop.test"], &[holder], NOWHERE, ""),
+        )
     })
     .await;
     let started = Instant::now();
@@ -144,7 +152,7 @@ async fn the_forwarded_mark_counts_only_from_nodes_and_forwarding_is_rate_limite
     let (routers, _dir) = fleet(|_, _| {
         (
             "[http]\nforward_per_second = 5".to_string(),
-            site("\"busy.test\"", "\"b\""),
+            held_site(&["busy.test"], &["b"], NOWHERE, ""),
         )
     })
     .await;
@@ -197,7 +205,7 @@ async fn stateless_mode_answers_any_token_for_configured_names() {
     let (routers, _dir) = fleet(|_, _| {
         (
             "[http]\nforward = false".into(),
-            site("\"same.test\"", "\"a\", \"b\""),
+            held_site(&["same.test"], &["a", "b"], NOWHERE, ""),
         )
     })
     .await;
@@ -229,8 +237,13 @@ async fn stateless_mode_answers_any_token_for_configured_names() {
 
 #[tokio::test]
 async fn other_requests_redirect_with_path_and_query_kept() {
-    let (routers, _dir) =
-        fleet(|_, _| (String::new(), site("\"www.test\", \"*.www.test\"", "\"a\""))).await;
+    let (routers, _dir) = fleet(|_, _| {
+        (
+            String::new(),
+            held_site(&["www.test", "*.www.test"], &["a"], NOWHERE, ""),
+        )
+    })
+    .await;
     let (status, head, _) = http_get(
         routers[1].http_addr(),
         "Deep.WWW.test:80",
@@ -264,7 +277,7 @@ async fn bad_tokens_never_read_a_file() {
     let (routers, dir) = fleet(|_, dir| {
         (
             format!("[http]\nwebroot = \"{}\"", dir.join("webroot").display()),
-            site("\"www.test\"", "\"a\""),
+            held_site(&["www.test"], &["a"], NOWHERE, ""),
         )
     })
     .await;
@@ -292,7 +305,7 @@ async fn slow_malformed_and_oversized_heads_are_cut_off() {
     let (routers, _dir) = fleet(|_, _| {
         (
             "[timeouts]\nhttp_head = \"300ms\"".into(),
-            site("\"www.test\"", "\"a\""),
+            held_site(&["www.test"], &["a"], NOWHERE, ""),
         )
     })
     .await;

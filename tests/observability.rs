@@ -17,13 +17,6 @@ async fn scrape(admin: SocketAddr) -> String {
     body
 }
 
-/// Sample lines for `metric`, without help and type lines.
-fn series<'a>(body: &'a str, metric: &str) -> Vec<&'a str> {
-    body.lines()
-        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
-        .collect()
-}
-
 #[tokio::test]
 async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     let backend = Backend::recorder("127.0.0.1").await;
@@ -119,9 +112,10 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
         201.0
     );
     assert!(
-        series(&after_body, "sni_router_")
+        samples(&after_body)
             .iter()
-            .all(|l| !l.contains(".x\""))
+            .flat_map(|s| &s.labels)
+            .all(|(_, value)| !value.ends_with(".x"))
     );
 
     // A spliced connection quiet for a second moves to the splice engine,

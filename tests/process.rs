@@ -12,10 +12,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn site(name: &str, backend: SocketAddr) -> String {
-    format!("[[sites]]\nnames = [\"{name}\"]\npassthrough = \"{backend}\"\n")
-}
-
 /// Sends `chunk` and reads its echo: proves the stream is alive and in order.
 async fn echo_round(stream: &mut TcpStream, chunk: &[u8]) {
     stream.write_all(chunk).await.unwrap();
@@ -34,7 +30,12 @@ fn check_prints_the_route_table() {
     let node = free_addr("127.0.0.2");
     std::fs::write(
         &config,
-        fleet_toml("a", &[("a", node)], "", &site("pass.test", node)),
+        fleet_toml(
+            "a",
+            &[("a", node)],
+            "",
+            &passthrough_site("pass.test", node),
+        ),
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -100,7 +101,7 @@ async fn sighup_reloads_while_a_connection_streams() {
     let nodes = [("a", node)];
     std::fs::write(
         &config,
-        fleet_toml("a", &nodes, "", &site("pass.test", echo.addr)),
+        fleet_toml("a", &nodes, "", &passthrough_site("pass.test", echo.addr)),
     )
     .unwrap();
     let router = Process::start(&config, dir.path());
@@ -113,8 +114,8 @@ async fn sighup_reloads_while_a_connection_streams() {
     // A new site appears: new connections see it, the live one is untouched.
     let both = format!(
         "{}{}",
-        site("pass.test", echo.addr),
-        site("next.test", fresh.addr)
+        passthrough_site("pass.test", echo.addr),
+        passthrough_site("next.test", fresh.addr)
     );
     std::fs::write(&config, fleet_toml("a", &nodes, "", &both)).unwrap();
     router.signal("HUP");
@@ -161,7 +162,7 @@ async fn echo_node(drain: &str) -> (tempfile::TempDir, Process, SocketAddr) {
         "a",
         &[("a", node)],
         &format!("[timeouts]\ndrain = \"{drain}\""),
-        &site("pass.test", echo.addr),
+        &passthrough_site("pass.test", echo.addr),
     );
     std::fs::write(&config, text).unwrap();
     let router = Process::start(&config, dir.path());
@@ -201,7 +202,12 @@ async fn systemd_hears_ready_once_it_accepts_and_stopping_at_the_drain() {
     let systemd = tokio::net::UnixDatagram::bind(&socket).unwrap();
     let config = dir.path().join("router.toml");
     let node = free_addr("127.0.0.2");
-    let text = fleet_toml("a", &[("a", node)], "", &site("pass.test", node));
+    let text = fleet_toml(
+        "a",
+        &[("a", node)],
+        "",
+        &passthrough_site("pass.test", node),
+    );
     std::fs::write(&config, text).unwrap();
     let mut router = Process::start_with_env(&config, dir.path(), &[("NOTIFY_SOCKET", &socket)]);
     let mut buf = [0u8; 256];

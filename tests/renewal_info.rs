@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::pebble::{Options, Pebble, held, wait_acme};
+use support::pebble::{Options, Pebble, wait_acme};
 use support::process::{Process, wait_listening};
 use support::*;
 
@@ -36,7 +36,7 @@ async fn the_cas_window_sets_the_renewal_and_shows_in_status() {
         "a",
         &nodes,
         &pebble.acme_section(dir.path(), ""),
-        &held("window.test", "\"a\""),
+        &held_site(&["window.test"], &["a"], NOWHERE, ""),
     ))
     .await;
     let leaf = wait_acme(&router, "window.test", None).await;
@@ -111,7 +111,7 @@ impl Holder {
         let mut held_sites = String::new();
         for site in sites {
             pebble.add_a(site, "127.0.0.2").await;
-            held_sites.push_str(&held(site, "\"a\""));
+            held_sites.push_str(&held_site(&[site], &["a"], NOWHERE, ""));
         }
         let admin = free_addr("127.0.0.1");
         let top = pebble.acme_section(&state, &format!("[admin]\nlisten = \"{admin}\"\n"));

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::container::{Container, proc_status, root};
-use support::pebble::{Options, Pebble, held};
+use support::pebble::{Options, Pebble};
 use support::process::{BIN, Process, wait_listening};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -166,7 +166,7 @@ async fn the_units_system_call_filter_allows_every_call_the_router_makes() {
     let sites = format!(
         "{}[[sites]]\nnames = [\"files.unit.test\"]\nheld_by = [\"a\"]\nupstream = \"{}\"\n{files}\
          [[sites]]\nnames = [\"pass.test\"]\npassthrough = \"{}\"\n",
-        held("acme.unit.test", "\"a\""),
+        held_site(&["acme.unit.test"], &["a"], NOWHERE, ""),
         upstream.addr,
         passthrough.addr,
     );
@@ -360,7 +360,7 @@ async fn the_unit_runs_the_router_under_systemd() {
          cert_file = \"/etc/sni-router/files.crt\"\nkey_file = \"/etc/sni-router/files.key\"\n\
          {}",
         upstream.addr,
-        held("acme.unit.test", "\"a\""),
+        held_site(&["acme.unit.test"], &["a"], NOWHERE, ""),
     );
     let config = conf.join("sni-router.toml");
     std::fs::write(&config, &good).unwrap();

@@ -52,12 +52,6 @@ async fn fetch(router: SocketAddr, ca: &TestCa, name: &str) -> (Vec<u8>, String,
     (leaf, body, local)
 }
 
-fn held(names: &str, holders: &str, upstream: SocketAddr, more: &str) -> String {
-    format!(
-        "[[sites]]\nnames = [{names}]\nheld_by = [{holders}]\nupstream = \"{upstream}\"\n{more}"
-    )
-}
-
 #[tokio::test]
 async fn a_name_held_by_one_node_is_terminated_there_whichever_node_is_reached() {
     let ca = TestCa::new();
@@ -70,9 +64,9 @@ async fn a_name_held_by_one_node_is_terminated_there_whichever_node_is_reached()
         } else {
             String::new()
         };
-        held(
-            "\"solo.test\"",
-            "\"b\"",
+        held_site(
+            &["solo.test"],
+            &["b"],
             upstream.addr,
             &format!("proxy_protocol = \"v1\"\n{files}"),
         )
@@ -103,9 +97,9 @@ async fn a_shared_name_is_terminated_by_the_node_reached() {
     let fleet = fleet("", |node, dir| {
         let i = NAMES.iter().position(|n| *n == node).unwrap();
         let files = leaves[i].write(dir, node);
-        held(
-            "\"shared.test\", \"*.shared.test\"",
-            "\"a\", \"b\", \"c\"",
+        held_site(
+            &["shared.test", "*.shared.test"],
+            &["a", "b", "c"],
             upstream.addr,
             &files,
         )
@@ -151,12 +145,7 @@ async fn a_node_without_a_valid_certificate_splices_to_a_holder_that_has_one() {
             "b" => good.write(dir, "b"),
             _ => String::new(),
         };
-        held(
-            "\"both.test\"",
-            "\"a\", \"b\", \"c\"",
-            upstream.addr,
-            &files,
-        )
+        held_site(&["both.test"], &["a", "b", "c"], upstream.addr, &files)
     })
     .await;
     for router in &fleet.routers {
@@ -188,7 +177,7 @@ async fn key_types_rsa_ecdsa_and_ed25519_all_serve() {
             "a",
             &[("a", node)],
             "",
-            &held("\"keys.test\"", "\"a\"", upstream.addr, &files),
+            &held_site(&["keys.test"], &["a"], upstream.addr, &files),
         ))
         .await;
         let (served, body, _) = fetch(router.addr(), &ca, "keys.test").await;
@@ -209,7 +198,7 @@ async fn replaced_certificate_files_switch_new_handshakes_and_spare_live_connect
         "a",
         &[("a", node)],
         "[certs]\npoll = \"100ms\"",
-        &held("\"rotate.test\"", "\"a\"", echo.addr, &files),
+        &held_site(&["rotate.test"], &["a"], echo.addr, &files),
     );
     let router = Router::start(&toml).await;
     let config = ca.client_config(&[], true);
@@ -251,13 +240,13 @@ async fn alpn_is_negotiated_per_site() {
     let plain = ca.leaf(&["h1.test"]).write(dir.path(), "h1");
     let sites = format!(
         "{}{}",
-        held(
-            "\"h2.test\"",
-            "\"a\"",
+        held_site(
+            &["h2.test"],
+            &["a"],
             upstream.addr,
             &format!("alpn = [\"h2\", \"http/1.1\"]\n{h2}")
         ),
-        held("\"h1.test\"", "\"a\"", upstream.addr, &plain)
+        held_site(&["h1.test"], &["a"], upstream.addr, &plain)
     );
     let router = Router::start(&fleet_toml(
         "a",
@@ -359,7 +348,7 @@ async fn one_node(name: &str, top: &str) -> OneNode {
     let files = ca.leaf(&[name]).write(dir.path(), "cert");
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
-    let site = held(&format!("\"{name}\""), "\"a\"", upstream.addr, &files);
+    let site = held_site(&[name], &["a"], upstream.addr, &files);
     let router = Router::start(&fleet_toml(
         "a",
         &[("a", free_addr("127.0.0.2"))],
@@ -511,7 +500,7 @@ async fn megabytes_cross_a_terminated_connection_intact_both_ways_and_half_close
     let dir = tempfile::tempdir().unwrap();
     let files = ca.leaf(&["bulk.test"]).write(dir.path(), "bulk");
     let node = free_addr("127.0.0.2");
-    let site = held("\"bulk.test\"", "\"a\"", echo.addr, &files);
+    let site = held_site(&["bulk.test"], &["a"], echo.addr, &files);
     let router = Router::start(&fleet_toml("a", &[("a", node)], "", &site)).await;
     let (tls, _) = tls_connect(router.addr(), ca.client_config(&[], true), "bulk.test")
         .await

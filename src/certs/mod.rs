@@ -1,5 +1,5 @@
-//! Certificates: loaded from PEM files (and, later, ACME) into one live
-//! store that the TLS handshake reads.
+//! Certificates: PEM files on disk (`disk`, watched by `watch`) and ACME
+//! orders (`crate::acme`) feed one live store that every handshake reads.
 
 pub mod disk;
 pub mod store;

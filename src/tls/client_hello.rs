@@ -257,26 +257,13 @@ crate::impl_preface!(ClientHello, MAX_HELLO_BYTES);
 mod tests {
     use super::*;
 
-    const RUSTLS_HELLO: &[u8] = include_bytes!("../../tests/data/hello-rustls-mlkem.bin");
+    use crate::test_helpers::{HELLO as RUSTLS_HELLO, split_records};
 
     fn complete(buf: &[u8]) -> ClientHello {
         match parse(buf) {
             Parse::Complete(hello) => hello,
             other => panic!("expected a complete hello, got {other:?}"),
         }
-    }
-
-    /// Re-frames a single-record hello into `n` records of similar size.
-    pub(crate) fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
-        let body = &hello[RECORD_HEADER_LEN..];
-        let chunk = body.len().div_ceil(n);
-        let mut out = Vec::new();
-        for part in body.chunks(chunk) {
-            out.extend_from_slice(&hello[..3]);
-            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
-            out.extend_from_slice(part);
-        }
-        out
     }
 
     #[test]

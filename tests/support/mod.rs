@@ -21,8 +21,12 @@ pub mod process;
 /// Bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// The rustls ClientHello captured by `examples/capture_hello.rs` (SNI `pass.test`).
-pub const HELLO: &[u8] = include_bytes!("../data/hello-rustls-mlkem.bin");
+// Each test binary uses some of them.
+#[allow(unused_imports)]
+pub use sni_router::test_helpers::{
+    HELLO, NOWHERE, Sample, held_site, hello_for, metric_value, passthrough_site, samples,
+    split_records, wait_listening,
+};
 
 pub fn init_tracing() {
     static ONCE: Once = Once::new();
@@ -464,11 +468,8 @@ pub async fn tls_request(
     config: Arc<rustls::ClientConfig>,
     name: &str,
 ) -> std::io::Result<(String, Option<Vec<u8>>)> {
-    let connector = tokio_rustls::TlsConnector::from(config);
-    let server_name = ServerName::try_from(name.to_string()).expect("server name");
+    let (mut tls, _) = tls_connect(router, config, name).await?;
     let work = async {
-        let tcp = TcpStream::connect(router).await?;
-        let mut tls = connector.connect(server_name, tcp).await?;
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await?;
         let mut response = String::new();
@@ -488,15 +489,6 @@ pub async fn read_until_eof(stream: &mut TcpStream) -> (Vec<u8>, bool) {
         Ok(Err(_)) => (got, true),
         Err(_) => (got, false),
     }
-}
-
-/// A sample's value in a Prometheus text exposition; 0 when absent.
-pub fn metric_value(body: &str, metric_with_labels: &str) -> f64 {
-    body.lines()
-        .find(|l| l.starts_with(metric_with_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Whether a command is on PATH. Outside CI a missing client skips its
@@ -581,19 +573,6 @@ pub async fn http_get(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, head.to_string(), body.to_string())
-}
-
-/// The captured hello with its 9-byte name `pass.test` swapped for another
-/// name of the same length.
-pub fn hello_for(name: &str) -> Vec<u8> {
-    assert_eq!(name.len(), 9, "the name must keep the hello's length");
-    let mut hello = HELLO.to_vec();
-    let at = hello
-        .windows(9)
-        .position(|w| w == b"pass.test")
-        .expect("name in capture");
-    hello[at..at + 9].copy_from_slice(name.as_bytes());
-    hello
 }
 
 /// Runs a shell command off the async runtime (the routers under test share

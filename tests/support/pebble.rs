@@ -151,7 +151,7 @@ impl Pebble {
 
     async fn dns_ready(&mut self, dns: SocketAddr) {
         std::fs::write(self.dir.path().join("dns"), dns.to_string()).expect("write dns");
-        wait_tcp(self.dns_management).await;
+        super::wait_listening(self.dns_management).await;
     }
 
     /// Starts (again) the CA process and waits until it listens.
@@ -159,7 +159,7 @@ impl Pebble {
         if self.pebble.is_none() {
             self.pebble = Some(self.spawn_pebble());
         }
-        wait_tcp(self.listen).await;
+        super::wait_listening(self.listen).await;
     }
 
     /// Stops the CA process: the "CA down" case.
@@ -297,10 +297,6 @@ impl Pebble {
 }
 
 /// Config text for a site held by `holders` (quoted node names).
-pub fn held(name: &str, holders: &str) -> String {
-    format!("[[sites]]\nnames = [\"{name}\"]\nheld_by = [{holders}]\nupstream = \"127.0.0.1:9\"\n")
-}
-
 /// Polls until `router` serves an ACME certificate for `site` other than
 /// `not` (bounded).
 pub async fn wait_acme(router: &Router, site: &str, not: Option<&[u8]>) -> Vec<u8> {
@@ -332,12 +328,4 @@ fn free_udp(ip: &str) -> SocketAddr {
         let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
         socket.local_addr().expect("udp addr")
     })
-}
-
-async fn wait_tcp(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{addr} never listened");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }

@@ -2,12 +2,9 @@
 //! or a clean process to measure (descriptors, memory, metrics).
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use tokio::net::TcpStream;
 
 use super::WAIT;
 
@@ -152,22 +149,8 @@ impl Drop for Process {
     }
 }
 
-pub async fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while !accepts(addr).await {
-        assert!(Instant::now() < deadline, "router never listened on {addr}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Whether something listens on `addr`. A connect to a loopback port
-/// nobody listens on can pick that same port as its source and connect to
-/// itself (TCP simultaneous open): that is not a listener.
-async fn accepts(addr: SocketAddr) -> bool {
-    TcpStream::connect(addr)
-        .await
-        .is_ok_and(|s| s.local_addr().ok() != Some(addr))
-}
+#[allow(unused_imports)]
+pub use super::wait_listening;
 
 impl Process {
     /// The router's pid (not strace's: strace blocks fatal signals).
