@@ -46,6 +46,44 @@ pub fn split_records(hello: &[u8], n: usize) -> Vec<u8> {
 pub const NOWHERE: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
 
+/// A fleet of three nodes (a, b, c on 127.0.0.2-4) seen from a: a site
+/// with a wildcard held by all three, one held by b and c, a passthrough
+/// site (also the default), one held by a alone, and an extra listener.
+pub const FLEET: &str = r#"
+this_node = "a"
+default_site = "pass.test"
+[[nodes]]
+name = "a"
+tls = "127.0.0.2:443"
+http = "127.0.0.2:80"
+[[nodes]]
+name = "b"
+tls = "127.0.0.3:443"
+http = "127.0.0.3:80"
+[[nodes]]
+name = "c"
+tls = "127.0.0.4:443"
+http = "127.0.0.4:80"
+[[sites]]
+names = ["shared.test", "*.shared.test"]
+held_by = ["a", "b", "c"]
+upstream = "127.0.0.1:9000"
+[[sites]]
+names = ["www.shared.test"]
+held_by = ["b", "c"]
+upstream = "127.0.0.1:9001"
+[[sites]]
+names = ["pass.test"]
+passthrough = "127.0.0.1:9443"
+[[sites]]
+names = ["solo.test"]
+held_by = ["a"]
+upstream = "127.0.0.1:9002"
+[[listeners]]
+bind = "127.0.0.2:8443"
+default_site = "www.shared.test"
+"#;
+
 /// A `[[sites]]` block passing `name` through to `backend`.
 pub fn passthrough_site(name: &str, backend: SocketAddr) -> String {
     format!("[[sites]]\nnames = [\"{name}\"]\npassthrough = \"{backend}\"\n")

@@ -3,6 +3,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::process::Command;
@@ -11,6 +12,19 @@ use support::process::{BIN, Process, wait_listening};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Writes `fleet.toml` in `dir`: node a on 127.0.0.2 with `top` and the
+/// sites `sites(node)` gives; returns its path and the node's address.
+fn one_node(
+    dir: &Path,
+    top: &str,
+    sites: impl FnOnce(SocketAddr) -> String,
+) -> (PathBuf, SocketAddr) {
+    let config = dir.join("fleet.toml");
+    let node = free_addr("127.0.0.2");
+    std::fs::write(&config, fleet_toml("a", &[("a", node)], top, &sites(node))).unwrap();
+    (config, node)
+}
 
 /// Sends `chunk` and reads its echo: proves the stream is alive and in order.
 async fn echo_round(stream: &mut TcpStream, chunk: &[u8]) {
@@ -26,18 +40,7 @@ async fn echo_round(stream: &mut TcpStream, chunk: &[u8]) {
 #[test]
 fn check_prints_the_route_table() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fleet.toml");
-    let node = free_addr("127.0.0.2");
-    std::fs::write(
-        &config,
-        fleet_toml(
-            "a",
-            &[("a", node)],
-            "",
-            &passthrough_site("pass.test", node),
-        ),
-    )
-    .unwrap();
+    let (config, _) = one_node(dir.path(), "", |node| passthrough_site("pass.test", node));
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&config)
@@ -54,15 +57,9 @@ fn check_prints_the_route_table() {
 #[test]
 fn check_rejects_bad_configs_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fleet.toml");
-    let node = free_addr("127.0.0.2");
-    let bad = fleet_toml(
-        "a",
-        &[("a", node)],
-        "",
-        "[[sites]]\nnames = [\"x.test\"]\nheld_by = [\"ghost\"]\nupstream = \"nowhere\"\n",
-    );
-    std::fs::write(&config, bad).unwrap();
+    let (config, _) = one_node(dir.path(), "", |_| {
+        "[[sites]]\nnames = [\"x.test\"]\nheld_by = [\"ghost\"]\nupstream = \"nowhere\"\n".into()
+    });
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&config)
@@ -155,16 +152,11 @@ async fn sighup_reloads_while_a_connection_streams() {
 /// `drain` as its drain period; returns its directory, process and address.
 async fn echo_node(drain: &str) -> (tempfile::TempDir, Process, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fleet.toml");
-    let node = free_addr("127.0.0.2");
     let echo = Backend::echo("127.0.0.1").await;
-    let text = fleet_toml(
-        "a",
-        &[("a", node)],
-        &format!("[timeouts]\ndrain = \"{drain}\""),
-        &passthrough_site("pass.test", echo.addr),
-    );
-    std::fs::write(&config, text).unwrap();
+    let top = format!("[timeouts]\ndrain = \"{drain}\"");
+    let (config, node) = one_node(dir.path(), &top, |_| {
+        passthrough_site("pass.test", echo.addr)
+    });
     let router = Process::start(&config, dir.path());
     wait_listening(node).await;
     (dir, router, node)
@@ -200,15 +192,7 @@ async fn systemd_hears_ready_once_it_accepts_and_stopping_at_the_drain() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("notify");
     let systemd = tokio::net::UnixDatagram::bind(&socket).unwrap();
-    let config = dir.path().join("router.toml");
-    let node = free_addr("127.0.0.2");
-    let text = fleet_toml(
-        "a",
-        &[("a", node)],
-        "",
-        &passthrough_site("pass.test", node),
-    );
-    std::fs::write(&config, text).unwrap();
+    let (config, node) = one_node(dir.path(), "", |node| passthrough_site("pass.test", node));
     let mut router = Process::start_with_env(&config, dir.path(), &[("NOTIFY_SOCKET", &socket)]);
     let mut buf = [0u8; 256];
     let n = tokio::time::timeout(WAIT, systemd.recv(&mut buf))

@@ -406,7 +406,7 @@ fn sites(
             by_pattern.insert(pattern.clone(), id);
             patterns.push(pattern);
         }
-        let route = site_route(b, &field, s, node_ids, base);
+        let route = site_route(b, &field, s, (node_ids, base));
         let proxy_protocol = match s.proxy_protocol.as_deref() {
             None | Some("none") => None,
             Some("v1") => Some(ProxyVersion::V1),
@@ -453,13 +453,16 @@ fn sites(
     (sites, names, by_pattern)
 }
 
+/// What a site's fields refer to: node names, and the config file's
+/// directory for relative paths.
+type Context<'a> = (&'a HashMap<&'a str, NodeId>, &'a Path);
+
 /// A site its holders terminate: holders, upstream, certificate files, ALPN.
 fn held(
     b: &mut Builder,
     field: &str,
     s: &FileSite,
-    node_ids: &HashMap<&str, NodeId>,
-    base: &Path,
+    (node_ids, base): Context,
 ) -> Option<SiteRoute> {
     let mut holders = Vec::new();
     for (j, name) in s.held_by.iter().enumerate() {
@@ -509,13 +512,7 @@ fn held(
     })
 }
 
-fn site_route(
-    b: &mut Builder,
-    field: &str,
-    s: &FileSite,
-    node_ids: &HashMap<&str, NodeId>,
-    base: &Path,
-) -> Option<SiteRoute> {
+fn site_route(b: &mut Builder, field: &str, s: &FileSite, context: Context) -> Option<SiteRoute> {
     if s.held_by.is_empty() {
         for (set, key) in [
             (s.cert_file.is_some(), "cert_file"),
@@ -531,7 +528,7 @@ fn site_route(
         }
     }
     match (s.held_by.is_empty(), &s.passthrough) {
-        (false, None) => held(b, field, s, node_ids, base),
+        (false, None) => held(b, field, s, context),
         (true, Some(raw)) => {
             if s.upstream.is_some() {
                 b.problem(

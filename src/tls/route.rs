@@ -168,40 +168,7 @@ pub fn decide(
 mod tests {
     use super::*;
 
-    const FLEET: &str = r#"
-        this_node = "a"
-        default_site = "pass.test"
-        [[nodes]]
-        name = "a"
-        tls = "127.0.0.2:443"
-        http = "127.0.0.2:80"
-        [[nodes]]
-        name = "b"
-        tls = "127.0.0.3:443"
-        http = "127.0.0.3:80"
-        [[nodes]]
-        name = "c"
-        tls = "127.0.0.4:443"
-        http = "127.0.0.4:80"
-        [[sites]]
-        names = ["shared.test", "*.shared.test"]
-        held_by = ["a", "b", "c"]
-        upstream = "127.0.0.1:9000"
-        [[sites]]
-        names = ["www.shared.test"]
-        held_by = ["b", "c"]
-        upstream = "127.0.0.1:9001"
-        [[sites]]
-        names = ["pass.test"]
-        passthrough = "127.0.0.1:9443"
-        [[sites]]
-        names = ["solo.test"]
-        held_by = ["a"]
-        upstream = "127.0.0.1:9002"
-        [[listeners]]
-        bind = "127.0.0.2:8443"
-        default_site = "www.shared.test"
-    "#;
+    use crate::test_helpers::FLEET;
 
     fn config() -> Config {
         Config::parse(FLEET, "test", None).unwrap()
