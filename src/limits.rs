@@ -75,6 +75,10 @@ pub struct SourceGuard {
     limits: Arc<SourceLimits>,
 }
 
+/// The address already holds `max_per_source` connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtCap;
+
 impl SourceLimits {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(SourceLimits {
@@ -83,18 +87,19 @@ impl SourceLimits {
         })
     }
 
-    /// `None` when `ip` already holds `max` connections.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<Option<SourceGuard>> {
+    /// A place for one more connection from `ip`: a guard that gives it
+    /// back when dropped, or `None` when there is no cap to count against.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Option<SourceGuard>, AtCap> {
         if self.max == 0 {
-            return Some(None);
+            return Ok(None);
         }
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_insert(0);
         if *count >= self.max {
-            return None;
+            return Err(AtCap);
         }
         *count += 1;
-        Some(Some(SourceGuard {
+        Ok(Some(SourceGuard {
             ip,
             limits: self.clone(),
         }))
@@ -137,10 +142,10 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let one = limits.acquire(ip).unwrap();
         let _two = limits.acquire(ip).unwrap();
-        assert!(limits.acquire(ip).is_none());
-        assert!(limits.acquire("192.0.2.2".parse().unwrap()).is_some());
+        assert_eq!(limits.acquire(ip).err(), Some(AtCap));
+        assert!(limits.acquire("192.0.2.2".parse().unwrap()).is_ok());
         drop(one);
-        assert!(limits.acquire(ip).is_some());
-        assert!(SourceLimits::new(0).acquire(ip).is_some());
+        assert!(limits.acquire(ip).is_ok());
+        assert!(SourceLimits::new(0).acquire(ip).unwrap().is_none());
     }
 }

@@ -380,7 +380,7 @@ impl AcceptLoop {
                 return;
             }
         };
-        let Some(source_guard) = self.handle.shared.sources.acquire(peer.ip()) else {
+        let Ok(source_guard) = self.handle.shared.sources.acquire(peer.ip()) else {
             metrics::counter!(REJECTED, "reason" => "per_source_limit").increment(1);
             return;
         };

@@ -86,6 +86,16 @@ pub trait Progress {
     fn moved(&self) -> Moved;
 }
 
+/// What one poll of both directions found.
+struct Turn {
+    /// Both directions reached EOF.
+    both_done: bool,
+    /// A byte moved.
+    progress: bool,
+    /// Nothing waits to be written: the pair may be handed on.
+    can_quiet: bool,
+}
+
 /// Which directions of a pair already reached EOF (and passed it on).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Done {
@@ -156,8 +166,15 @@ impl IdleDeadline {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         end: Option<End>,
-        (both_done, progress, can_quiet): (bool, bool, bool),
-        (to_target, to_client): (u64, u64),
+        Turn {
+            both_done,
+            progress,
+            can_quiet,
+        }: Turn,
+        Moved {
+            to_target,
+            to_client,
+        }: Moved,
     ) -> Poll<Transfer> {
         let mut this = self.project();
         if progress {

@@ -202,8 +202,15 @@ where
             }
         }
         // Terminated TLS never goes quiet: it stays in its task.
-        let done = (this.up.done && this.down.done, progress, false);
-        let moved = (this.up.moved, this.down.moved);
-        this.deadline.settle(cx, end, done, moved)
+        let turn = super::Turn {
+            both_done: this.up.done && this.down.done,
+            progress,
+            can_quiet: false,
+        };
+        let moved = super::Moved {
+            to_target: this.up.moved,
+            to_client: this.down.moved,
+        };
+        this.deadline.settle(cx, end, turn, moved)
     }
 }

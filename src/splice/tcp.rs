@@ -326,9 +326,16 @@ impl State {
             }
         }
         let can_quiet = this.up.holds_nothing() && this.down.holds_nothing();
-        let done = (this.up.done && this.down.done, progress, can_quiet);
-        let moved = (this.up.moved, this.down.moved);
-        this.deadline.settle(cx, end, done, moved)
+        let turn = super::Turn {
+            both_done: this.up.done && this.down.done,
+            progress,
+            can_quiet,
+        };
+        let moved = super::Moved {
+            to_target: this.up.moved,
+            to_client: this.down.moved,
+        };
+        this.deadline.settle(cx, end, turn, moved)
     }
 }
 

@@ -347,7 +347,11 @@ async fn route_connection(
         Decision::Terminate { site } => at.terminate(stream, site, replay, chacha_first).await,
     };
     match joined {
-        Ok((join, target, prefix)) => Routed::Joined(
+        Ok(Connected {
+            join,
+            target,
+            prefix,
+        }) => Routed::Joined(
             join,
             Route {
                 decision: kind,
@@ -402,9 +406,15 @@ struct Here<'a> {
     peer: SocketAddr,
 }
 
-/// Both ends connected: the join, the target, and the bytes replayed and
-/// answered while routing. Otherwise, how it ended.
-type Acted = Result<(Join, SocketAddr, Moved), Outcome>;
+/// Both ends connected, or how the connection ended.
+type Acted = Result<Connected, Outcome>;
+
+struct Connected {
+    join: Join,
+    target: SocketAddr,
+    /// Bytes replayed to the target and answered to the client while routing.
+    prefix: Moved,
+}
 
 impl Here<'_> {
     /// An unknown name (or no SNI, or a loop): an alert for a client, a
@@ -509,7 +519,11 @@ impl Here<'_> {
         match Box::pin(serve).await {
             Ok(done) => {
                 let join = StreamJoin::new(done.tls, done.upstream, config.timeouts.idle);
-                Ok((Join::Terminated(join), done.addr, Moved::default()))
+                Ok(Connected {
+                    join: Join::Terminated(join),
+                    target: done.addr,
+                    prefix: Moved::default(),
+                })
             }
             Err(e) => {
                 if e.is_handshake() {
@@ -522,7 +536,7 @@ impl Here<'_> {
     }
 
     /// Raw TCP: joins the client to the target that took the replayed bytes.
-    fn spliced(&self, client: TcpStream, opened: Opened) -> (Join, SocketAddr, Moved) {
+    fn spliced(&self, client: TcpStream, opened: Opened) -> Connected {
         let config = &self.live.config;
         let mode = forward::mode(config);
         let mut join = TcpJoin::new(client, opened.stream, config.timeouts.idle, mode);
@@ -534,7 +548,11 @@ impl Here<'_> {
             to_target: opened.replayed,
             to_client: opened.answered,
         };
-        (Join::Spliced(join), opened.target, prefix)
+        Connected {
+            join: Join::Spliced(join),
+            target: opened.target,
+            prefix,
+        }
     }
 }
 
