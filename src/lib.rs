@@ -41,7 +41,9 @@
 //! joined; `probe` is the `sni-router probe` command; `notify` tells
 //! systemd when the listeners are bound and when draining starts; `listen`
 //! opens or inherits listening sockets and steers a reuseport group to the
-//! newest process; `upgrade` starts the successor on SIGUSR2.
+//! newest process; `upgrade` starts the successor on SIGUSR2;
+//! `test_helpers` (tests and the `test-helpers` feature only) is the one
+//! home of helpers that unit tests, integration tests and benches share.
 
 // Nothing that handles network bytes may panic; tests may.
 #![cfg_attr(

@@ -89,7 +89,7 @@ impl<T> Preamble<T> {
         Ends {
             client: proxied.and_then(|p| p.source).unwrap_or(peer),
             destination: proxied.and_then(|p| p.destination).unwrap_or(local),
-            via_node: proxied.and(config.node_at(peer.ip())),
+            via_node: proxied.and_then(|_| config.node_at(peer.ip())),
         }
     }
 }
