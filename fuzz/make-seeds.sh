@@ -51,13 +51,17 @@ for name in ["rustls-mlkem", "openssl", "curl"]:
     # The target's first byte picks the segmentation; the capture follows.
     open(os.path.join(d, name + ".bin"), "wb").write(b"\x05" + hello)
 h = os.path.join(seeds, "http_head")
-open(os.path.join(h, "challenge"), "wb").write(b"GET /.well-known/acme-challenge/LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0 HTTP/1.1\r\nHost: a.test\r\nsni-router-forwarded: 1\r\n\r\n")
+open(os.path.join(h, "challenge"), "wb").write(b"GET /.well-known/acme-challenge/LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0 HTTP/1.1\r\nHost: a.test\r\nsni-router-forwarded: 0123456789abcdef\r\n\r\n")
 open(os.path.join(h, "redirect"), "wb").write(b"GET /a/b?c=d HTTP/1.1\r\nHost: WWW.test:80\r\nUser-Agent: curl\r\nAccept: */*\r\n\r\n")
 p = os.path.join(seeds, "proxy_header")
 open(os.path.join(p, "v1"), "wb").write(b"PROXY TCP4 192.0.2.1 198.51.100.2 4000 443\r\n\x16\x03\x01")
 open(os.path.join(p, "v1-tcp6"), "wb").write(b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 443\r\n")
 v2 = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([192,0,2,1,198,51,100,2]) + (4000).to_bytes(2,"big") + (443).to_bytes(2,"big")
 open(os.path.join(p, "v2"), "wb").write(v2 + b"\x16\x03\x01")
+# A node's splice: the same with its fleet digest in TLV 0xE0.
+tlv = b"\xe0\x00\x08" + bytes.fromhex("0123456789abcdef")
+v2d = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x17" + v2[16:] + tlv
+open(os.path.join(p, "v2-fleet-digest-tlv"), "wb").write(v2d + b"\x16\x03\x01")
 PY
 cp config/sni-router.toml "$seeds/config/default.toml"
 ls -l "$seeds"/*

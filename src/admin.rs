@@ -115,6 +115,16 @@ pub fn status(shared: &Shared) -> Value {
         "connections": {
             "accepted": shared.stats.accepted.load(Ordering::Relaxed),
             "finished": shared.stats.finished.load(Ordering::Relaxed),
+            "rejected": shared.stats.rejected.load(Ordering::Relaxed),
+            "terminate_fallbacks": shared.stats.fallbacks.load(Ordering::Relaxed),
+        },
+        "http": {
+            "requests": shared.stats.http_requests.load(Ordering::Relaxed),
+            "challenges_forwarded": shared.stats.http_forwarded.load(Ordering::Relaxed),
+        },
+        "acme": {
+            "issued": shared.stats.acme_issued.load(Ordering::Relaxed),
+            "failed": shared.stats.acme_failed.load(Ordering::Relaxed),
         },
     })
 }

@@ -411,7 +411,8 @@ impl AcceptLoop {
                     let accepted = crate::tls::handler::Accepted {
                         shared,
                         live,
-                        listener: (index, metrics),
+                        listener: index,
+                        metrics,
                         peer,
                         local,
                         admission,

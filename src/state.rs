@@ -22,7 +22,8 @@ use crate::peers::PeerHealth;
 use crate::tls::route::DecisionKind;
 use crate::tls::terminate::{Contexts, Resumption};
 
-/// Counters the tests and the status page read; Prometheus metrics are
+/// Counts since start, for `/status` (and the tests that run a router in
+/// process, where no Prometheus recorder is installed); the metrics are
 /// recorded alongside.
 #[derive(Debug, Default)]
 pub struct Stats {

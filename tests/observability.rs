@@ -141,6 +141,15 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     assert_eq!(status["node"], "a");
     assert_eq!(status["routes"][0]["route"], "passthrough");
     assert_eq!(status["ready"], true);
+    // Counts since start: the unknown name was refused, the redirect served.
+    assert!(
+        status["connections"]["rejected"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert!(
+        status["http"]["requests"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
 }
 
 #[tokio::test]

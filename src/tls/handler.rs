@@ -75,8 +75,10 @@ impl Outcome {
 pub struct Accepted {
     pub shared: Arc<Shared>,
     pub live: Arc<Live>,
-    /// Index into `config.listeners`, and the listener's metric handles.
-    pub listener: (usize, Arc<ListenerMetrics>),
+    /// Index into `config.listeners`.
+    pub listener: usize,
+    /// The listener's metric handles.
+    pub metrics: Arc<ListenerMetrics>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub admission: Admission,
@@ -116,7 +118,8 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
     let Accepted {
         shared,
         live,
-        listener: (listener, label),
+        listener,
+        metrics: label,
         peer,
         local,
         admission,
