@@ -28,6 +28,28 @@ fn config(dir: &Path, backend: std::net::SocketAddr) -> (std::path::PathBuf, std
     (path, node)
 }
 
+/// A load-generator backend and a one-node config passing `pass.test` to it.
+struct Setup {
+    dir: tempfile::TempDir,
+    _backend: load::Running,
+    config: std::path::PathBuf,
+    node: std::net::SocketAddr,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let backend_addr = free_addr("127.0.0.1");
+    let _backend = load::backend(backend_addr);
+    wait_listening(backend_addr).await;
+    let (config, node) = config(dir.path(), backend_addr);
+    Setup {
+        dir,
+        _backend,
+        config,
+        node,
+    }
+}
+
 /// The pids the log names as started by upgrades, in order.
 fn successors(log: &str) -> Vec<u32> {
     log.lines()
@@ -52,11 +74,12 @@ const CLIENTS: usize = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sigusr2_upgrades_under_load_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend_addr = free_addr("127.0.0.1");
-    let _backend = load::backend(backend_addr);
-    wait_listening(backend_addr).await;
-    let (config, node) = config(dir.path(), backend_addr);
+    let Setup {
+        dir,
+        _backend,
+        config,
+        node,
+    } = setup().await;
     let mut first = Process::start(&config, dir.path());
     wait_listening(node).await;
     let mut strays = Strays::default();
@@ -91,11 +114,12 @@ async fn three_sigusr2_upgrades_under_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_restarts_by_hand_under_load_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend_addr = free_addr("127.0.0.1");
-    let _backend = load::backend(backend_addr);
-    wait_listening(backend_addr).await;
-    let (config, node) = config(dir.path(), backend_addr);
+    let Setup {
+        dir: _dir,
+        _backend,
+        config,
+        node,
+    } = setup().await;
     let logs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut old = Process::start(&config, logs[0].path());
     wait_listening(node).await;
@@ -120,11 +144,12 @@ async fn three_restarts_by_hand_under_load_lose_nothing() {
 
 #[tokio::test]
 async fn an_upgrade_to_a_broken_config_leaves_the_old_process_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend_addr = free_addr("127.0.0.1");
-    let _backend = load::backend(backend_addr);
-    wait_listening(backend_addr).await;
-    let (config, node) = config(dir.path(), backend_addr);
+    let Setup {
+        dir,
+        _backend,
+        config,
+        node,
+    } = setup().await;
     let router = Process::start(&config, dir.path());
     wait_listening(node).await;
     std::fs::write(&config, "this_node = \"a\"\n[[sites]]\nnames = 7\n").unwrap();
