@@ -74,13 +74,9 @@ const CLIENTS: usize = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sigusr2_upgrades_under_load_lose_nothing() {
-    let Setup {
-        dir,
-        _backend,
-        config,
-        node,
-    } = setup().await;
-    let mut first = Process::start(&config, dir.path());
+    let at = setup().await;
+    let (config, node) = (&at.config, at.node);
+    let mut first = Process::start(config, at.dir.path());
     wait_listening(node).await;
     let mut strays = Strays::default();
     let load = ConnRate::start(node, LOAD_SECS, CLIENTS);
@@ -114,21 +110,17 @@ async fn three_sigusr2_upgrades_under_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_restarts_by_hand_under_load_lose_nothing() {
-    let Setup {
-        dir: _dir,
-        _backend,
-        config,
-        node,
-    } = setup().await;
+    let at = setup().await;
+    let (config, node) = (&at.config, at.node);
     let logs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut old = Process::start(&config, logs[0].path());
+    let mut old = Process::start(config, logs[0].path());
     wait_listening(node).await;
     let load = ConnRate::start(node, LOAD_SECS, CLIENTS);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for log in &logs[1..] {
         // A second process on the same config, as a container rollout or
         // an operator would start it; then SIGTERM to the first.
-        let new = Process::start(&config, log.path());
+        let new = Process::start(config, log.path());
         new.wait_log("new connections now come to this one", 1)
             .await;
         old.signal("TERM");
@@ -144,15 +136,11 @@ async fn three_restarts_by_hand_under_load_lose_nothing() {
 
 #[tokio::test]
 async fn an_upgrade_to_a_broken_config_leaves_the_old_process_serving() {
-    let Setup {
-        dir,
-        _backend,
-        config,
-        node,
-    } = setup().await;
-    let router = Process::start(&config, dir.path());
+    let at = setup().await;
+    let (config, node) = (&at.config, at.node);
+    let router = Process::start(config, at.dir.path());
     wait_listening(node).await;
-    std::fs::write(&config, "this_node = \"a\"\n[[sites]]\nnames = 7\n").unwrap();
+    std::fs::write(config, "this_node = \"a\"\n[[sites]]\nnames = 7\n").unwrap();
     router.signal("USR2");
     router
         .wait_log("upgrade failed: this process carries on serving", 1)
