@@ -80,7 +80,7 @@ impl Inherited {
             giver,
             ..Inherited::default()
         };
-        for fd in fds.into_iter().filter(|fd| *fd >= 0) {
+        for fd in fds.into_iter().filter(|fd| is_open(*fd)) {
             // SAFETY: systemd (sd_listen_fds(3)) or our predecessor handed
             // this descriptor to this process to own, and nothing here has
             // taken it before: this runs once, at start.
@@ -92,7 +92,13 @@ impl Inherited {
                 }
             }
         }
-        if let Some(fd) = var(READY_FD).and_then(|f| f.parse::<RawFd>().ok()) {
+        if inherited.sockets.is_empty() {
+            inherited.giver = None;
+        }
+        if let Some(fd) = var(READY_FD)
+            .and_then(|f| f.parse::<RawFd>().ok())
+            .filter(|fd| is_open(*fd))
+        {
             // SAFETY: as above, handed over for this process alone.
             inherited.ready = Some(unsafe { OwnedFd::from_raw_fd(fd) });
         }
@@ -126,6 +132,13 @@ impl Inherited {
     }
 }
 
+/// Whether `fd` is an open descriptor: a variable naming one that is not
+/// must not become an owner that closes it (std aborts on that).
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1
+}
+
 fn listening_addr(socket: &Socket) -> io::Result<SocketAddr> {
     if socket.r#type()? != Type::STREAM || !socket.is_listener()? {
         return Err(io::Error::other("not a listening stream socket"));
@@ -156,6 +169,8 @@ pub fn open(
         // `Backlog=`, or this router's own before an upgrade).
         Some(socket) => {
             configure(&socket, defer)?;
+            let from = inherited.giver.map_or("-", Giver::as_str);
+            tracing::info!(%addr, from, "took over a listening socket");
             socket
         }
         None => {
@@ -329,6 +344,16 @@ mod tests {
 ";
         let found: Vec<SocketAddr> = listening(v6).collect();
         assert_eq!(found, ["[::1]:8443".parse().unwrap()]);
+    }
+
+    /// A variable naming a descriptor that is not open must not make an
+    /// owner of it: closing it would abort the process.
+    #[test]
+    fn only_open_descriptors_are_taken() {
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        assert!(is_open(file.as_raw_fd()));
+        assert!(!is_open(-1));
+        assert!(!is_open(1_000_000));
     }
 
     #[tokio::test]

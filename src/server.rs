@@ -487,9 +487,8 @@ pub async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr2 = signal(SignalKind::user_defined2())?;
     let server = Server::bind_with(config, &mut inherited)?;
-    let from = inherited.giver.map_or("bound here", |g| g.as_str());
     for addr in server.local_addrs() {
-        tracing::info!(%addr, from, "listening");
+        tracing::info!(%addr, "listening");
     }
     let fds = server.listening_fds();
     let handle = server.handle();
