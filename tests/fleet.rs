@@ -419,7 +419,7 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
             failures.join("\n")
         );
     }
-    // About one run in three sees one request in some 46,000 answered
+    // About one run in five sees one request in some 46,000 answered
     // empty after its handshake, with no unclean end in any router's log
     // (see the README). Until that is understood, the test allows one
     // failure per 10,000 servable requests, and prints each.
