@@ -78,6 +78,15 @@ pub struct Target {
 }
 
 impl Target {
+    /// A holder node's port (`tls` or `http`), named by the node.
+    pub fn node(node: &crate::config::Node, addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            kind: TargetKind::Node,
+            label: node.name.clone(),
+        }
+    }
+
     fn connected(&self, peers: &PeerHealth) {
         if self.kind == TargetKind::Node {
             peers.seen(&self.label);

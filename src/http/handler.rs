@@ -302,11 +302,7 @@ async fn to_upstream(
         let order = crate::forward::rendezvous(config, config.other_holders(site), client.ip());
         let targets = order
             .iter()
-            .map(|h| Target {
-                addr: config.node(*h).http,
-                kind: TargetKind::Node,
-                label: config.node(*h).name.clone(),
-            })
+            .map(|h| Target::node(config.node(*h), config.node(*h).http))
             .collect();
         let header = proxy_protocol::encode_from_node(client, destination, config.digest);
         (targets, Some(config.this().http.ip()), Some(header))

@@ -487,11 +487,7 @@ impl Here<'_> {
         }
         let targets: Vec<Target> = holders
             .iter()
-            .map(|h| Target {
-                addr: config.node(*h).tls,
-                kind: TargetKind::Node,
-                label: config.node(*h).name.clone(),
-            })
+            .map(|h| Target::node(config.node(*h), config.node(*h).tls))
             .collect();
         let (client, destination) = (self.ends.client, self.ends.destination);
         let header = proxy_protocol::encode_from_node(client, destination, config.digest);
