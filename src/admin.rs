@@ -72,11 +72,7 @@ pub fn status(shared: &Shared) -> Value {
     let live = shared.live();
     let config = &live.config;
     let now = SystemTime::now();
-    let renewals = shared
-        .renewals
-        .lock()
-        .map(|r| r.clone())
-        .unwrap_or_default();
+    let renewals = shared.acme.renewals();
     let routes: Vec<Value> = (0..config.sites.len())
         .map(|i| route(config, SiteId(i)))
         .collect();
@@ -123,8 +119,8 @@ pub fn status(shared: &Shared) -> Value {
             "challenges_forwarded": shared.stats.http_forwarded.load(Ordering::Relaxed),
         },
         "acme": {
-            "issued": shared.stats.acme_issued.load(Ordering::Relaxed),
-            "failed": shared.stats.acme_failed.load(Ordering::Relaxed),
+            "issued": shared.acme.issued(),
+            "failed": shared.acme.failed(),
         },
     })
 }

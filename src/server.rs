@@ -24,7 +24,6 @@ use crate::metrics::{CONFIG_RELOADS, REJECTED};
 use crate::peers::PeerHealth;
 use crate::state::{Admission, Live, Shared, Stats};
 use crate::tls::terminate::Resumption;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::watch;
 
@@ -150,11 +149,11 @@ impl Server {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         });
         let shared = Arc::new(Shared {
-            live: ArcSwap::from_pointee(live),
+            live: Arc::new(ArcSwap::from_pointee(live)),
             certs,
             challenges: Arc::default(),
             peers: PeerHealth::default(),
-            renewals: Mutex::default(),
+            acme: Arc::default(),
             ready: AtomicBool::new(false),
             hello_slots: HelloSlots::new(limits.max_pending_hellos),
             sources: SourceLimits::new(limits.max_per_source),
@@ -168,7 +167,13 @@ impl Server {
         // Stored ACME certificates go live before anything is accepted, as
         // certificate files do above: a restarted node terminates its sites
         // from its first connection.
-        let mut acme = crate::acme::Manager::new(shared.clone());
+        let mut acme = crate::acme::Manager::new(crate::acme::Inputs {
+            live: shared.live.clone(),
+            reloads: shared.reloaded.subscribe(),
+            certs: shared.certs.clone(),
+            challenges: shared.challenges.clone(),
+            report: shared.acme.clone(),
+        });
         acme.load_stored();
         Ok(Server {
             handle: Handle {

@@ -4,15 +4,14 @@
 //! manager, which take it as an argument; above only leaf types. The
 //! server (listeners, signals, drain) builds it and wires the rest.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::acme::status::Renewal;
+use crate::acme::status::Report;
 use crate::certs::store::CertStore;
 use crate::config::Config;
 use crate::http::challenge::ChallengeStore;
@@ -36,9 +35,6 @@ pub struct Stats {
     pub http_requests: AtomicU64,
     /// Challenge requests forwarded to holders.
     pub http_forwarded: AtomicU64,
-    /// ACME orders that ended in an installed certificate, and failures.
-    pub acme_issued: AtomicU64,
-    pub acme_failed: AtomicU64,
 }
 
 impl Stats {
@@ -77,13 +73,13 @@ impl Drop for Admission {
 /// State every connection task can reach.
 #[derive(Debug)]
 pub struct Shared {
-    pub live: ArcSwap<Live>,
+    pub live: Arc<ArcSwap<Live>>,
     pub certs: Arc<CertStore>,
     pub challenges: Arc<ChallengeStore>,
     pub stats: Stats,
     pub peers: PeerHealth,
-    /// Next ACME renewal per site label, for the status page.
-    pub renewals: Mutex<HashMap<String, Renewal>>,
+    /// What the ACME manager has done, for the status page.
+    pub acme: Arc<Report>,
     /// Listeners bound and accepting (false before start and while draining).
     pub ready: AtomicBool,
     pub hello_slots: Arc<HelloSlots>,

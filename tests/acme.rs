@@ -111,16 +111,7 @@ async fn a_restart_reuses_the_stored_certificate() {
     let again = wait_acme(&router, "keep.test", None).await;
     assert_eq!(again, first, "same certificate after restart");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        router
-            .handle
-            .shared
-            .stats
-            .acme_issued
-            .load(Ordering::Relaxed),
-        0,
-        "no new order"
-    );
+    assert_eq!(router.handle.shared.acme.issued(), 0, "no new order");
 }
 
 #[tokio::test]
@@ -181,12 +172,7 @@ async fn short_lived_certificates_renew_before_expiry() {
         "both holders renewed within the lifetime"
     );
     for router in &routers {
-        let issued = router
-            .handle
-            .shared
-            .stats
-            .acme_issued
-            .load(Ordering::Relaxed);
+        let issued = router.handle.shared.acme.issued();
         assert!(
             (2..=3).contains(&issued),
             "renewed on schedule, not in a loop: {issued}"
@@ -236,7 +222,7 @@ async fn a_down_or_refusing_ca_backs_off_while_peers_serve() {
         .await;
         let _b = Router::start(&fleet_toml_http("b", &nodes, "", &site_b)).await;
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let failed = a.handle.shared.stats.acme_failed.load(Ordering::Relaxed);
+        let failed = a.handle.shared.acme.failed();
         assert!(
             (2..=4).contains(&failed),
             "backoff, not a tight loop: {failed} failures in 4 s"
@@ -415,7 +401,7 @@ async fn a_ca_that_asks_to_retry_later_is_not_asked_sooner() {
     ))
     .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let failed = a.handle.shared.stats.acme_failed.load(Ordering::Relaxed);
+    let failed = a.handle.shared.acme.failed();
     assert_eq!(failed, 1, "one refused attempt, then an hour's wait");
     assert_eq!(maintenance.requests(), 1, "the CA was asked once");
 }
@@ -489,7 +475,7 @@ async fn a_silent_ca_costs_one_deadline_not_one_per_site() {
     let started = Instant::now();
     let a = Router::start(&fleet_toml_http("a", &nodes, &top, &sites)).await;
     let shared = a.handle.shared.clone();
-    let renewals = || shared.renewals.lock().unwrap().clone();
+    let renewals = || shared.acme.renewals();
     let deadline = Instant::now() + Duration::from_secs(45);
     while renewals().len() < 2 {
         assert!(Instant::now() < deadline, "no pass ended in 45 s");
@@ -497,9 +483,9 @@ async fn a_silent_ca_costs_one_deadline_not_one_per_site() {
     }
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(29), "{took:?}");
-    assert_eq!(shared.stats.acme_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(shared.acme.failed(), 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(shared.stats.acme_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(shared.acme.failed(), 1);
     assert_eq!(accepted.load(Ordering::Relaxed), 1, "one request waited");
     let later = SystemTime::now() + Duration::from_secs(50 * 60);
     for (site, renewal) in renewals() {
@@ -523,9 +509,9 @@ async fn an_unwritable_state_dir_creates_no_account() {
     std::os::unix::fs::symlink(dir.path().join("unmounted/state"), &state).unwrap();
     let toml = holder_a(&pebble, &state, "nostate.test").await;
     let router = Router::start(&toml).await;
-    let stats = &router.handle.shared.stats;
+    let stats = &router.handle.shared.acme;
     // retry_min is 1 s: a second attempt comes within about 2 s.
-    let retried = wait_until(|| async { stats.acme_failed.load(Ordering::Relaxed) >= 2 }).await;
+    let retried = wait_until(|| async { stats.failed() >= 2 }).await;
     assert!(retried, "no retry");
     assert!(
         !pebble.log().contains("accounts in memory"),
@@ -557,8 +543,8 @@ async fn a_certificate_that_cannot_be_stored_is_served_and_not_ordered_again() {
         .expect("served");
     assert!(!peer_leaf(&tls).is_empty());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let stats = &router.handle.shared.stats;
-    assert_eq!(stats.acme_issued.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.acme_failed.load(Ordering::Relaxed), 0);
+    let stats = &router.handle.shared.acme;
+    assert_eq!(stats.issued(), 1);
+    assert_eq!(stats.failed(), 0);
     assert!(state.join("account.json").exists(), "the account was saved");
 }

@@ -43,7 +43,7 @@ async fn the_cas_window_sets_the_renewal_and_shows_in_status() {
     let info = sni_router::certs::disk::describe(&leaf.into()).unwrap();
 
     let shared = &router.handle.shared;
-    let renewal = || shared.renewals.lock().unwrap().get("window.test").copied();
+    let renewal = || shared.acme.renewals().get("window.test").copied();
     assert!(wait_until(|| async { renewal().is_some_and(|r| r.window.is_some()) }).await);
     let renewal = renewal().unwrap();
     let (start, end) = renewal.window.unwrap();

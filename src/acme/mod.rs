@@ -13,21 +13,24 @@ pub mod storage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use instant_acme::{Account, CertificateIdentifier, ExternalAccountKey, NewAccount};
 
 use self::ari::certificate_id;
 use self::order::{OrderError, Request, Step};
 use self::site::{Hush, SiteState};
+use self::status::Report;
 pub use self::status::{Renewal, Window};
 use self::storage::{AccountFile, Meta, StorageError, Stored};
 use crate::certs::disk::{self, CertError, Loaded};
-use crate::certs::store::{Entry, Source};
+use crate::certs::store::{CertStore, Entry, Source};
 use crate::config::{Acme, Config, SiteId};
+use crate::http::challenge::ChallengeStore;
 use crate::metrics::ACME_ORDERS;
-use crate::state::Shared;
+use crate::state::Live;
+use tokio::sync::watch;
 
 /// An order that takes longer than this has stalled somewhere.
 const ORDER_DEADLINE: Duration = Duration::from_secs(300);
@@ -62,8 +65,19 @@ impl AcmeError {
     }
 }
 
+/// What the manager reads and writes of the node's state, and no more.
+pub struct Inputs {
+    /// The live config, swapped whole on reload.
+    pub live: Arc<ArcSwap<Live>>,
+    /// Changes on every reload.
+    pub reloads: watch::Receiver<u64>,
+    pub certs: Arc<CertStore>,
+    pub challenges: Arc<ChallengeStore>,
+    pub report: Arc<Report>,
+}
+
 pub struct Manager {
-    shared: Arc<Shared>,
+    inputs: Inputs,
     account: Option<(String, Account)>,
     sites: HashMap<String, SiteState>,
     /// The CA's latest refusal's `Retry-After`, noted by the HTTP client.
@@ -74,9 +88,9 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(inputs: Inputs) -> Self {
         Manager {
-            shared,
+            inputs,
             account: None,
             sites: HashMap::new(),
             retry_after: client::RetryAfter::default(),
@@ -89,7 +103,7 @@ impl Manager {
     /// first connection on, instead of refusing a site it alone holds
     /// until its first tick.
     pub fn load_stored(&mut self) {
-        let live = self.shared.live();
+        let live = self.inputs.live.load_full();
         let Some(acme) = &live.config.acme else {
             return;
         };
@@ -102,9 +116,9 @@ impl Manager {
 
     /// Runs until the task is dropped.
     pub async fn run(mut self) {
-        let mut reloads = self.shared.reloaded.subscribe();
+        let mut reloads = self.inputs.reloads.clone();
         loop {
-            let live = self.shared.live();
+            let live = self.inputs.live.load_full();
             let next = match &live.config.acme {
                 Some(acme) => self.tick(&live.config, acme).await,
                 None => None,
@@ -150,7 +164,7 @@ impl Manager {
             .map(|s| config.site(*s).label.clone())
             .collect();
         self.sites.retain(|label, _| labels.contains(label));
-        self.shared
+        self.inputs
             .certs
             .retain(|site, entry| entry.source != Source::Acme || labels.iter().any(|l| l == site));
         for site in managed {
@@ -220,9 +234,8 @@ impl Manager {
 
     /// Each site's next renewal and the CA's window, for `/status`.
     fn publish_renewals(&self) {
-        if let Ok(mut renewals) = self.shared.renewals.lock() {
-            *renewals = self
-                .sites
+        self.inputs.report.set_renewals(
+            self.sites
                 .iter()
                 .map(|(site, s)| {
                     let renewal = Renewal {
@@ -231,8 +244,8 @@ impl Manager {
                     };
                     (site.clone(), renewal)
                 })
-                .collect();
-        }
+                .collect(),
+        );
     }
 
     /// A stored certificate for the same identifiers goes live at once and
@@ -315,10 +328,7 @@ impl Manager {
         };
         match result {
             Ok(loaded) => {
-                self.shared
-                    .stats
-                    .acme_issued
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inputs.report.order_ended(true);
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "issued")
                     .increment(1);
                 state.failures = 0;
@@ -334,10 +344,7 @@ impl Manager {
                 state.current = Some(loaded);
             }
             Err(e) => {
-                self.shared
-                    .stats
-                    .acme_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inputs.report.order_ended(false);
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "failed")
                     .increment(1);
                 state.failures += 1;
@@ -384,7 +391,7 @@ impl Manager {
             key_type: acme.key_type,
         };
         let (chain_pem, key_pem) =
-            order::obtain(&account, &self.shared.challenges, request).await?;
+            order::obtain(&account, &self.inputs.challenges, request).await?;
         let loaded = disk::from_pem(chain_pem.as_bytes(), key_pem.as_bytes(), label)?;
         let stored = Stored {
             chain_pem,
@@ -409,7 +416,7 @@ impl Manager {
     }
 
     fn install(&self, label: &str, loaded: &Loaded) {
-        self.shared.certs.set(
+        self.inputs.certs.set(
             label,
             Entry {
                 loaded: loaded.clone(),
@@ -473,7 +480,7 @@ impl Manager {
             }
         };
         if acme.shared_account {
-            self.shared
+            self.inputs
                 .challenges
                 .set_thumbprint(Some(account.key_thumbprint().to_string()));
         }
@@ -485,7 +492,7 @@ impl Manager {
     /// carries: no round trip to the CA first.
     fn publish_thumbprint(&self, acme: &Acme) {
         match storage::load_account(&acme.state_dir) {
-            Ok(Some(file)) => self.shared.challenges.set_thumbprint(Some(file.thumbprint)),
+            Ok(Some(file)) => self.inputs.challenges.set_thumbprint(Some(file.thumbprint)),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "shared account unreadable"),
         }
