@@ -84,11 +84,13 @@ pub fn status(shared: &Shared) -> Value {
             let entry = shared.certs.get(label);
             json!({
                 "site": label,
-                "source": entry.as_ref().map(|e| format!("{:?}", e.source).to_lowercase()),
+                "source": entry.as_ref().map(|e| e.source.as_str()),
                 "not_after": entry.as_ref().map(|e| unix(e.loaded.info.not_after)),
                 "valid_now": entry.as_ref().is_some_and(|e| e.loaded.info.valid_at(now)),
                 "next_renewal": renewals.get(label).map(|r| unix(r.at)),
                 "renewal_window": renewals.get(label).and_then(|r| r.window).map(|(start, end)| [unix(start), unix(end)]),
+                "challenge": acme_challenge(config, site),
+                "last_error": shared.acme.last_error(label),
             })
         })
         .collect();
@@ -145,4 +147,12 @@ fn route(config: &Config, site: SiteId) -> Value {
             "backend": backend.to_string(),
         }),
     }
+}
+
+/// The ACME challenge type of a site this node orders for, if it does.
+fn acme_challenge(config: &Config, site: SiteId) -> Option<&'static str> {
+    config
+        .acme_sites()
+        .contains(&site)
+        .then(|| config.challenge_of(&config.site(site).label).as_str())
 }

@@ -28,6 +28,10 @@ pub const ACME_RENEWAL_INFO: &str = "sni_router_acme_renewal_info_total";
 pub const CERT_EXPIRY: &str = "sni_router_certificate_expiry_timestamp_seconds";
 pub const CONFIG_RELOADS: &str = "sni_router_config_reloads_total";
 pub const CONFIG_DRIFT: &str = "sni_router_config_drift_total";
+/// DNS-01 record updates and looks, by result.
+pub const DNS_UPDATES: &str = "sni_router_dns_updates_total";
+/// 1 for each ACME site's challenge type (`site`, `challenge`).
+pub const ACME_CHALLENGE: &str = "sni_router_acme_challenge_info";
 
 /// Buckets for the latency histograms: a hello or a forwarded challenge
 /// takes milliseconds; the deadlines are seconds.

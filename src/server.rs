@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::certs::internal::Leaves;
 use crate::certs::store::CertStore;
 use crate::certs::watch::FileWatch;
 use crate::config::{Config, ConfigError};
@@ -109,8 +110,35 @@ pub struct Server {
     /// TLS listeners in `config.listeners` order, then the HTTP listener.
     listeners: Vec<TcpListener>,
     certs: FileWatch,
+    /// With every internal site's leaf live, and when the first falls due.
+    leaves: (Leaves, Option<SystemTime>),
     /// With every stored ACME certificate already live.
     acme: crate::acme::Manager,
+}
+
+/// This node's listeners, TLS in `config.listeners` order then HTTP, and
+/// the admin one: taken from `inherited` where it holds one, else bound.
+fn listen(
+    config: &Config,
+    inherited: &mut Inherited,
+) -> Result<(Vec<TcpListener>, Option<TcpListener>), ServeError> {
+    let mut listeners = Vec::new();
+    let http = config.this().http_bind;
+    let (backlog, defer) = (config.limits.backlog, Some(config.timeouts.hello));
+    for addr in config.listeners.iter().map(|l| l.bind).chain([http]) {
+        let bound = crate::listen::open(addr, backlog, defer, inherited)
+            .map_err(|source| BindError { addr, source })?;
+        listeners.push(bound);
+    }
+    let admin = match config.admin {
+        Some(addr) => Some(
+            crate::listen::open(addr, 64, None, inherited)
+                .map_err(|source| BindError { addr, source })?,
+        ),
+        None => None,
+    };
+    inherited.close_unclaimed();
+    Ok((listeners, admin))
 }
 
 impl Server {
@@ -122,26 +150,17 @@ impl Server {
     /// Like [`Server::bind`], taking each listener from `inherited` when it
     /// holds one for the address (systemd, or the process this one
     /// replaces).
+    ///
+    /// Every certificate this node has (files, the internal CA's leaves,
+    /// stored ACME certificates) is live before a socket listens: a
+    /// listening socket takes connections into its queue, and peers judge
+    /// a node by whether it answers them.
     pub fn bind_with(config: Config, inherited: &mut Inherited) -> Result<Server, ServeError> {
-        let mut listeners = Vec::new();
-        let http = config.this().http_bind;
-        let (backlog, defer) = (config.limits.backlog, Some(config.timeouts.hello));
-        for addr in config.listeners.iter().map(|l| l.bind).chain([http]) {
-            let bound = crate::listen::open(addr, backlog, defer, inherited)
-                .map_err(|source| BindError { addr, source })?;
-            listeners.push(bound);
-        }
-        let admin = match config.admin {
-            Some(addr) => Some(
-                crate::listen::open(addr, 64, None, inherited)
-                    .map_err(|source| BindError { addr, source })?,
-            ),
-            None => None,
-        };
-        inherited.close_unclaimed();
         let certs = Arc::new(CertStore::default());
         let mut watch = FileWatch::default();
         watch.sync(&config, &certs);
+        let mut leaves = Leaves::default();
+        let due = leaves.sync(&config, &certs);
         let resumption = Resumption::new()?;
         let live = Live::build(config, &certs, &resumption)?;
         let limits = live.config.limits.clone();
@@ -164,9 +183,6 @@ impl Server {
             #[cfg(target_os = "linux")]
             engines: crate::splice::engine::Engines::new(workers),
         });
-        // Stored ACME certificates go live before anything is accepted, as
-        // certificate files do above: a restarted node terminates its sites
-        // from its first connection.
         let mut acme = crate::acme::Manager::new(crate::acme::Inputs {
             live: shared.live.clone(),
             reloads: shared.reloaded.subscribe(),
@@ -175,6 +191,7 @@ impl Server {
             report: shared.acme.clone(),
         });
         acme.load_stored();
+        let (listeners, admin) = listen(&shared.live().config, inherited)?;
         Ok(Server {
             handle: Handle {
                 shared,
@@ -182,6 +199,7 @@ impl Server {
             },
             listeners,
             certs: watch,
+            leaves: (leaves, due),
             admin,
             acme,
         })
@@ -218,6 +236,7 @@ impl Server {
             handle,
             listeners,
             certs,
+            leaves,
             admin,
             acme,
         } = self;
@@ -226,6 +245,7 @@ impl Server {
         let background = [
             tokio::spawn(watch_certificates(handle.shared.clone(), certs)),
             tokio::spawn(acme.run()),
+            tokio::spawn(issue_leaves(handle.shared.clone(), leaves)),
         ];
         #[cfg(target_os = "linux")]
         handle.shared.engines.start();
@@ -442,6 +462,24 @@ async fn probe_peers(shared: Arc<Shared>) {
         crate::peers::targets(&shared.live().config)
     })
     .await
+}
+
+/// Keeps the internal CA's leaves current: each at its due time, and all
+/// at once after a reload.
+async fn issue_leaves(shared: Arc<Shared>, (mut leaves, mut due): (Leaves, Option<SystemTime>)) {
+    const IDLE: Duration = Duration::from_secs(3600);
+    let mut reloads = shared.reloaded.subscribe();
+    loop {
+        let wait = match due {
+            Some(at) => at.duration_since(SystemTime::now()).unwrap_or_default(),
+            None => IDLE,
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait.min(IDLE)) => {}
+            _ = reloads.changed() => {}
+        }
+        due = leaves.sync(&shared.live().config, &shared.certs);
+    }
 }
 
 /// Re-checks certificate files every `certs.poll`, and at once after a reload.

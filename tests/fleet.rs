@@ -312,6 +312,10 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 nodes[i].start();
                 wait_listening(nodes[i].tls).await;
+                // Down until its accept loops run, which the log says.
+                if let Some(process) = &nodes[i].process {
+                    process.wait_log("listening addr=", 1).await;
+                }
                 faults.push(Fault {
                     node: i,
                     start,

@@ -4,6 +4,7 @@
 //! renewal, a reload, or a retry after backoff.
 
 mod ari;
+pub mod dns01;
 pub mod client;
 pub mod order;
 pub mod schedule;
@@ -19,16 +20,17 @@ use arc_swap::ArcSwap;
 use instant_acme::{Account, CertificateIdentifier, ExternalAccountKey, NewAccount};
 
 use self::ari::certificate_id;
-use self::order::{OrderError, Request, Step};
+use self::dns01::Updater;
+use self::order::{OrderError, Request, Solver, Step};
 use self::site::{Hush, SiteState};
 use self::status::Report;
 pub use self::status::{Renewal, Window};
 use self::storage::{AccountFile, Meta, StorageError, Stored};
 use crate::certs::disk::{self, CertError, Loaded};
 use crate::certs::store::{CertStore, Entry, Source};
-use crate::config::{Acme, Config, SiteId};
+use crate::config::{Acme, Challenge, Config, SiteId};
 use crate::http::challenge::ChallengeStore;
-use crate::metrics::ACME_ORDERS;
+use crate::metrics::{ACME_CHALLENGE, ACME_ORDERS};
 use crate::state::Live;
 use tokio::sync::watch;
 
@@ -169,6 +171,9 @@ impl Manager {
             .retain(|site, entry| entry.source != Source::Acme || labels.iter().any(|l| l == site));
         for site in managed {
             let label = config.site(site).label.clone();
+            let challenge = config.challenge_of(&label).as_str();
+            metrics::gauge!(ACME_CHALLENGE, "site" => label.clone(), "challenge" => challenge)
+                .set(1.0);
             let identifiers = identifiers(config, site);
             let stale = self
                 .sites
@@ -328,7 +333,7 @@ impl Manager {
         };
         match result {
             Ok(loaded) => {
-                self.inputs.report.order_ended(true);
+                self.inputs.report.order_ended(label, None);
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "issued")
                     .increment(1);
                 state.failures = 0;
@@ -344,7 +349,7 @@ impl Manager {
                 state.current = Some(loaded);
             }
             Err(e) => {
-                self.inputs.report.order_ended(false);
+                self.inputs.report.order_ended(label, Some(causes(&e)));
                 metrics::counter!(ACME_ORDERS, "site" => label.to_string(), "outcome" => "failed")
                     .increment(1);
                 state.failures += 1;
@@ -390,8 +395,16 @@ impl Manager {
             replaces,
             key_type: acme.key_type,
         };
-        let (chain_pem, key_pem) =
-            order::obtain(&account, &self.inputs.challenges, request).await?;
+        let live = self.inputs.live.load_full();
+        let updater = match (live.config.challenge_of(label), &live.config.dns01) {
+            (Challenge::Dns01, Some(dns01)) => Some(Updater::new(dns01).map_err(OrderError::Dns)?),
+            _ => None,
+        };
+        let solver = match &updater {
+            Some(updater) => Solver::Dns01(updater),
+            None => Solver::Http01(&self.inputs.challenges),
+        };
+        let (chain_pem, key_pem) = order::obtain(&account, solver, request).await?;
         let loaded = disk::from_pem(chain_pem.as_bytes(), key_pem.as_bytes(), label)?;
         let stored = Stored {
             chain_pem,

@@ -1,5 +1,6 @@
-//! One ACME order, HTTP-01 through this node's challenge store: tokens are
-//! in place before a challenge is set ready and removed afterwards.
+//! One ACME order, HTTP-01 through this node's challenge store or DNS-01
+//! through RFC 2136 updates: tokens and records are in place before a
+//! challenge is set ready, and removed afterwards whatever the outcome.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use instant_acme::{
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 
+use super::dns01::{DnsError, Placed, Updater};
 use crate::config::KeyType;
 use crate::http::challenge::{ChallengeStore, Full};
 
@@ -28,8 +30,10 @@ pub enum OrderError {
         step: Step,
         source: instant_acme::Error,
     },
-    #[error("no http-01 challenge offered for {0}")]
-    NoHttp01(String),
+    #[error("no {0} challenge offered for {1}")]
+    NoChallenge(&'static str, String),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     #[error("authorization for {0} is {1:?}")]
     Authorization(String, AuthorizationStatus),
     #[error("order ended {0:?}")]
@@ -84,9 +88,10 @@ impl OrderError {
     pub fn step(&self) -> Step {
         match self {
             OrderError::Acme { step, .. } => *step,
-            OrderError::NoHttp01(_) | OrderError::Authorization(..) | OrderError::Challenges(_) => {
-                Step::Challenge
-            }
+            OrderError::NoChallenge(..)
+            | OrderError::Dns(_)
+            | OrderError::Authorization(..)
+            | OrderError::Challenges(_) => Step::Challenge,
             OrderError::Order(_) => Step::PollReady,
             OrderError::Csr(_) => Step::Csr,
         }
@@ -106,10 +111,25 @@ pub struct Request<'a> {
     pub key_type: KeyType,
 }
 
+/// How this order's challenges are answered.
+pub enum Solver<'a> {
+    /// A token in this node's store, which port 80 serves (and other
+    /// holders ask for).
+    Http01(&'a ChallengeStore),
+    /// A TXT record written through RFC 2136.
+    Dns01(&'a Updater),
+}
+
+/// What an answered challenge left in place, to be removed.
+enum Answer {
+    Token(String),
+    Record(Box<Placed>),
+}
+
 /// Runs the order to the end; returns (chain PEM, key PEM).
 pub async fn obtain(
     account: &Account,
-    challenges: &ChallengeStore,
+    solver: Solver<'_>,
     request: Request<'_>,
 ) -> Result<(String, String), OrderError> {
     let site = request.site;
@@ -133,7 +153,7 @@ pub async fn obtain(
         .await
         .map_err(at(Step::NewOrder))?;
 
-    let mut tokens = Vec::new();
+    let mut answers = Vec::new();
     let result = async {
         let mut authorizations = order.authorizations();
         while let Some(authorization) = authorizations.next().await {
@@ -144,13 +164,26 @@ pub async fn obtain(
                 AuthorizationStatus::Valid => continue,
                 other => return Err(OrderError::Authorization(name, other)),
             }
+            let (kind, label) = match solver {
+                Solver::Http01(_) => (ChallengeType::Http01, "http-01"),
+                Solver::Dns01(_) => (ChallengeType::Dns01, "dns-01"),
+            };
             let mut challenge = authorization
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| OrderError::NoHttp01(name.clone()))?;
+                .challenge(kind)
+                .ok_or_else(|| OrderError::NoChallenge(label, name.clone()))?;
             let key_authorization = challenge.key_authorization();
-            challenges.insert(&challenge.token, key_authorization.as_str(), TOKEN_TTL)?;
-            tokens.push(challenge.token.clone());
-            tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, "HTTP-01 token in place, set ready");
+            match solver {
+                Solver::Http01(store) => {
+                    store.insert(&challenge.token, key_authorization.as_str(), TOKEN_TTL)?;
+                    answers.push(Answer::Token(challenge.token.clone()));
+                    tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, "HTTP-01 token in place, set ready");
+                }
+                Solver::Dns01(updater) => {
+                    let placed = updater.present(&name, &key_authorization.dns_value()).await?;
+                    tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, record = %placed.name(), "DNS-01 TXT visible at the server, set ready");
+                    answers.push(Answer::Record(Box::new(placed)));
+                }
+            }
             challenge.set_ready().await.map_err(at(Step::SetReady))?;
         }
         let status = order.poll_ready(&POLL).await.map_err(at(Step::PollReady))?;
@@ -160,8 +193,12 @@ pub async fn obtain(
         Ok(())
     }
     .await;
-    for token in &tokens {
-        challenges.remove(token);
+    for answer in &answers {
+        match (answer, &solver) {
+            (Answer::Token(token), Solver::Http01(store)) => store.remove(token),
+            (Answer::Record(placed), Solver::Dns01(updater)) => updater.remove(placed).await,
+            _ => {}
+        }
     }
     result?;
 

@@ -25,6 +25,8 @@ pub struct Report {
     /// Orders that ended in an installed certificate, and failures.
     issued: AtomicU64,
     failed: AtomicU64,
+    /// Each site's last order's error, until an order succeeds.
+    errors: Mutex<HashMap<String, String>>,
 }
 
 impl Report {
@@ -38,9 +40,26 @@ impl Report {
         }
     }
 
-    pub fn order_ended(&self, issued: bool) {
-        let count = if issued { &self.issued } else { &self.failed };
+    /// An order for `site` ended: in an installed certificate (`None`) or
+    /// in this error.
+    pub fn order_ended(&self, site: &str, error: Option<String>) {
+        let count = if error.is_none() {
+            &self.issued
+        } else {
+            &self.failed
+        };
         count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut errors) = self.errors.lock() {
+            match error {
+                Some(error) => errors.insert(site.to_string(), error),
+                None => errors.remove(site),
+            };
+        }
+    }
+
+    /// The last order's error for `site`, while it has no newer success.
+    pub fn last_error(&self, site: &str) -> Option<String> {
+        self.errors.lock().ok()?.get(site).cloned()
     }
 
     /// Orders that ended in an installed certificate since start.

@@ -3,11 +3,11 @@
 //! rename), private files 0600; read back at start so a restart does not
 //! order again.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use instant_acme::AccountCredentials;
+
+use crate::certs::disk;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -116,71 +116,7 @@ pub fn save_site(state_dir: &Path, site: &str, stored: &Stored) -> Result<(), St
     write_atomic(&dir.join("meta.json"), &meta, 0o644)
 }
 
-/// Temp file in the same directory, fsync, rename over, fsync the directory.
+/// [`disk::write_atomic`], the error naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StorageError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| error(&tmp, e))?;
-    file.write_all(bytes).map_err(|e| error(&tmp, e))?;
-    file.sync_all().map_err(|e| error(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| error(path, e))?;
-    if let Ok(dir) = std::fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sites_round_trip_with_private_keys() {
-        let dir = std::env::temp_dir().join(format!("sni-router-storage-{}", std::process::id()));
-        let stored = Stored {
-            chain_pem: "CHAIN".into(),
-            key_pem: "KEY".into(),
-            meta: Meta {
-                identifiers: vec!["a.test".into()],
-                profile: None,
-            },
-        };
-        save_site(&dir, "a.test", &stored).unwrap();
-        let back = load_site(&dir, "a.test").unwrap().unwrap();
-        assert_eq!(
-            (back.chain_pem.as_str(), back.key_pem.as_str()),
-            ("CHAIN", "KEY")
-        );
-        assert_eq!(back.meta, stored.meta);
-        let mode = std::fs::metadata(dir.join("sites/a.test/key.pem"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert!(load_site(&dir, "other.test").unwrap().is_none());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn an_unwritable_state_dir_is_named() {
-        let dir = std::env::temp_dir().join(format!("sni-router-probe-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        check_writable(&dir).unwrap();
-        assert!(!dir.join(".writable").exists(), "the probe is removed");
-        // A symlink to a volume not mounted: even root cannot write there.
-        let state = dir.join("state");
-        std::os::unix::fs::symlink(dir.join("unmounted/state"), &state).unwrap();
-        let e = check_writable(&state).unwrap_err().to_string();
-        assert!(e.contains("acme.state_dir is not writable"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    disk::write_atomic(path, bytes, mode).map_err(|e| error(path, e))
 }

@@ -16,6 +16,17 @@ use super::disk::Loaded;
 pub enum Source {
     Files,
     Acme,
+    Internal,
+}
+
+impl Source {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Files => "files",
+            Source::Acme => "acme",
+            Source::Internal => "internal",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use super::disk;
 use super::store::{CertStore, Entry, Source};
-use crate::config::{CertFiles, Config, SiteId, SiteRoute};
+use crate::config::{CertFiles, Config, Issuer, SiteId, SiteRoute};
 
 /// What we last loaded, to notice changes by modification time and size.
 type Stamp = Option<(SystemTime, u64)>;
@@ -35,7 +35,7 @@ impl FileWatch {
         let mut keep = Vec::new();
         for (index, site) in config.sites.iter().enumerate() {
             let SiteRoute::Held {
-                cert_files: Some(files),
+                issuer: Issuer::Files(files),
                 ..
             } = &site.route
             else {

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use super::file::{FileConfig, FileSite};
 use super::{
-    Acme, CertFiles, Config, ConfigError, FleetDigest, Http, HttpMode, KeyType, Limits, Listener,
-    Node, NodeId, Problem, ProxyVersion, Site, SiteId, SiteRoute, Timeouts, canonical,
+    Acme, CertFiles, Challenge, Config, ConfigError, Dns01, FleetDigest, Http, HttpMode,
+    InternalCa, Issuer, KeyType, Limits, Listener, Node, NodeId, Problem, ProxyVersion, Site,
+    SiteId, SiteRoute, Timeouts, TsigAlgorithm, canonical,
 };
 use crate::names::{NameTable, Pattern};
 
@@ -76,6 +77,7 @@ pub(super) fn build(text: &str, source: &str, node: Option<&str>) -> Result<Conf
     };
     let config = convert(&mut b, file, source, node).map(|mut config| {
         check_acme(&mut b, &config);
+        check_internal(&mut b, &config);
         config.digest = super::digest::compute(&config);
         config.warnings = std::mem::take(&mut b.warnings);
         config
@@ -109,7 +111,10 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         .map(|(i, n)| (n.name.as_str(), NodeId(i)))
         .collect();
     let this_node = this_node(b, &nodes, &node_ids, node.ok_or(&file.this_node));
-    let (sites, names, site_ids) = sites(b, &file.sites, &node_ids, &base_dir(source));
+    let base = base_dir(source);
+    let dns01 = file.dns01.as_ref().and_then(|d| dns01(b, d, &base));
+    let context = (&node_ids, base.as_path(), dns01.is_some());
+    let (sites, names, site_ids) = sites(b, &file.sites, context);
     let default_site = file
         .default_site
         .as_deref()
@@ -131,7 +136,13 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
     if file.workers == Some(0) {
         b.problem("workers", "must be at least 1");
     }
-    let acme = file.acme.as_ref().map(|a| acme(b, a, source));
+    let state_dir = file.state_dir.as_ref().map(|d| base.join(d));
+    let acme = file
+        .acme
+        .as_ref()
+        .map(|a| acme(b, a, source, state_dir.as_deref()));
+    let internal_ca = internal_ca(b, file.internal_ca.as_ref(), &base);
+    let state_dir = state_dir.or_else(|| acme.as_ref().map(|a| a.state_dir.clone()));
     let admin = admin(b, &file);
     let this_node = this_node?;
     let tls_bind = nodes.get(this_node.0)?.tls_bind;
@@ -153,6 +164,9 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         cert_poll,
         http,
         acme,
+        state_dir,
+        internal_ca,
+        dns01,
         admin,
         warnings: Vec::new(),
     })
@@ -372,12 +386,7 @@ fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashMap<IpAddr, Node
 
 type SiteTables = (Vec<Site>, NameTable<SiteId>, HashMap<Pattern, SiteId>);
 
-fn sites(
-    b: &mut Builder,
-    file: &[FileSite],
-    node_ids: &HashMap<&str, NodeId>,
-    base: &Path,
-) -> SiteTables {
+fn sites(b: &mut Builder, file: &[FileSite], context: Context) -> SiteTables {
     let mut sites = Vec::new();
     let mut names = NameTable::default();
     let mut by_pattern: HashMap<Pattern, SiteId> = HashMap::new();
@@ -406,7 +415,7 @@ fn sites(
             by_pattern.insert(pattern.clone(), id);
             patterns.push(pattern);
         }
-        let route = site_route(b, &field, s, (node_ids, base));
+        let route = site_route(b, &field, s, context);
         let proxy_protocol = match s.proxy_protocol.as_deref() {
             None | Some("none") => None,
             Some("v1") => Some(ProxyVersion::V1),
@@ -453,16 +462,16 @@ fn sites(
     (sites, names, by_pattern)
 }
 
-/// What a site's fields refer to: node names, and the config file's
-/// directory for relative paths.
-type Context<'a> = (&'a HashMap<&'a str, NodeId>, &'a Path);
+/// What a site's fields refer to: node names, the config file's directory
+/// for relative paths, and whether `[dns01]` exists.
+type Context<'a> = (&'a HashMap<&'a str, NodeId>, &'a Path, bool);
 
 /// A site its holders terminate: holders, upstream, certificate files, ALPN.
 fn held(
     b: &mut Builder,
     field: &str,
     s: &FileSite,
-    (node_ids, base): Context,
+    (node_ids, base, dns01): Context,
 ) -> Option<SiteRoute> {
     let mut holders = Vec::new();
     for (j, name) in s.held_by.iter().enumerate() {
@@ -488,7 +497,142 @@ fn held(
             None
         }
     };
-    let cert_files = match (&s.cert_file, &s.key_file) {
+    let issuer = issuer(b, field, s, base);
+    let challenge = challenge(b, field, s, dns01);
+    let alpn = alpn(b, field, s.alpn.as_deref());
+    Some(SiteRoute::Held {
+        holders,
+        upstream: upstream?,
+        issuer,
+        challenge,
+        alpn,
+    })
+}
+
+/// How ACME validates a site: as it says; else DNS-01 for a site with a
+/// wildcard when `[dns01]` exists (HTTP-01 cannot validate wildcards);
+/// else HTTP-01.
+fn challenge(b: &mut Builder, field: &str, s: &FileSite, dns01: bool) -> Challenge {
+    let wildcard = s.names.iter().any(|n| n.starts_with("*."));
+    match s.challenge.as_deref() {
+        Some("http-01") => Challenge::Http01,
+        Some("dns-01") if dns01 => Challenge::Dns01,
+        Some("dns-01") => {
+            b.problem(
+                format!("{field}.challenge"),
+                "\"dns-01\" needs a [dns01] section (the server and TSIG key to update)",
+            );
+            Challenge::Dns01
+        }
+        None if wildcard && dns01 => Challenge::Dns01,
+        None => Challenge::Http01,
+        Some(other) => {
+            b.problem(
+                format!("{field}.challenge"),
+                format!("{other:?} is not one of \"http-01\", \"dns-01\""),
+            );
+            Challenge::Http01
+        }
+    }
+}
+
+/// `[dns01]`: the server, the TSIG key and its secret (read now, so
+/// `check` finds an unreadable or exposed secret file).
+fn dns01(b: &mut Builder, d: &super::file::FileDns01, base: &Path) -> Option<Dns01> {
+    let server = b.addr("dns01.server", &d.server);
+    let algorithm = match d.tsig_algorithm.as_deref() {
+        None | Some("hmac-sha256") => TsigAlgorithm::HmacSha256,
+        Some("hmac-sha384") => TsigAlgorithm::HmacSha384,
+        Some("hmac-sha512") => TsigAlgorithm::HmacSha512,
+        Some(other) => {
+            b.problem(
+                "dns01.tsig_algorithm",
+                format!(
+                    "{other:?} is not one of \"hmac-sha256\", \"hmac-sha384\", \"hmac-sha512\""
+                ),
+            );
+            TsigAlgorithm::HmacSha256
+        }
+    };
+    if crate::names::Pattern::parse(d.tsig_key.trim_end_matches('.')).is_none() {
+        b.problem(
+            "dns01.tsig_key",
+            format!("{:?} is not a DNS name", d.tsig_key),
+        );
+    }
+    let zone = d
+        .zone
+        .as_ref()
+        .map(|z| z.trim_end_matches('.').to_ascii_lowercase());
+    if let Some(zone) = &zone
+        && crate::names::Pattern::parse(zone).is_none()
+    {
+        b.problem("dns01.zone", format!("{zone:?} is not a DNS name"));
+    }
+    let propagation_timeout = b.duration(
+        "dns01.propagation_timeout",
+        d.propagation_timeout.as_deref(),
+        Duration::from_secs(120),
+    );
+    let secret_file = base.join(&d.tsig_secret_file);
+    let secret = match read_tsig_secret(&secret_file) {
+        Ok(secret) => Some(secret),
+        Err(message) => {
+            b.problem("dns01.tsig_secret_file", message);
+            None
+        }
+    };
+    Some(Dns01 {
+        server: server?,
+        key_name: d.tsig_key.trim_end_matches('.').to_ascii_lowercase(),
+        algorithm,
+        secret: secret?,
+        zone,
+        propagation_timeout,
+        ttl: d.ttl.unwrap_or(60),
+    })
+}
+
+/// The base64 secret of a TSIG key file: the bare secret, or the
+/// `secret "..."` of a BIND key file (`tsig-keygen`), or the `secret:` of a
+/// Knot one (`keymgr -t`). Refused when group or others may read it.
+fn read_tsig_secret(path: &Path) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    if meta.permissions().mode() & 0o044 != 0 {
+        return Err(format!(
+            "{shown} may be read by group or others (mode {:o}): chmod 0600 it",
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+    let secret = text
+        .lines()
+        .find_map(|line| {
+            let line = line.trim().trim_start_matches("- ");
+            let rest = line.strip_prefix("secret")?;
+            Some(
+                rest.trim_start_matches([' ', ':', '"'])
+                    .trim_end_matches([';', '"', ' ']),
+            )
+        })
+        .unwrap_or(text.trim());
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(secret)
+        .map_err(|e| format!("{shown}: the secret is not base64: {e}"))?;
+    if decoded.is_empty() {
+        return Err(format!("{shown}: the secret is empty"));
+    }
+    Ok(decoded)
+}
+
+/// Where a held site's certificate comes from: its files when it names
+/// them, else `issuer`, else the internal CA for names under `.localhost`
+/// (no public CA signs them) and ACME for the rest.
+fn issuer(b: &mut Builder, field: &str, s: &FileSite, base: &Path) -> Issuer {
+    let files = match (&s.cert_file, &s.key_file) {
         (Some(cert), Some(key)) => Some(CertFiles {
             cert: base.join(cert),
             key: base.join(key),
@@ -503,13 +647,33 @@ fn held(
             None
         }
     };
-    let alpn = alpn(b, field, s.alpn.as_deref());
-    Some(SiteRoute::Held {
-        holders,
-        upstream: upstream?,
-        cert_files,
-        alpn,
-    })
+    let local = s.names.iter().all(|n| is_local_name(n));
+    match (s.issuer.as_deref(), files) {
+        (None, Some(files)) => Issuer::Files(files),
+        (None, None) if local => Issuer::Internal,
+        (None | Some("acme"), None) => Issuer::Acme,
+        (Some("internal"), None) => Issuer::Internal,
+        (Some(kind @ ("acme" | "internal")), Some(files)) => {
+            b.problem(
+                format!("{field}.issuer"),
+                format!("a site with cert_file cannot also have issuer = {kind:?}"),
+            );
+            Issuer::Files(files)
+        }
+        (Some(other), _) => {
+            b.problem(
+                format!("{field}.issuer"),
+                format!("{other:?} is not one of \"acme\", \"internal\""),
+            );
+            Issuer::Acme
+        }
+    }
+}
+
+/// `localhost` and names under it, which no public CA signs (RFC 6761).
+fn is_local_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 fn site_route(b: &mut Builder, field: &str, s: &FileSite, context: Context) -> Option<SiteRoute> {
@@ -576,7 +740,44 @@ fn alpn(b: &mut Builder, field: &str, raw: Option<&[String]>) -> Vec<Vec<u8>> {
     out
 }
 
-fn acme(b: &mut Builder, a: &super::file::FileAcme, source: &str) -> Acme {
+/// `[internal_ca]`: an existing CA's files, and the leaves' lifetime.
+fn internal_ca(
+    b: &mut Builder,
+    ca: Option<&super::file::FileInternalCa>,
+    base: &Path,
+) -> InternalCa {
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+    let Some(ca) = ca else {
+        return InternalCa {
+            files: None,
+            lifetime: WEEK,
+        };
+    };
+    let files = match (&ca.cert_file, &ca.key_file) {
+        (Some(cert), Some(key)) => Some(CertFiles {
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            b.problem("internal_ca.key_file", "cert_file needs a key_file");
+            None
+        }
+        (None, Some(_)) => {
+            b.problem("internal_ca.cert_file", "key_file needs a cert_file");
+            None
+        }
+    };
+    let lifetime = b.duration("internal_ca.lifetime", ca.lifetime.as_deref(), WEEK);
+    InternalCa { files, lifetime }
+}
+
+fn acme(
+    b: &mut Builder,
+    a: &super::file::FileAcme,
+    source: &str,
+    state_dir: Option<&Path>,
+) -> Acme {
     use base64::Engine;
     let key_type = match a.key_type.as_deref() {
         None | Some("ecdsa-p256") => KeyType::EcdsaP256,
@@ -619,7 +820,17 @@ fn acme(b: &mut Builder, a: &super::file::FileAcme, source: &str) -> Acme {
     Acme {
         directory: a.directory.clone(),
         contact: a.contact.clone(),
-        state_dir: base_dir(source).join(&a.state_dir),
+        state_dir: match (&a.state_dir, state_dir) {
+            (Some(dir), _) => base_dir(source).join(dir),
+            (None, Some(dir)) => dir.to_path_buf(),
+            (None, None) => {
+                b.problem(
+                    "state_dir",
+                    "[acme] needs a state_dir (top level, or acme.state_dir)",
+                );
+                std::path::PathBuf::new()
+            }
+        },
         ca_file: a.ca_file.as_ref().map(|f| base_dir(source).join(f)),
         profile: a.profile.clone(),
         eab,
@@ -630,6 +841,22 @@ fn acme(b: &mut Builder, a: &super::file::FileAcme, source: &str) -> Acme {
     }
 }
 
+/// The internal CA keeps its root and leaves in `state_dir`.
+fn check_internal(b: &mut Builder, config: &Config) {
+    if config.state_dir.is_some() {
+        return;
+    }
+    if let Some(site) = config.internal_sites().first() {
+        b.problem(
+            format!("sites[{}].issuer", site.0),
+            format!(
+                "{}: the internal CA needs a state_dir (top level) for its root and leaves",
+                config.site(*site).label
+            ),
+        );
+    }
+}
+
 /// ACME rules that need the whole config: wildcards cannot be validated
 /// over HTTP-01, and identical identifier sets from several holders count
 /// against the CA's duplicate-certificate limit.
@@ -637,17 +864,23 @@ fn check_acme(b: &mut Builder, config: &Config) {
     let Some(acme) = &config.acme else { return };
     for site in config.acme_sites() {
         let s = config.site(site);
-        for name in s.names.iter().filter(|n| n.is_wildcard()) {
-            b.problem(
-                format!("sites[{}].names", site.0),
-                format!(
-                    "{name}: wildcard names cannot be validated over HTTP-01; give this site a cert_file (e.g. from a DNS-01 client)"
-                ),
-            );
-        }
-        let SiteRoute::Held { holders, .. } = &s.route else {
+        let SiteRoute::Held {
+            holders, challenge, ..
+        } = &s.route
+        else {
             continue;
         };
+        for name in s.names.iter().filter(|n| n.is_wildcard()) {
+            if *challenge == Challenge::Http01 {
+                b.problem(
+                    format!("sites[{}].names", site.0),
+                    format!(
+                        "{name}: wildcard names cannot be validated over HTTP-01; add a [dns01] section \
+                         (RFC 2136 updates), or give this site a cert_file"
+                    ),
+                );
+            }
+        }
         let same_sets = holders
             .iter()
             .filter(|h| config.node(**h).acme_name.is_none())

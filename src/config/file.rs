@@ -19,6 +19,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub http: FileHttp,
     pub acme: Option<FileAcme>,
+    pub state_dir: Option<String>,
+    pub internal_ca: Option<FileInternalCa>,
+    pub dns01: Option<FileDns01>,
     pub admin: Option<FileAdmin>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
@@ -83,7 +86,8 @@ pub struct FileAcme {
     pub directory: String,
     #[serde(default)]
     pub contact: Vec<String>,
-    pub state_dir: String,
+    /// The older spelling of the top-level `state_dir`.
+    pub state_dir: Option<String>,
     pub ca_file: Option<String>,
     pub profile: Option<String>,
     pub eab: Option<FileEab>,
@@ -92,6 +96,26 @@ pub struct FileAcme {
     pub key_type: Option<String>,
     pub retry_min: Option<String>,
     pub retry_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDns01 {
+    pub server: String,
+    pub tsig_key: String,
+    pub tsig_algorithm: Option<String>,
+    pub tsig_secret_file: String,
+    pub zone: Option<String>,
+    pub propagation_timeout: Option<String>,
+    pub ttl: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInternalCa {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub lifetime: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +142,8 @@ pub struct FileSite {
     pub proxy_protocol: Option<String>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    pub issuer: Option<String>,
+    pub challenge: Option<String>,
     pub alpn: Option<Vec<String>>,
     pub http: Option<String>,
 }

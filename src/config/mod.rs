@@ -53,6 +53,12 @@ pub struct Config {
     pub cert_poll: Duration,
     pub http: Http,
     pub acme: Option<Acme>,
+    /// Where the router keeps what it makes: ACME state, the internal CA
+    /// and its leaves.
+    pub state_dir: Option<PathBuf>,
+    pub internal_ca: InternalCa,
+    /// DNS-01 through RFC 2136 updates, when `[dns01]` exists.
+    pub dns01: Option<Dns01>,
     /// Where /metrics, /healthz, /readyz and /status are served; off when absent.
     pub admin: Option<SocketAddr>,
     /// Not errors, but worth an operator's look (printed by `check`, logged at start).
@@ -77,6 +83,90 @@ pub struct Acme {
     /// Backoff after a failed order: first delay, and the cap.
     pub retry_min: Duration,
     pub retry_max: Duration,
+}
+
+/// Where and how DNS-01 records are written: RFC 2136 updates signed with
+/// TSIG, sent to one primary server.
+#[derive(Clone)]
+pub struct Dns01 {
+    pub server: SocketAddr,
+    /// The TSIG key's name, as the server knows it (`acme-update.`).
+    pub key_name: String,
+    pub algorithm: TsigAlgorithm,
+    /// The decoded secret, read from `tsig_secret_file`.
+    pub secret: Vec<u8>,
+    /// The zone to update; found by SOA lookup at `server` when absent.
+    pub zone: Option<String>,
+    /// How long to wait for `server` to answer the TXT before telling the CA.
+    pub propagation_timeout: Duration,
+    pub ttl: u32,
+}
+
+impl std::fmt::Debug for Dns01 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dns01")
+            .field("server", &self.server)
+            .field("key_name", &self.key_name)
+            .field("algorithm", &self.algorithm)
+            .field("zone", &self.zone)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TsigAlgorithm {
+    HmacSha256,
+    HmacSha384,
+    HmacSha512,
+}
+
+/// How an ACME CA validates a site's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// A token on port 80, answered here or by another holder.
+    Http01,
+    /// A TXT record written through `[dns01]`; the only way for wildcards.
+    Dns01,
+}
+
+impl Challenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::Http01 => "http-01",
+            Challenge::Dns01 => "dns-01",
+        }
+    }
+}
+
+/// A CA of the router's own, for names no public CA signs.
+#[derive(Debug, Clone)]
+pub struct InternalCa {
+    /// An existing CA to issue from (`[internal_ca] cert_file/key_file`);
+    /// without it, `state_dir/ca/`, created on first use.
+    pub files: Option<CertFiles>,
+    /// How long a leaf is valid; it is renewed with a third of that left.
+    pub lifetime: Duration,
+}
+
+/// Where a held site's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issuer {
+    /// PEM files the operator keeps current (`cert_file`/`key_file`).
+    Files(CertFiles),
+    /// ACME, when `[acme]` exists.
+    Acme,
+    /// The router's internal CA.
+    Internal,
+}
+
+impl Issuer {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Issuer::Files(_) => "files",
+            Issuer::Acme => "acme",
+            Issuer::Internal => "internal",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,8 +227,9 @@ pub enum SiteRoute {
     Held {
         holders: Vec<NodeId>,
         upstream: SocketAddr,
-        /// PEM files; without them the certificate comes from ACME.
-        cert_files: Option<CertFiles>,
+        issuer: Issuer,
+        /// How ACME validates the names, when `issuer` is ACME.
+        challenge: Challenge,
         /// ALPN protocols offered after termination, in preference order.
         alpn: Vec<Vec<u8>>,
     },
@@ -305,7 +396,37 @@ impl Config {
                     && matches!(
                         &self.site(*id).route,
                         SiteRoute::Held {
-                            cert_files: None,
+                            issuer: Issuer::Acme,
+                            ..
+                        }
+                    )
+            })
+            .collect()
+    }
+
+    /// How ACME validates the site `label` (HTTP-01 for a site it does
+    /// not know).
+    pub fn challenge_of(&self, label: &str) -> Challenge {
+        self.sites
+            .iter()
+            .find(|s| s.label == label)
+            .and_then(|s| match &s.route {
+                SiteRoute::Held { challenge, .. } => Some(*challenge),
+                SiteRoute::Passthrough { .. } => None,
+            })
+            .unwrap_or(Challenge::Http01)
+    }
+
+    /// Sites this node holds whose certificates come from the internal CA.
+    pub fn internal_sites(&self) -> Vec<SiteId> {
+        (0..self.sites.len())
+            .map(SiteId)
+            .filter(|id| {
+                self.holds(*id)
+                    && matches!(
+                        &self.site(*id).route,
+                        SiteRoute::Held {
+                            issuer: Issuer::Internal,
                             ..
                         }
                     )
@@ -355,13 +476,14 @@ impl Config {
                 SiteRoute::Held {
                     holders,
                     upstream,
-                    cert_files,
+                    issuer,
                     ..
                 } if holders.contains(&self.this_node) => {
-                    let source = match (cert_files, &self.acme) {
-                        (Some(_), _) => "cert_file",
-                        (None, Some(_)) => "ACME",
-                        (None, None) => "no certificate source",
+                    let source = match (issuer, &self.acme) {
+                        (Issuer::Files(_), _) => "cert_file",
+                        (Issuer::Acme, Some(_)) => "ACME",
+                        (Issuer::Acme, None) => "no certificate source",
+                        (Issuer::Internal, _) => "internal CA",
                     };
                     format!("terminate -> {upstream} ({source}; until valid, splice to peers)")
                 }

@@ -178,7 +178,7 @@ fn acme_refuses_wildcards_it_cannot_validate() {
         &format!(
             "{ACME}[[sites]]\nnames = [\"*.w.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:1\"\n"
         ),
-        "sites[0].names: *.w.test: wildcard names cannot be validated over HTTP-01; give this site a cert_file",
+        "sites[0].names: *.w.test: wildcard names cannot be validated over HTTP-01; add a [dns01] section",
     );
     // With a cert_file the wildcard is fine.
     let text = format!(
@@ -226,4 +226,188 @@ fn acme_fields_are_checked() {
             .any(|p| p.contains("acme.eab.hmac_key: not base64url")),
         "{problems:?}"
     );
+}
+
+fn issuer_of(config: &Config, label: &str) -> Issuer {
+    let site = config.sites.iter().find(|s| s.label == label).unwrap();
+    match &site.route {
+        SiteRoute::Held { issuer, .. } => issuer.clone(),
+        SiteRoute::Passthrough { .. } => panic!("{label} is not held"),
+    }
+}
+
+#[test]
+fn held_sites_take_their_issuer_from_files_the_field_or_their_names() {
+    let text = format!(
+        "state_dir = \"state\"\n{NODES}{ACME}{}",
+        r#"
+[[sites]]
+names = ["app.localhost", "*.app.localhost"]
+held_by = ["a"]
+upstream = "127.0.0.1:9000"
+[[sites]]
+names = ["lab.internal"]
+held_by = ["a"]
+upstream = "127.0.0.1:9000"
+issuer = "internal"
+[[sites]]
+names = ["shop.example.org"]
+held_by = ["a"]
+upstream = "127.0.0.1:9000"
+[[sites]]
+names = ["files.example.org"]
+held_by = ["a"]
+upstream = "127.0.0.1:9000"
+cert_file = "c.pem"
+key_file = "k.pem"
+"#
+    );
+    let config = Config::parse(&text, "/etc/r/fleet.toml", None).unwrap();
+    assert_eq!(issuer_of(&config, "app.localhost"), Issuer::Internal);
+    assert_eq!(issuer_of(&config, "lab.internal"), Issuer::Internal);
+    assert_eq!(issuer_of(&config, "shop.example.org"), Issuer::Acme);
+    assert!(matches!(
+        issuer_of(&config, "files.example.org"),
+        Issuer::Files(_)
+    ));
+    assert_eq!(config.internal_sites().len(), 2);
+    assert_eq!(config.acme_sites().len(), 1);
+    // acme.state_dir, the older spelling, wins for ACME; the top level is
+    // the router's own.
+    assert_eq!(config.state_dir.as_deref(), Some(Path::new("/etc/r/state")));
+    assert_eq!(config.internal_ca.lifetime, Duration::from_secs(7 * 86_400));
+}
+
+#[test]
+fn the_internal_ca_needs_a_state_dir_and_issuer_values_are_checked() {
+    let site = |more: &str| {
+        format!(
+            "[[sites]]\nnames = [\"app.localhost\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:9000\"\n{more}"
+        )
+    };
+    assert_problem(
+        &site(""),
+        "sites[0].issuer: app.localhost: the internal CA needs a state_dir",
+    );
+    assert_problem(
+        &site("issuer = \"vault\"\n"),
+        "sites[0].issuer: \"vault\" is not one of",
+    );
+    assert_problem(
+        &site("issuer = \"internal\"\ncert_file = \"c\"\nkey_file = \"k\"\n"),
+        "cannot also have issuer",
+    );
+    assert_problem(
+        "[acme]\ndirectory = \"https://ca.test/dir\"\n",
+        "state_dir: [acme] needs a state_dir",
+    );
+    assert_problem(
+        "top:state_dir = \"s\"\n[internal_ca]\ncert_file = \"ca.pem\"\nlifetime = \"soon\"\n",
+        "internal_ca.key_file: cert_file needs a key_file",
+    );
+    // A site held elsewhere needs nothing here.
+    let text = format!(
+        "{NODES}[[sites]]\nnames = [\"app.localhost\"]\nheld_by = [\"b\"]\nupstream = \"127.0.0.1:9000\"\n"
+    );
+    assert!(Config::parse(&text, "fleet.toml", None).is_ok());
+}
+
+#[test]
+fn acme_state_dir_may_come_from_the_top_level() {
+    let text = format!("state_dir = \"var\"\n{NODES}[acme]\ndirectory = \"https://ca.test/dir\"\n");
+    let config = Config::parse(&text, "/etc/r/fleet.toml", None).unwrap();
+    assert_eq!(config.acme.unwrap().state_dir, Path::new("/etc/r/var"));
+}
+
+/// A `[dns01]` section whose secret file holds `secret_text` with `mode`.
+fn dns01_section(dir: &Path, secret_text: &str, mode: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir.join("tsig.secret");
+    std::fs::write(&file, secret_text).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    format!(
+        "[dns01]\nserver = \"127.0.0.1:53\"\ntsig_key = \"acme-update.\"\ntsig_secret_file = \"{}\"\n",
+        file.display()
+    )
+}
+
+const WILD: &str = "[[sites]]\nnames = [\"*.w.test\", \"w.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:1\"\n";
+
+fn challenge_of(config: &Config, label: &str) -> Challenge {
+    match &config
+        .sites
+        .iter()
+        .find(|s| s.label == label)
+        .unwrap()
+        .route
+    {
+        SiteRoute::Held { challenge, .. } => *challenge,
+        SiteRoute::Passthrough { .. } => panic!("not held"),
+    }
+}
+
+#[test]
+fn a_wildcard_site_takes_dns01_when_the_section_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns01 = dns01_section(dir.path(), "c2VjcmV0IGtleSBieXRlcw==\n", 0o600);
+    let plain = "[[sites]]\nnames = [\"p.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:1\"\n";
+    let text = format!("{NODES}{ACME}{dns01}{WILD}{plain}");
+    let config = Config::parse(&text, "fleet.toml", None).unwrap();
+    assert_eq!(challenge_of(&config, "*.w.test"), Challenge::Dns01);
+    assert_eq!(challenge_of(&config, "p.test"), Challenge::Http01);
+    let dns01 = config.dns01.unwrap();
+    assert_eq!(dns01.secret, b"secret key bytes");
+    assert_eq!(dns01.key_name, "acme-update");
+    assert_eq!(dns01.propagation_timeout, Duration::from_secs(120));
+    // Without the section, the same site is refused, pointing at it.
+    assert_problem(&format!("{ACME}{WILD}"), "add a [dns01] section");
+}
+
+#[test]
+fn dns01_fields_and_the_secret_file_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = dns01_section(dir.path(), "c2VjcmV0\n", 0o644);
+    assert_problem(&exposed, "dns01.tsig_secret_file: ");
+    assert_problem(
+        &exposed,
+        "may be read by group or others (mode 644): chmod 0600 it",
+    );
+    let junk = dns01_section(dir.path(), "not base64!\n", 0o600);
+    assert_problem(&junk, "the secret is not base64");
+    let missing = "[dns01]\nserver = \"127.0.0.1:53\"\ntsig_key = \"k.\"\ntsig_secret_file = \"/nonexistent/tsig\"\n";
+    assert_problem(
+        missing,
+        "dns01.tsig_secret_file: /nonexistent/tsig: No such file",
+    );
+    let good = dns01_section(dir.path(), "c2VjcmV0\n", 0o600);
+    assert_problem(
+        &good.replace("127.0.0.1:53", "ns1.example.org:53"),
+        "dns01.server: \"ns1.example.org:53\" is not a socket address",
+    );
+    assert_problem(
+        &format!("{good}tsig_algorithm = \"hmac-md5\"\n"),
+        "dns01.tsig_algorithm: \"hmac-md5\" is not one of",
+    );
+    assert_problem(
+        "[[sites]]\nnames = [\"x.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:1\"\nchallenge = \"dns-01\"\n",
+        "sites[0].challenge: \"dns-01\" needs a [dns01] section",
+    );
+    assert_problem(
+        &format!(
+            "{good}[[sites]]\nnames = [\"x.test\"]\nheld_by = [\"a\"]\nupstream = \"127.0.0.1:1\"\nchallenge = \"tls-alpn-01\"\n"
+        ),
+        "sites[0].challenge: \"tls-alpn-01\" is not one of",
+    );
+}
+
+#[test]
+fn bind_and_knot_key_files_are_read_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let bind = "key \"acme-update\" {\n\talgorithm hmac-sha256;\n\tsecret \"c2VjcmV0\";\n};\n";
+    let knot = "key:\n  - id: acme-update\n    algorithm: hmac-sha256\n    secret: c2VjcmV0\n";
+    for file in [bind, knot] {
+        let text = format!("{NODES}{}", dns01_section(dir.path(), file, 0o600));
+        let config = Config::parse(&text, "fleet.toml", None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.dns01.unwrap().secret, b"secret");
+    }
 }

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod container;
+pub mod knot;
 pub mod load;
 pub mod pebble;
 pub mod process;

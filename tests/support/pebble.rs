@@ -38,6 +38,8 @@ pub struct Options {
     pub validity: Option<u64>,
     /// Require external account binding with these (kid, base64url HMAC key).
     pub eab: Option<(String, String)>,
+    /// Pebble's DNS (for DNS-01 lookups) instead of pebble-challtestsrv.
+    pub dns_server: Option<SocketAddr>,
 }
 
 impl Pebble {
@@ -113,7 +115,7 @@ impl Pebble {
             challtest,
             config_file,
         };
-        pebble.dns_ready(dns).await;
+        pebble.dns_ready(options.dns_server.unwrap_or(dns)).await;
         pebble.resume().await;
         pebble
     }

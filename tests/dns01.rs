@@ -1,0 +1,231 @@
+//! DNS-01 through RFC 2136 against real servers: Knot DNS holds the zones
+//! and takes TSIG-signed updates, Pebble validates by asking it.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::knot::{Knot, SECRET, Zone};
+use support::pebble::{Options, Pebble, wait_acme};
+use support::*;
+
+const NODES: [(&str, &str); 2] = [("a", "127.0.0.2"), ("b", "127.0.0.3")];
+
+fn nodes() -> Vec<(&'static str, SocketAddr)> {
+    NODES.iter().map(|(n, ip)| (*n, free_addr(ip))).collect()
+}
+
+async fn knot() -> Knot {
+    Knot::start(&[
+        Zone {
+            name: "wild.test",
+            updatable: true,
+            records: "",
+        },
+        Zone {
+            name: "cnamed.test",
+            updatable: false,
+            records: "_acme-challenge CNAME _acme-challenge.cnamed.test.acme.delegated.test.",
+        },
+        Zone {
+            name: "delegated.test",
+            updatable: true,
+            records: "",
+        },
+    ])
+    .await
+}
+
+/// A router config for `this` holding `names` with the others in `nodes`.
+fn config(
+    this: &str,
+    nodes: &[(&str, SocketAddr)],
+    pebble: &Pebble,
+    dir: &std::path::Path,
+    dns01: &str,
+    site: &str,
+) -> String {
+    let top = format!(
+        "{}{dns01}",
+        pebble.acme_section(&dir.join(this).join("state"), "")
+    );
+    fleet_toml(this, nodes, &top, site)
+}
+
+#[tokio::test]
+async fn two_holders_order_a_wildcard_at_once_and_leave_the_zone_clean() {
+    if !have("pebble") || !have("knotd") {
+        return;
+    }
+    let knot = knot().await;
+    let pebble = Pebble::start(Options {
+        dns_server: Some(knot.addr),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes();
+    let site = held_site(&["wild.test", "*.wild.test"], &["a", "b"], NOWHERE, "");
+    let mut routers = Vec::new();
+    for (name, _) in &nodes {
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        let dns01 = knot.section(&dir.path().join(name), SECRET, "");
+        let toml = config(name, &nodes, &pebble, dir.path(), &dns01, &site);
+        routers.push(Router::start(&toml).await);
+    }
+    let a = wait_acme(&routers[0], "wild.test", None).await;
+    let b = wait_acme(&routers[1], "wild.test", None).await;
+    assert_ne!(a, b, "each holder has its own certificate");
+    for router in &routers {
+        let entry = router.handle.shared.certs.get("wild.test").unwrap();
+        assert!(entry.loaded.info.covers("x.wild.test") && entry.loaded.info.covers("wild.test"));
+        assert_eq!(router.handle.shared.acme.failed(), 0, "{}", knot.log());
+    }
+    assert!(
+        knot.txt("_acme-challenge.wild.test").await.is_empty(),
+        "every record removed:\n{}",
+        knot.log()
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_tsig_secret_is_named_writes_nothing_and_the_site_splices_to_a_holder_that_has_one()
+{
+    if !have("pebble") || !have("knotd") {
+        return;
+    }
+    let knot = knot().await;
+    let pebble = Pebble::start(Options {
+        dns_server: Some(knot.addr),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes();
+    let site = held_site(&["*.wild.test"], &["a", "b"], NOWHERE, "");
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let good = knot.section(&dir.path().join("a"), SECRET, "");
+    let wrong = knot.section(
+        &dir.path().join("b"),
+        "d3Jvbmcgc2VjcmV0IGZvciB0aGlzIGtleSEhISEhIQ==",
+        "",
+    );
+    let b = Router::start(&config("b", &nodes, &pebble, dir.path(), &wrong, &site)).await;
+    // Refused, retried after a backoff (retry_min 1 s), never written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.handle.shared.acme.failed() < 2 {
+        assert!(Instant::now() < deadline, "no retry:\n{}", knot.log());
+        assert!(knot.txt("_acme-challenge.wild.test").await.is_empty());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(b.handle.shared.certs.get("*.wild.test").is_none());
+    let error = b
+        .handle
+        .shared
+        .acme
+        .last_error("*.wild.test")
+        .unwrap_or_default();
+    assert!(
+        error.contains(
+            "refused the TSIG key acme-update.: BadSig, adding TXT at _acme-challenge.wild.test."
+        ),
+        "{error}"
+    );
+
+    let a = Router::start(&config("a", &nodes, &pebble, dir.path(), &good, &site)).await;
+    let leaf = wait_acme(&a, "*.wild.test", None).await;
+    // Through b, which has none, a client is spliced to a and sees a's.
+    let ca = pebble.client().await;
+    let (tls, _) = tls_connect(b.addr(), ca, "x.wild.test").await.unwrap();
+    assert_eq!(peer_leaf(&tls), leaf);
+    assert!(knot.txt("_acme-challenge.wild.test").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_cname_delegated_challenge_is_written_in_the_target_zone() {
+    if !have("pebble") || !have("knotd") || !have("unbound") {
+        return;
+    }
+    let knot = knot().await;
+    let resolver = support::knot::Resolver::start(knot.addr).await;
+    let pebble = Pebble::start(Options {
+        dns_server: Some(resolver.addr),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = &nodes()[..1];
+    let site = held_site(
+        &["cnamed.test"],
+        &["a"],
+        NOWHERE,
+        "challenge = \"dns-01\"\n",
+    );
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    let dns01 = knot.section(&dir.path().join("a"), SECRET, "");
+    let a = Router::start(&config("a", nodes, &pebble, dir.path(), &dns01, &site)).await;
+    wait_acme(&a, "cnamed.test", None).await;
+    let log = knot.log();
+    assert!(
+        log.contains("[delegated.test.] DDNS"),
+        "the target zone was updated:\n{log}"
+    );
+    assert!(!log.contains("[cnamed.test.] DDNS"), "{log}");
+    assert!(
+        knot.txt("_acme-challenge.cnamed.test.acme.delegated.test")
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_zone_that_refuses_the_key_and_a_name_in_no_zone_are_named() {
+    if !have("pebble") || !have("knotd") {
+        return;
+    }
+    let knot = knot().await;
+    let pebble = Pebble::start(Options {
+        dns_server: Some(knot.addr),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = &nodes()[..1];
+    // cnamed.test takes no updates; elsewhere.example is in no zone here.
+    let sites = held_site(&["*.locked.cnamed.test"], &["a"], NOWHERE, "")
+        + &held_site(&["*.elsewhere.example"], &["a"], NOWHERE, "");
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    let dns01 = knot.section(&dir.path().join("a"), SECRET, "");
+    let a = Router::start(&config("a", nodes, &pebble, dir.path(), &dns01, &sites)).await;
+    let report = &a.handle.shared.acme;
+    let named = wait_until(|| async {
+        report.last_error("*.locked.cnamed.test").is_some()
+            && report.last_error("*.elsewhere.example").is_some()
+    })
+    .await;
+    assert!(named, "no errors yet");
+    let locked = report.last_error("*.locked.cnamed.test").unwrap();
+    // Knot answers BADKEY for a key the zone does not allow; BIND, REFUSED.
+    assert!(
+        ["answered NOTAUTH", "answered REFUSED", "BadKey"]
+            .iter()
+            .any(|e| locked.contains(e)),
+        "{locked}"
+    );
+    assert!(
+        locked.contains("adding TXT at _acme-challenge.locked.cnamed.test."),
+        "{locked}"
+    );
+    let elsewhere = report.last_error("*.elsewhere.example").unwrap();
+    assert!(
+        elsewhere.contains("no zone for _acme-challenge.elsewhere.example."),
+        "{elsewhere}"
+    );
+    assert!(
+        knot.txt("_acme-challenge.locked.cnamed.test")
+            .await
+            .is_empty()
+    );
+}
