@@ -78,6 +78,11 @@ async fn two_holders_order_a_wildcard_at_once_and_leave_the_zone_clean() {
     let b = wait_acme(&routers[1], "wild.test", None).await;
     assert_ne!(a, b, "each holder has its own certificate");
     for router in &routers {
+        let status = sni_router::admin::status(&router.handle.shared);
+        let site = &status["certificates"][0];
+        assert_eq!(site["challenge"], "dns-01", "{status}");
+        assert_eq!(site["source"], "acme", "{status}");
+        assert!(site["last_error"].is_null(), "{status}");
         let entry = router.handle.shared.certs.get("wild.test").unwrap();
         assert!(entry.loaded.info.covers("x.wild.test") && entry.loaded.info.covers("wild.test"));
         assert_eq!(router.handle.shared.acme.failed(), 0, "{}", knot.log());

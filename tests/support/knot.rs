@@ -49,7 +49,7 @@ impl Knot {
              database:\n  storage: \"{root}\"\n\
              log:\n  - target: {root}/knot.log\n    any: info\n\
              key:\n  - id: {KEY_NAME}\n    algorithm: hmac-sha256\n    secret: {SECRET}\n\
-             acl:\n  - id: acme\n    key: {KEY_NAME}\n    action: update\n    update-type: [TXT]\n\
+             acl:\n  - id: acme\n    key: {KEY_NAME}\n    action: update\n    update-type: [TXT]\n    update-owner: name\n    update-owner-match: sub-or-equal\n    update-owner-name: [_acme-challenge, acme]\n\
              template:\n  - id: default\n    storage: \"{root}\"\n    file: \"%s.zone\"\n    zonefile-sync: -1\n    semantic-checks: off\n\
              zone:\n",
             ip = addr.ip(),
