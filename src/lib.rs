@@ -26,13 +26,16 @@
 //! per pair). None holds a buffer while idle.
 //!
 //! certs::watch (PEM files on disk) ──► certs::store ◄── read by every handshake
+//! certs::internal (the internal CA's leaves) ──┤
 //! acme (one task: order, renew by site schedule and ARI) ──┘
-//!   └─ tokens ──► http (port 80: answer, ask holders, redirect)
+//!   ├─ tokens ──► http (port 80: answer, ask holders, redirect)
+//!   └─ TXT records ──► acme::dns01 (RFC 2136 updates to one DNS server)
 //! ```
 //!
 //! `state` is what connections and background tasks share (the live
 //! config, stores, counters): the handlers and the ACME manager take it as
-//! an argument, and nothing below `server` imports `server`.
+//! an argument (the ACME manager only the parts it uses: `acme::Inputs`),
+//! and nothing below `server` imports `server`.
 //! `names` normalizes names and holds the exact/wildcard lookup shared by
 //! config and routing; `forward` connects with failover in rendezvous order
 //! for both ports;
