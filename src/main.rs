@@ -13,7 +13,7 @@ use sni_router::server::{self, ConfigSource};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Log format; the level comes from RUST_LOG (default: info).
+    /// Log format. The level comes from RUST_LOG, info when unset.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -115,6 +115,14 @@ fn check(args: ConfigArgs) -> anyhow::Result<()> {
             "warning: {}: {}: {}",
             config.source, warning.field, warning.message
         );
+    }
+    // The files the config names, as the router would load them now.
+    let problems = sni_router::certs::disk::check_files(&config, std::time::SystemTime::now());
+    for problem in &problems {
+        eprintln!("{}: {}: {}", config.source, problem.field, problem.message);
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{} problem(s) with certificate files", problems.len());
     }
     Ok(())
 }

@@ -88,6 +88,65 @@ fn check_rejects_bad_configs_naming_file_and_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--node: \"zz\" is not among [[nodes]]"));
 }
 
+#[test]
+fn check_opens_certificate_files_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let good = ca.leaf(&["good.test"]);
+    let other = ca.leaf(&["other.test"]);
+    let now = time::OffsetDateTime::now_utc();
+    let old = ca.leaf_with(
+        &["old.test"],
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        Some((now - time::Duration::days(3), now - time::Duration::days(1))),
+    );
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let cert = write("good.pem", &good.chain_pem);
+    let key = write("good.key", &good.key_pem);
+    let other_key = write("other.key", &other.key_pem);
+    let junk = write("junk.pem", "not pem at all\n");
+    let old_cert = write("old.pem", &old.chain_pem);
+    let old_key = write("old.key", &old.key_pem);
+    let site = |name: &str, cert: &str, key: &str| {
+        held_site(
+            &[name],
+            &["a"],
+            NOWHERE,
+            &format!("cert_file = \"{cert}\"\nkey_file = \"{key}\"\n"),
+        )
+    };
+    let (config, _) = one_node(dir.path(), "", |_| {
+        site("good.test", &cert, &key)
+            + &site("mismatch.test", &cert, &other_key)
+            + &site("uncovered.test", &cert, &key)
+            + &site("junk.test", &junk, &key)
+            + &site("missing.test", "/nonexistent/cert.pem", &key)
+            + &site("old.test", &old_cert, &old_key)
+    });
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = config.display();
+    for expected in [
+        format!("{file}: sites[1].cert_file: {cert}: the key does not match the certificate"),
+        format!("{file}: sites[2].cert_file: {cert} does not cover uncovered.test"),
+        format!("{file}: sites[3].cert_file: {junk}: no PEM certificate found"),
+        format!("{file}: sites[4].cert_file: reading /nonexistent/cert.pem: No such file"),
+        format!("{file}: sites[5].cert_file: {old_cert} expired at "),
+    ] {
+        assert!(err.contains(&expected), "{expected:?} in:\n{err}");
+    }
+    assert!(!err.contains("sites[0]"), "{err}");
+}
+
 #[tokio::test]
 async fn sighup_reloads_while_a_connection_streams() {
     let dir = tempfile::tempdir().unwrap();

@@ -60,6 +60,8 @@ pub enum CertError {
     NoCertificate(String),
     #[error("{0}: no usable PEM private key found ({1})")]
     NoKey(String, String),
+    #[error("{0}: the key does not match the certificate")]
+    KeyMismatch(String),
     #[error("{0}: {1}")]
     Rejected(String, rustls::Error),
     #[error("{0}: cannot parse certificate: {1}")]
@@ -84,8 +86,12 @@ pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], source: &str) -> Result<Loaded
     let info = describe(leaf).map_err(|e| CertError::Parse(source.into(), e))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| CertError::NoKey(source.into(), e.to_string()))?;
-    let certified = CertifiedKey::from_der(chain, key, &provider())
-        .map_err(|e| CertError::Rejected(source.into(), e))?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            CertError::KeyMismatch(source.into())
+        }
+        e => CertError::Rejected(source.into(), e),
+    })?;
     Ok(Loaded {
         key: Arc::new(certified),
         info,
@@ -171,4 +177,52 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// What `check` finds wrong with the certificate files of the sites this
+/// node holds: unreadable, not PEM, a key that does not match, names not
+/// covered, expired. Each names the field and the file.
+pub fn check_files(config: &crate::config::Config, now: SystemTime) -> Vec<crate::config::Problem> {
+    use crate::config::{Issuer, Problem, SiteId, SiteRoute};
+    let mut problems = Vec::new();
+    for (id, site) in config.sites.iter().enumerate() {
+        let SiteRoute::Held {
+            issuer: Issuer::Files(files),
+            ..
+        } = &site.route
+        else {
+            continue;
+        };
+        if !config.holds(SiteId(id)) {
+            continue;
+        }
+        let field = format!("sites[{}].cert_file", site.index);
+        let mut problem = |message: String| {
+            problems.push(Problem {
+                field: field.clone(),
+                message,
+            })
+        };
+        let loaded = match load_files(&files.cert, &files.key) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                problem(e.to_string());
+                continue;
+            }
+        };
+        let shown = files.cert.display();
+        for name in &site.names {
+            let probe = name.to_string().replace("*.", "x.");
+            if !loaded.info.covers(&probe) {
+                problem(format!("{shown} does not cover {name}"));
+            }
+        }
+        if loaded.info.not_after <= now {
+            problem(format!(
+                "{shown} expired at {}",
+                humantime::format_rfc3339_seconds(loaded.info.not_after)
+            ));
+        }
+    }
+    problems
 }

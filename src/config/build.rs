@@ -78,6 +78,7 @@ pub(super) fn build(text: &str, source: &str, node: Option<&str>) -> Result<Conf
     let config = convert(&mut b, file, source, node).map(|mut config| {
         check_acme(&mut b, &config);
         check_internal(&mut b, &config);
+        check_sources(&mut b, &config);
         config.digest = super::digest::compute(&config);
         config.warnings = std::mem::take(&mut b.warnings);
         config
@@ -390,6 +391,9 @@ fn sites(b: &mut Builder, file: &[FileSite], context: Context) -> SiteTables {
     let mut sites = Vec::new();
     let mut names = NameTable::default();
     let mut by_pattern: HashMap<Pattern, SiteId> = HashMap::new();
+    // Where each name first appeared in the file: messages name sites as
+    // the file numbers them, whatever was refused before them.
+    let mut first_at: HashMap<Pattern, usize> = HashMap::new();
     for (i, s) in file.iter().enumerate() {
         let field = format!("sites[{i}]");
         let id = SiteId(sites.len());
@@ -405,13 +409,14 @@ fn sites(b: &mut Builder, file: &[FileSite], context: Context) -> SiteTables {
                 );
                 continue;
             };
-            if let Some(other) = by_pattern.get(&pattern) {
+            if let Some(other) = first_at.get(&pattern) {
                 b.problem(
                     format!("{field}.names[{j}]"),
-                    format!("{raw:?} is already a name of sites[{}]", other.0),
+                    format!("{raw:?} is already a name of sites[{other}]"),
                 );
                 continue;
             }
+            first_at.insert(pattern.clone(), i);
             by_pattern.insert(pattern.clone(), id);
             patterns.push(pattern);
         }
@@ -451,6 +456,7 @@ fn sites(b: &mut Builder, file: &[FileSite], context: Context) -> SiteTables {
                 names.insert(pattern.clone(), id);
             }
             sites.push(Site {
+                index: i,
                 label: first.to_string(),
                 names: patterns,
                 route,
@@ -841,6 +847,28 @@ fn acme(
     }
 }
 
+/// A site this node holds with no way to get a certificate here and no
+/// other holder to splice to: every connection for it is refused.
+fn check_sources(b: &mut Builder, config: &Config) {
+    for (id, site) in config.sites.iter().enumerate() {
+        let SiteRoute::Held { issuer, .. } = &site.route else {
+            continue;
+        };
+        let sourceless = *issuer == Issuer::Acme && config.acme.is_none();
+        let id = SiteId(id);
+        if sourceless && config.holds(id) && config.other_holders(id).is_empty() {
+            b.warnings.push(Problem {
+                field: format!("sites[{}]", site.index),
+                message: format!(
+                    "{}: no certificate source here (no cert_file, no [acme], not internal) and no other holder \
+                     to splice to: its connections are refused",
+                    site.label
+                ),
+            });
+        }
+    }
+}
+
 /// The internal CA keeps its root and leaves in `state_dir`.
 fn check_internal(b: &mut Builder, config: &Config) {
     if config.state_dir.is_some() {
@@ -848,7 +876,7 @@ fn check_internal(b: &mut Builder, config: &Config) {
     }
     if let Some(site) = config.internal_sites().first() {
         b.problem(
-            format!("sites[{}].issuer", site.0),
+            format!("sites[{}].issuer", config.site(*site).index),
             format!(
                 "{}: the internal CA needs a state_dir (top level) for its root and leaves",
                 config.site(*site).label
@@ -873,7 +901,7 @@ fn check_acme(b: &mut Builder, config: &Config) {
         for name in s.names.iter().filter(|n| n.is_wildcard()) {
             if *challenge == Challenge::Http01 {
                 b.problem(
-                    format!("sites[{}].names", site.0),
+                    format!("sites[{}].names", s.index),
                     format!(
                         "{name}: wildcard names cannot be validated over HTTP-01; add a [dns01] section \
                          (RFC 2136 updates), or give this site a cert_file"
@@ -888,7 +916,7 @@ fn check_acme(b: &mut Builder, config: &Config) {
         let short = acme.profile.as_deref().is_some_and(|p| p.contains("short"));
         if short && same_sets > 1 {
             b.warnings.push(Problem {
-                field: format!("sites[{}].held_by", site.0),
+                field: format!("sites[{}].held_by", s.index),
                 message: format!(
                     "{same_sets} holders would order the identical identifier set for {} with a short-lived profile; \
                      set [[nodes]] acme_name to keep their orders distinct",

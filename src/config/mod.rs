@@ -192,6 +192,8 @@ pub struct Node {
 
 #[derive(Debug, Clone)]
 pub struct Site {
+    /// Its position among the file's `[[sites]]`, for messages.
+    pub index: usize,
     /// The first name: how logs and metrics refer to the site.
     pub label: String,
     pub names: Vec<Pattern>,

@@ -411,3 +411,33 @@ fn bind_and_knot_key_files_are_read_as_they_are() {
         assert_eq!(config.dns01.unwrap().secret, b"secret");
     }
 }
+
+#[test]
+fn sites_are_numbered_as_the_file_numbers_them_after_a_refused_one() {
+    // sites[0] is refused (no route); the duplicate is in sites[2], first in sites[1].
+    assert_problem(
+        "[[sites]]\nnames = [\"bad.test\"]\n\
+         [[sites]]\nnames = [\"x.test\"]\npassthrough = \"127.0.0.1:1\"\n\
+         [[sites]]\nnames = [\"x.test\"]\npassthrough = \"127.0.0.1:2\"\n",
+        "sites[2].names[0]: \"x.test\" is already a name of sites[1]",
+    );
+}
+
+#[test]
+fn a_held_site_with_no_certificate_source_and_no_other_holder_is_warned_about() {
+    let site = |held_by: &str| {
+        format!(
+            "{NODES}[[sites]]\nnames = [\"lone.test\"]\nheld_by = [{held_by}]\nupstream = \"127.0.0.1:1\"\n"
+        )
+    };
+    let config = Config::parse(&site("\"a\""), "fleet.toml", None).unwrap();
+    assert!(
+        config.warnings.iter().any(|w| w.field == "sites[0]"
+            && w.message
+                .contains("no other holder to splice to: its connections are refused")),
+        "{:?}",
+        config.warnings
+    );
+    let config = Config::parse(&site("\"a\", \"b\""), "fleet.toml", None).unwrap();
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
