@@ -26,6 +26,9 @@ pub const HTTP_FORWARD_SECONDS: &str = "sni_router_http_forward_duration_seconds
 pub const ACME_ORDERS: &str = "sni_router_acme_orders_total";
 pub const ACME_RENEWAL_INFO: &str = "sni_router_acme_renewal_info_total";
 pub const CERT_EXPIRY: &str = "sni_router_certificate_expiry_timestamp_seconds";
+/// With the expiry, the lifetime: alerts judge the fraction left, which
+/// suits 6-day and 90-day certificates alike.
+pub const CERT_NOT_BEFORE: &str = "sni_router_certificate_not_before_timestamp_seconds";
 pub const CONFIG_RELOADS: &str = "sni_router_config_reloads_total";
 pub const CONFIG_DRIFT: &str = "sni_router_config_drift_total";
 /// DNS-01 record updates and looks, by result.

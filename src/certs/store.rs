@@ -64,14 +64,16 @@ impl CertStore {
 
     /// Installs or replaces one site's certificate.
     pub fn set(&self, site: &str, entry: Entry) {
-        let expiry = entry
-            .loaded
-            .info
-            .not_after
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let unix = |at: SystemTime| {
+            at.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        };
+        let info = &entry.loaded.info;
         metrics::gauge!(crate::metrics::CERT_EXPIRY, "site" => site.to_string())
-            .set(expiry.as_secs_f64());
+            .set(unix(info.not_after));
+        metrics::gauge!(crate::metrics::CERT_NOT_BEFORE, "site" => site.to_string())
+            .set(unix(info.not_before));
         let entry = Arc::new(entry);
         self.sites.rcu(|sites| {
             let mut next = HashMap::clone(sites);
