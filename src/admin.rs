@@ -40,7 +40,7 @@ async fn answer(mut stream: TcpStream, shared: &Shared, metrics: Option<&Prometh
     }
     match head.target.split('?').next().unwrap_or_default() {
         "/metrics" => {
-            let body = metrics.map(PrometheusHandle::render).unwrap_or_default();
+            let body = metrics.map(crate::metrics::render).unwrap_or_default();
             response::send(
                 &mut stream,
                 200,

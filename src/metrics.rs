@@ -31,6 +31,12 @@ pub const CERT_EXPIRY: &str = "sni_router_certificate_expiry_timestamp_seconds";
 pub const CERT_NOT_BEFORE: &str = "sni_router_certificate_not_before_timestamp_seconds";
 pub const CONFIG_RELOADS: &str = "sni_router_config_reloads_total";
 pub const CONFIG_DRIFT: &str = "sni_router_config_drift_total";
+/// 1, labelled with the running version.
+pub const BUILD_INFO: &str = "sni_router_build_info";
+/// When the running config was loaded: at start, and at each reload that took.
+pub const CONFIG_LOADED: &str = "sni_router_config_last_reload_success_timestamp_seconds";
+/// The `max_connections` limit, beside the connections in flight.
+pub const CONNECTIONS_MAX: &str = "sni_router_connections_max";
 /// DNS-01 record updates and looks, by result.
 pub const DNS_UPDATES: &str = "sni_router_dns_updates_total";
 /// 1 for each ACME site's challenge type (`site`, `challenge`).
@@ -133,12 +139,40 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             ::metrics::set_global_recorder(recorder).ok()?;
             describe();
+            process().describe();
+            ::metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             Some(handle)
         })
         .clone()
 }
 
+fn process() -> &'static metrics_process::Collector {
+    static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+    PROCESS.get_or_init(metrics_process::Collector::default)
+}
+
+/// The exposition text, with the process_* series read now.
+pub fn render(handle: &PrometheusHandle) -> String {
+    process().collect();
+    handle.render()
+}
+
+/// Marks the running config as loaded now.
+pub fn config_loaded() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    ::metrics::gauge!(CONFIG_LOADED).set(now.as_secs_f64());
+}
+
 fn describe() {
+    describe_gauge!(BUILD_INFO, "1, labelled with the running version.");
+    describe_gauge!(
+        CONFIG_LOADED,
+        Unit::Seconds,
+        "When the running config was loaded (at start, or the last reload that took)."
+    );
+    describe_gauge!(CONNECTIONS_MAX, "The max_connections limit.");
     describe_counter!(CONNECTIONS_ACCEPTED, "Connections accepted, by listener.");
     describe_counter!(
         CONNECTIONS_FINISHED,

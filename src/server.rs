@@ -85,6 +85,7 @@ impl Handle {
         );
         self.shared.live.store(Arc::new(live));
         metrics::counter!(CONFIG_RELOADS, "outcome" => "ok").increment(1);
+        crate::metrics::config_loaded();
         self.shared
             .reloaded
             .send_modify(|generation| *generation += 1);
@@ -242,6 +243,9 @@ impl Server {
         } = self;
         // The recorder goes in before the first accept, so no count is lost.
         let admin = admin.map(|listener| (listener, crate::metrics::install()));
+        crate::metrics::config_loaded();
+        let max = handle.shared.live().config.limits.max_connections;
+        metrics::gauge!(crate::metrics::CONNECTIONS_MAX).set(max as f64);
         let background = [
             tokio::spawn(watch_certificates(handle.shared.clone(), certs)),
             tokio::spawn(acme.run()),

@@ -54,6 +54,31 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let body = scrape(admin).await;
+    // The process and build series operators expect beside ours.
+    let version = format!(
+        "sni_router_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(metric_value(&body, &version), 1.0, "{body}");
+    assert_eq!(metric_value(&body, "sni_router_connections_max"), 20_000.0);
+    let loaded = metric_value(
+        &body,
+        "sni_router_config_last_reload_success_timestamp_seconds",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(loaded > now - 60.0 && loaded <= now, "{loaded}");
+    assert!(body.contains("\nprocess_cpu_seconds_total "), "{body}");
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(metric_value(&body, series) > 0.0, "{series} in:\n{body}");
+    }
     let listener = format!("listener=\"{node}\"");
     assert_eq!(
         metric_value(
@@ -164,7 +189,7 @@ async fn shipped_prometheus_config_and_alerts_pass_promtool() {
     .await;
     assert!(ok, "{out}");
     let (ok, out) = sh(format!("promtool check rules {root}/config/alerts.yml")).await;
-    assert!(ok && out.contains("9 rules found"), "{out}");
+    assert!(ok && out.contains("10 rules found"), "{out}");
     // The alerts' own tests: they fire when they should and only then.
     let (ok, out) = sh(format!("promtool test rules {root}/config/alerts.test.yml")).await;
     assert!(ok && out.contains("SUCCESS"), "{out}");
