@@ -15,6 +15,10 @@ pub const CONNECTIONS_ACTIVE: &str = "sni_router_connections_active";
 pub const CONNECTIONS_QUIET: &str = "sni_router_connections_quiet";
 pub const REJECTED: &str = "sni_router_rejected_total";
 pub const BYTES: &str = "sni_router_bytes_total";
+/// Finished TLS-port connections by site and decision.
+pub const SITE_CONNECTIONS: &str = "sni_router_site_connections_total";
+/// Bytes relayed by site and direction.
+pub const SITE_BYTES: &str = "sni_router_site_bytes_total";
 pub const HELLO_SECONDS: &str = "sni_router_client_hello_duration_seconds";
 pub const HELLO_FAILURES: &str = "sni_router_client_hello_failures_total";
 pub const CONNECT_FAILURES: &str = "sni_router_connect_failures_total";
@@ -117,6 +121,78 @@ impl ListenerMetrics {
     }
 }
 
+/// Which site a finished connection counts under: one of the config's, a
+/// name in none of them, or no name at all. Bounded by the config, so junk
+/// SNI cannot add series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteRef {
+    Site(crate::config::SiteId),
+    Unknown,
+    NoSni,
+}
+
+/// One site's handles.
+struct SiteCounters {
+    finished: [Counter; 4],
+    up: Counter,
+    down: Counter,
+}
+
+/// Per-site handles for one config, looked up once when the config is
+/// built: counting a connection is an index and three atomic adds.
+pub struct SiteMetrics {
+    /// The config's sites by `SiteId`, then `unknown`, then `none`.
+    sites: Vec<SiteCounters>,
+}
+
+impl SiteMetrics {
+    /// Handles for sites labelled `labels` (their first names, in
+    /// `SiteId` order), from the recorder installed now (if any).
+    pub fn new<'a>(labels: impl Iterator<Item = &'a str>) -> SiteMetrics {
+        let counters = |site: &str| {
+            let site: Arc<str> = site.into();
+            SiteCounters {
+                finished: DECISIONS.map(|decision| {
+                    ::metrics::counter!(SITE_CONNECTIONS, "site" => site.clone(), "decision" => decision.as_str())
+                }),
+                up: ::metrics::counter!(SITE_BYTES, "site" => site.clone(), "direction" => "up"),
+                down: ::metrics::counter!(SITE_BYTES, "site" => site, "direction" => "down"),
+            }
+        };
+        let sites = labels.chain(["unknown", "none"]).map(counters).collect();
+        SiteMetrics { sites }
+    }
+
+    pub fn finished(&self, site: SiteRef, decision: DecisionKind, up: u64, down: u64) {
+        let extra = self.sites.len().saturating_sub(2);
+        let index = match site {
+            SiteRef::Site(id) => id.0,
+            SiteRef::Unknown => extra,
+            SiteRef::NoSni => extra + 1,
+        };
+        let Some(site) = self.sites.get(index) else {
+            return;
+        };
+        if let Some(finished) = DECISIONS
+            .iter()
+            .position(|d| *d == decision)
+            .and_then(|i| site.finished.get(i))
+        {
+            finished.increment(1);
+        }
+        site.up.increment(up);
+        site.down.increment(down);
+    }
+}
+
+impl std::fmt::Debug for SiteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteMetrics")
+            .field("sites", &self.sites.len())
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for ListenerMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ListenerMetrics")
@@ -167,6 +243,15 @@ pub fn config_loaded() {
 
 fn describe() {
     describe_gauge!(BUILD_INFO, "1, labelled with the running version.");
+    describe_counter!(
+        SITE_CONNECTIONS,
+        "Finished TLS-port connections by site (its first name; unknown: a name in no site; none: no SNI) and decision."
+    );
+    describe_counter!(
+        SITE_BYTES,
+        Unit::Bytes,
+        "Bytes relayed by site and direction (up: from client)."
+    );
     describe_gauge!(
         CONFIG_LOADED,
         Unit::Seconds,

@@ -157,6 +157,10 @@ impl Server {
     /// listening socket takes connections into its queue, and peers judge
     /// a node by whether it answers them.
     pub fn bind_with(config: Config, inherited: &mut Inherited) -> Result<Server, ServeError> {
+        // The recorder first: the live config holds handles taken from it.
+        if config.admin.is_some() {
+            crate::metrics::install();
+        }
         let certs = Arc::new(CertStore::default());
         let mut watch = FileWatch::default();
         watch.sync(&config, &certs);

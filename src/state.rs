@@ -53,6 +53,8 @@ pub struct Live {
     pub config: Config,
     pub tls: Contexts,
     pub guard: ForwardGuard,
+    /// Per-site counters for this config's sites.
+    pub sites: crate::metrics::SiteMetrics,
 }
 
 /// What an accepted connection holds until it ends, wherever it ends: its
@@ -102,7 +104,13 @@ impl Live {
     ) -> Result<Live, rustls::Error> {
         let tls = Contexts::build(&config, certs, resumption)?;
         let guard = ForwardGuard::new(config.http.forward_per_second);
-        Ok(Live { config, tls, guard })
+        let sites = crate::metrics::SiteMetrics::new(config.sites.iter().map(|s| s.label.as_str()));
+        Ok(Live {
+            config,
+            tls,
+            guard,
+            sites,
+        })
     }
 }
 

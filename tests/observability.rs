@@ -106,6 +106,26 @@ async fn metrics_move_with_real_traffic_and_labels_stay_bounded() {
         metric_value(&body, "sni_router_http_requests_total{result=\"redirect\"}"),
         1.0
     );
+    // By site: the configured site's first name, `unknown` for a name in
+    // no site; never the stranger's name.
+    let by_site = |site: &str, decision: &str| {
+        metric_value(
+            &body,
+            &format!(
+                "sni_router_site_connections_total{{site=\"{site}\",decision=\"{decision}\"}}"
+            ),
+        )
+    };
+    assert_eq!(by_site("pass.test", "passthrough"), 1.0, "{body}");
+    assert_eq!(by_site("unknown", "reject"), 1.0, "{body}");
+    assert_eq!(by_site("none", "reject"), 0.0, "{body}");
+    assert!(
+        metric_value(
+            &body,
+            "sni_router_site_bytes_total{site=\"pass.test\",direction=\"up\"}"
+        ) >= HELLO.len() as f64,
+        "{body}"
+    );
     assert!(
         metric_value(&body, "sni_router_client_hello_duration_seconds_count") >= 2.0,
         "{body}"
@@ -193,4 +213,36 @@ async fn shipped_prometheus_config_and_alerts_pass_promtool() {
     // The alerts' own tests: they fire when they should and only then.
     let (ok, out) = sh(format!("promtool test rules {root}/config/alerts.test.yml")).await;
     assert!(ok && out.contains("SUCCESS"), "{out}");
+}
+
+#[tokio::test]
+async fn a_site_removed_by_a_reload_leaves_no_expiry_for_an_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = free_addr("127.0.0.2");
+    let admin = free_addr("127.0.0.1");
+    let top = format!("[admin]\nlisten = \"{admin}\"");
+    let files = TestCa::new().leaf(&["gone.test"]).write(dir.path(), "gone");
+    let config = dir.path().join("node.toml");
+    let with = |sites: &str| fleet_toml("a", &[("a", node)], &top, sites);
+    std::fs::write(
+        &config,
+        with(&held_site(&["gone.test"], &["a"], NOWHERE, &files)),
+    )
+    .unwrap();
+    let router = Process::start(&config, dir.path());
+    wait_listening(admin).await;
+    let expiry = "sni_router_certificate_expiry_timestamp_seconds{site=\"gone.test\"}";
+    let not_before = "sni_router_certificate_not_before_timestamp_seconds{site=\"gone.test\"}";
+    let body = scrape(admin).await;
+    assert!(
+        metric_value(&body, expiry) > metric_value(&body, not_before),
+        "{body}"
+    );
+
+    std::fs::write(&config, with(&passthrough_site("other.test", NOWHERE))).unwrap();
+    router.signal("HUP");
+    router.wait_log("config reloaded", 1).await;
+    let body = scrape(admin).await;
+    assert!(metric_value(&body, expiry).is_nan(), "{body}");
+    assert!(metric_value(&body, not_before).is_nan(), "{body}");
 }

@@ -82,13 +82,29 @@ impl CertStore {
         });
     }
 
-    /// Keeps only the entries for which `keep(site, entry)` holds.
+    /// Keeps only the entries for which `keep(site, entry)` holds. A
+    /// dropped site's certificate gauges become NaN: the exporter cannot
+    /// remove a series, and no comparison with NaN is true, so no expiry
+    /// alert fires for a site no longer served here.
     pub fn retain(&self, keep: impl Fn(&str, &Entry) -> bool) {
+        let mut dropped = Vec::new();
         self.sites.rcu(|sites| {
+            dropped.clear();
             let mut next = HashMap::clone(sites);
-            next.retain(|site, entry| keep(site, entry));
+            next.retain(|site, entry| {
+                let kept = keep(site, entry);
+                if !kept {
+                    dropped.push(site.clone());
+                }
+                kept
+            });
             next
         });
+        for site in dropped {
+            for gauge in [crate::metrics::CERT_EXPIRY, crate::metrics::CERT_NOT_BEFORE] {
+                metrics::gauge!(gauge, "site" => site.clone()).set(f64::NAN);
+            }
+        }
     }
 }
 

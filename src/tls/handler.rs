@@ -21,7 +21,7 @@ use super::terminate;
 use crate::config::{Config, NodeId, SiteId};
 use crate::forward::{self, ForwardError, Opened, Target, TargetKind, Via};
 use crate::metrics::{
-    HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
+    HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED, SiteRef,
     TERMINATE_FALLBACKS,
 };
 use crate::preface::{self, Ends, PrefaceError};
@@ -45,6 +45,8 @@ struct Outcome {
     detail: String,
     target: Option<SocketAddr>,
     transfer: Option<Transfer>,
+    /// The site it counts under in metrics.
+    site: SiteRef,
 }
 
 impl Outcome {
@@ -57,6 +59,7 @@ impl Outcome {
             detail: detail.into(),
             target: None,
             transfer: None,
+            site: SiteRef::NoSni,
         }
     }
 
@@ -111,6 +114,7 @@ struct Route {
     /// Bytes replayed to the target and answered to the client while routing.
     prefix: Moved,
     sni: Option<String>,
+    site: SiteRef,
 }
 
 pub async fn handle(accepted: Accepted, stream: TcpStream) {
@@ -127,6 +131,7 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
     let routed = route_connection(&shared, &live, listener, stream, peer, local, started).await;
     let report = Report {
         shared,
+        live: live.clone(),
         listener: label,
         peer,
         started,
@@ -165,6 +170,9 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
 /// dropping it releases the connection's admission.
 struct Report {
     shared: Arc<Shared>,
+    /// The config the connection was routed by: its site counters. Held
+    /// for the connection's life, so a reload counts it where it began.
+    live: Arc<Live>,
     listener: Arc<ListenerMetrics>,
     peer: SocketAddr,
     started: Instant,
@@ -186,6 +194,9 @@ impl Report {
             .map_or((0, 0), |t| (t.to_target, t.to_client));
         shared.stats.finished(outcome.decision);
         listener.finished(outcome.decision, up, down);
+        self.live
+            .sites
+            .finished(outcome.site, outcome.decision, up, down);
         if outcome.decision == DecisionKind::Reject {
             metrics::counter!(REJECTED, "reason" => outcome.kind).increment(1);
         }
@@ -294,6 +305,7 @@ impl Route {
         let mut outcome = Outcome::joined(self.decision, self.target, transfer);
         outcome.client = Some(self.client);
         outcome.sni = self.sni.take();
+        outcome.site = self.site;
         outcome
     }
 }
@@ -330,6 +342,7 @@ async fn route_connection(
     }
     let decision = decide(shared, config, listener, hello, &ends);
     let kind = decision.kind();
+    let site = site_of(&decision, config, hello.sni.as_deref());
     let at = Here {
         shared,
         live,
@@ -362,13 +375,33 @@ async fn route_connection(
                 target,
                 prefix,
                 sni: at.sni,
+                site,
             },
         ),
         Err(mut outcome) => {
             outcome.sni = at.sni;
             outcome.client = Some(at.ends.client);
+            outcome.site = site;
             Routed::Done(outcome)
         }
+    }
+}
+
+/// The site a connection counts under in metrics: the decision's, else the
+/// one its name belongs to (refused for a loop, say), else `unknown`, or
+/// `none` without a name.
+fn site_of(decision: &Decision, config: &Config, sni: Option<&str>) -> SiteRef {
+    match decision {
+        Decision::Terminate { site }
+        | Decision::Splice { site, .. }
+        | Decision::Passthrough { site, .. } => SiteRef::Site(*site),
+        Decision::Reject(_) => match sni {
+            None => SiteRef::NoSni,
+            Some(name) => config
+                .names
+                .get(name)
+                .map_or(SiteRef::Unknown, |id| SiteRef::Site(*id)),
+        },
     }
 }
 
