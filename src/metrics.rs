@@ -24,6 +24,9 @@ pub const HELLO_FAILURES: &str = "sni_router_client_hello_failures_total";
 pub const CONNECT_FAILURES: &str = "sni_router_connect_failures_total";
 pub const FAILOVERS: &str = "sni_router_failovers_total";
 pub const HANDSHAKE_FAILURES: &str = "sni_router_tls_handshake_failures_total";
+pub const HANDSHAKE_SECONDS: &str = "sni_router_tls_handshake_duration_seconds";
+/// 1 while the last connect to a peer node worked, 0 after one failed.
+pub const PEER_UP: &str = "sni_router_peer_up";
 pub const TERMINATE_FALLBACKS: &str = "sni_router_terminate_fallbacks_total";
 pub const HTTP_REQUESTS: &str = "sni_router_http_requests_total";
 pub const HTTP_FORWARD_SECONDS: &str = "sni_router_http_forward_duration_seconds";
@@ -243,6 +246,15 @@ pub fn config_loaded() {
 
 fn describe() {
     describe_gauge!(BUILD_INFO, "1, labelled with the running version.");
+    describe_histogram!(
+        HANDSHAKE_SECONDS,
+        Unit::Seconds,
+        "TLS handshakes terminated here, from the replayed ClientHello to done."
+    );
+    describe_gauge!(
+        PEER_UP,
+        "1 while the last connect to a peer node (splice, forward or probe) worked, 0 after one failed."
+    );
     describe_counter!(
         SITE_CONNECTIONS,
         "Finished TLS-port connections by site (its first name; unknown: a name in no site; none: no SNI) and decision."

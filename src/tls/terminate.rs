@@ -205,10 +205,12 @@ pub async fn serve(
         return Err(TerminateError::NoContext);
     };
     let deadline = config.timeouts.handshake;
+    let began = std::time::Instant::now();
     let tls = tokio::time::timeout(deadline, acceptor.accept(Prefixed::new(replay, stream)))
         .await
         .map_err(|_| TerminateError::HandshakeTimeout(deadline))?
         .map_err(TerminateError::Handshake)?;
+    metrics::histogram!(crate::metrics::HANDSHAKE_SECONDS).record(began.elapsed().as_secs_f64());
     let header = config
         .site(site)
         .proxy_protocol

@@ -246,12 +246,21 @@ impl Leaf {
 }
 
 /// Polls `check` every 20 ms until it holds or `WAIT` passes.
-pub async fn wait_until<F, Fut>(mut check: F) -> bool
+pub async fn wait_until<F, Fut>(check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    wait_until_within(WAIT, check).await
+}
+
+/// Polls `check` every 20 ms until it holds or `within` passes.
+pub async fn wait_until_within<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
         if check().await {
             return true;
