@@ -9,7 +9,20 @@ use sni_router::config::{self, Config};
 use sni_router::server::{self, ConfigSource};
 
 #[derive(Parser)]
-#[command(version, about = "Layer-4 SNI router for a fleet of edge nodes")]
+#[command(
+    name = "sni-router",
+    version,
+    about = "Layer-4 SNI router for a fleet of edge nodes",
+    long_about = "Layer-4 SNI router for a fleet of edge nodes. On its TLS port it reads the \
+ClientHello without decrypting, takes the SNI, and terminates TLS for names this node holds a \
+valid certificate for (sending the plaintext to the site's upstream), splices the raw stream to a \
+node that holds the name or to a passthrough backend (with a PROXY header), or refuses names it \
+does not know. On its HTTP port it answers ACME HTTP-01 challenges and redirects the rest to \
+https. Certificates come from files, ACME (HTTP-01, or DNS-01 through RFC 2136) or an internal \
+CA. The configuration is one TOML file for the whole fleet, by default \
+/etc/sni-router/sni-router.toml under systemd; SIGHUP reloads it and SIGUSR2 upgrades the \
+binary in place without dropping a connection."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -32,6 +45,12 @@ enum Command {
     Check(ConfigArgs),
     /// TLS-handshake with a server, print the chain it presents, optionally save it.
     Probe(ProbeArgs),
+    /// Write the man page and shell completions into a directory (for packaging).
+    #[command(hide = true)]
+    Generate {
+        /// Where to write sni-router.8 and the bash, zsh and fish completions.
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -83,6 +102,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
         Command::Probe(args) => probe(args),
+        Command::Generate { out } => generate(&out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +125,22 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// The man page sni-router(8) and completions, from the clap definitions.
+fn generate(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    let command = Cli::command();
+    let man = clap_mangen::Man::new(command.clone()).section("8");
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    std::fs::write(out.join("sni-router.8"), page)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut command.clone(), "sni-router", out)?;
+    }
+    Ok(())
 }
 
 fn check(args: ConfigArgs) -> anyhow::Result<()> {
