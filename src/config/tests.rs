@@ -441,3 +441,12 @@ fn a_held_site_with_no_certificate_source_and_no_other_holder_is_warned_about() 
     let config = Config::parse(&site("\"a\", \"b\""), "fleet.toml", None).unwrap();
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
+
+#[test]
+fn the_packaged_config_is_valid_and_holds_no_site() {
+    let text = include_str!("../../config/edge.toml");
+    let config = Config::parse(text, "/etc/sni-router/sni-router.toml", None).unwrap();
+    assert!(config.sites.is_empty());
+    assert_eq!(config.state_dir.as_deref(), Some(Path::new("/var/lib/sni-router")));
+    assert!(config.admin.is_some());
+}

@@ -21,10 +21,31 @@ impl Container {
     /// Boots `root` with each (host path, container path) of `binds`, and
     /// `unit` started.
     pub async fn boot(root: &Path, binds: &[(&Path, &str)], unit: &str, log: &Path) -> Container {
+        Container::start(root, binds, unit, log, "state").await
+    }
+
+    /// Like [`Container::boot`] with the whole root writable (an overlay
+    /// in memory, gone at power-off): for installing packages.
+    pub async fn boot_writable(
+        root: &Path,
+        binds: &[(&Path, &str)],
+        unit: &str,
+        log: &Path,
+    ) -> Container {
+        Container::start(root, binds, unit, log, "overlay").await
+    }
+
+    async fn start(
+        root: &Path,
+        binds: &[(&Path, &str)],
+        unit: &str,
+        log: &Path,
+        volatile: &str,
+    ) -> Container {
         let mut nspawn = Command::new("systemd-nspawn");
         nspawn
             .args(["-q", "--register=no", "--keep-unit", "--console=passive"])
-            .arg("--volatile=state")
+            .arg(format!("--volatile={volatile}"))
             .arg("-D")
             .arg(root);
         for (from, to) in binds {
@@ -66,6 +87,11 @@ impl Container {
             .expect("nsenter");
         let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
         (out.status.success(), text.into_owned())
+    }
+
+    /// The container's systemd, as the host sees it (for `nsenter -t`).
+    pub fn init(&self) -> u32 {
+        self.init
     }
 
     /// The journal of `unit`.
