@@ -218,21 +218,106 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             ::metrics::set_global_recorder(recorder).ok()?;
             describe();
-            process().describe();
+            process::describe();
             ::metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             Some(handle)
         })
         .clone()
 }
 
-fn process() -> &'static metrics_process::Collector {
-    static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
-    PROCESS.get_or_init(metrics_process::Collector::default)
+/// The `process_*` family Prometheus's own client libraries export, read
+/// from `/proc/self` at each scrape. Only `/proc/self`: the unit's
+/// `ProcSubset=pid` hides the rest of `/proc` (so the start time is taken
+/// when the recorder is installed, at start-up, not from `/proc/stat`).
+mod process {
+    use std::sync::OnceLock;
+
+    use ::metrics::{Unit, describe_counter, describe_gauge};
+
+    static STARTED: OnceLock<f64> = OnceLock::new();
+
+    pub fn describe() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        STARTED.get_or_init(|| now.as_secs_f64());
+        describe_counter!(
+            "process_cpu_seconds_total",
+            Unit::Seconds,
+            "Total user and system CPU time spent in seconds."
+        );
+        describe_gauge!(
+            "process_resident_memory_bytes",
+            Unit::Bytes,
+            "Resident memory size in bytes."
+        );
+        describe_gauge!(
+            "process_virtual_memory_bytes",
+            Unit::Bytes,
+            "Virtual memory size in bytes."
+        );
+        describe_gauge!("process_open_fds", "Number of open file descriptors.");
+        describe_gauge!(
+            "process_max_fds",
+            "Maximum number of open file descriptors."
+        );
+        describe_gauge!("process_threads", "Number of OS threads in the process.");
+        describe_gauge!(
+            "process_start_time_seconds",
+            Unit::Seconds,
+            "Start time of the process since unix epoch in seconds."
+        );
+    }
+
+    pub fn collect() {
+        // SAFETY: sysconf has no preconditions; it reads a constant.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name, which may hold spaces: state
+            // is the first, utime the 12th and stime the 13th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let time = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            if ticks > 0 {
+                let cpu = (time(11) + time(12)) / ticks as f64;
+                ::metrics::counter!("process_cpu_seconds_total").absolute(cpu as u64);
+            }
+            ::metrics::gauge!("process_threads").set(time(17));
+        }
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+            let pages: Vec<f64> = statm
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            let bytes = |i: usize| pages.get(i).copied().unwrap_or(0.0) * page as f64;
+            ::metrics::gauge!("process_virtual_memory_bytes").set(bytes(0));
+            ::metrics::gauge!("process_resident_memory_bytes").set(bytes(1));
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            ::metrics::gauge!("process_open_fds").set(fds.count() as f64);
+        }
+        if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            ::metrics::gauge!("process_max_fds").set(soft as f64);
+        }
+        if let Some(started) = STARTED.get() {
+            ::metrics::gauge!("process_start_time_seconds").set(*started);
+        }
+    }
 }
 
 /// The exposition text, with the process_* series read now.
 pub fn render(handle: &PrometheusHandle) -> String {
-    process().collect();
+    process::collect();
     handle.render()
 }
 

@@ -37,6 +37,17 @@ async fn knot() -> Knot {
     .await
 }
 
+/// Knot, a Pebble that asks it, and a directory for the routers.
+async fn knot_and_pebble() -> (Knot, Pebble, tempfile::TempDir) {
+    let knot = knot().await;
+    let pebble = Pebble::start(Options {
+        dns_server: Some(knot.addr),
+        ..Options::default()
+    })
+    .await;
+    (knot, pebble, tempfile::tempdir().unwrap())
+}
+
 /// A router config for `this` holding `names` with the others in `nodes`.
 fn config(
     this: &str,
@@ -58,13 +69,7 @@ async fn two_holders_order_a_wildcard_at_once_and_leave_the_zone_clean() {
     if !have("pebble") || !have("knotd") {
         return;
     }
-    let knot = knot().await;
-    let pebble = Pebble::start(Options {
-        dns_server: Some(knot.addr),
-        ..Options::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (knot, pebble, dir) = knot_and_pebble().await;
     let nodes = nodes();
     let site = held_site(&["wild.test", "*.wild.test"], &["a", "b"], NOWHERE, "");
     let mut routers = Vec::new();
@@ -100,13 +105,7 @@ async fn a_wrong_tsig_secret_is_named_writes_nothing_and_the_site_splices_to_a_h
     if !have("pebble") || !have("knotd") {
         return;
     }
-    let knot = knot().await;
-    let pebble = Pebble::start(Options {
-        dns_server: Some(knot.addr),
-        ..Options::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (knot, pebble, dir) = knot_and_pebble().await;
     let nodes = nodes();
     let site = held_site(&["*.wild.test"], &["a", "b"], NOWHERE, "");
     std::fs::create_dir_all(dir.path().join("a")).unwrap();
@@ -190,13 +189,7 @@ async fn a_zone_that_refuses_the_key_and_a_name_in_no_zone_are_named() {
     if !have("pebble") || !have("knotd") {
         return;
     }
-    let knot = knot().await;
-    let pebble = Pebble::start(Options {
-        dns_server: Some(knot.addr),
-        ..Options::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (knot, pebble, dir) = knot_and_pebble().await;
     let nodes = &nodes()[..1];
     // cnamed.test takes no updates; elsewhere.example is in no zone here.
     let sites = held_site(&["*.locked.cnamed.test"], &["a"], NOWHERE, "")

@@ -183,19 +183,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 /// node holds: unreadable, not PEM, a key that does not match, names not
 /// covered, expired. Each names the field and the file.
 pub fn check_files(config: &crate::config::Config, now: SystemTime) -> Vec<crate::config::Problem> {
-    use crate::config::{Issuer, Problem, SiteId, SiteRoute};
+    use crate::config::Problem;
     let mut problems = Vec::new();
-    for (id, site) in config.sites.iter().enumerate() {
-        let SiteRoute::Held {
-            issuer: Issuer::Files(files),
-            ..
-        } = &site.route
-        else {
-            continue;
-        };
-        if !config.holds(SiteId(id)) {
-            continue;
-        }
+    for (site, files) in config.held_with_files() {
         let field = format!("sites[{}].cert_file", site.index);
         let mut problem = |message: String| {
             problems.push(Problem {

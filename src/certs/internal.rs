@@ -102,7 +102,7 @@ impl Ca {
         let invalid = |e: rcgen::Error| CaError::Invalid(cert_path.into(), e.to_string());
         let key = KeyPair::generate().map_err(invalid)?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(invalid)?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = hostname();
         params.distinguished_name.push(
             DnType::CommonName,
             format!("sni-router internal CA {}", host.trim()),
@@ -152,6 +152,21 @@ impl Ca {
             .cert
             .last()
             .is_some_and(|c| c.as_ref() == self.cert_der.as_slice())
+    }
+}
+
+/// This host's name, for the root's subject (gethostname: the unit's
+/// `ProcSubset=pid` hides /proc/sys).
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    if ok {
+        String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned()
+    } else {
+        String::new()
     }
 }
 

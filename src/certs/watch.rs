@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use super::disk;
 use super::store::{CertStore, Entry, Source};
-use crate::config::{CertFiles, Config, Issuer, SiteId, SiteRoute};
+use crate::config::{CertFiles, Config};
 
 /// What we last loaded, to notice changes by modification time and size.
 type Stamp = Option<(SystemTime, u64)>;
@@ -33,17 +33,7 @@ impl FileWatch {
     /// that no longer have files here.
     pub fn sync(&mut self, config: &Config, store: &CertStore) {
         let mut keep = Vec::new();
-        for (index, site) in config.sites.iter().enumerate() {
-            let SiteRoute::Held {
-                issuer: Issuer::Files(files),
-                ..
-            } = &site.route
-            else {
-                continue;
-            };
-            if !config.holds(SiteId(index)) {
-                continue;
-            }
+        for (site, files) in config.held_with_files() {
             keep.push(site.label.clone());
             let now = (files.clone(), stamp(&files.cert), stamp(&files.key));
             if self.seen.get(&site.label) == Some(&now) {

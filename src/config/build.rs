@@ -638,21 +638,7 @@ fn read_tsig_secret(path: &Path) -> Result<Vec<u8>, String> {
 /// them, else `issuer`, else the internal CA for names under `.localhost`
 /// (no public CA signs them) and ACME for the rest.
 fn issuer(b: &mut Builder, field: &str, s: &FileSite, base: &Path) -> Issuer {
-    let files = match (&s.cert_file, &s.key_file) {
-        (Some(cert), Some(key)) => Some(CertFiles {
-            cert: base.join(cert),
-            key: base.join(key),
-        }),
-        (None, None) => None,
-        (Some(_), None) => {
-            b.problem(format!("{field}.key_file"), "cert_file needs a key_file");
-            None
-        }
-        (None, Some(_)) => {
-            b.problem(format!("{field}.cert_file"), "key_file needs a cert_file");
-            None
-        }
-    };
+    let files = cert_files(b, field, (&s.cert_file, &s.key_file), base);
     let local = s.names.iter().all(|n| is_local_name(n));
     match (s.issuer.as_deref(), files) {
         (None, Some(files)) => Issuer::Files(files),
@@ -672,6 +658,30 @@ fn issuer(b: &mut Builder, field: &str, s: &FileSite, base: &Path) -> Issuer {
                 format!("{other:?} is not one of \"acme\", \"internal\""),
             );
             Issuer::Acme
+        }
+    }
+}
+
+/// A `cert_file`/`key_file` pair under `field`: both or neither.
+fn cert_files(
+    b: &mut Builder,
+    field: &str,
+    (cert, key): (&Option<String>, &Option<String>),
+    base: &Path,
+) -> Option<CertFiles> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Some(CertFiles {
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            b.problem(format!("{field}.key_file"), "cert_file needs a key_file");
+            None
+        }
+        (None, Some(_)) => {
+            b.problem(format!("{field}.cert_file"), "key_file needs a cert_file");
+            None
         }
     }
 }
@@ -759,21 +769,7 @@ fn internal_ca(
             lifetime: WEEK,
         };
     };
-    let files = match (&ca.cert_file, &ca.key_file) {
-        (Some(cert), Some(key)) => Some(CertFiles {
-            cert: base.join(cert),
-            key: base.join(key),
-        }),
-        (None, None) => None,
-        (Some(_), None) => {
-            b.problem("internal_ca.key_file", "cert_file needs a key_file");
-            None
-        }
-        (None, Some(_)) => {
-            b.problem("internal_ca.cert_file", "key_file needs a cert_file");
-            None
-        }
-    };
+    let files = cert_files(b, "internal_ca", (&ca.cert_file, &ca.key_file), base);
     let lifetime = b.duration("internal_ca.lifetime", ca.lifetime.as_deref(), WEEK);
     InternalCa { files, lifetime }
 }

@@ -391,17 +391,36 @@ impl Config {
         if self.acme.is_none() {
             return Vec::new();
         }
+        self.held_from(&Issuer::Acme)
+    }
+
+    /// Sites this node holds whose certificates come from the internal CA.
+    pub fn internal_sites(&self) -> Vec<SiteId> {
+        self.held_from(&Issuer::Internal)
+    }
+
+    /// Sites this node holds whose certificates come from files, with them.
+    pub fn held_with_files(&self) -> Vec<(&Site, &CertFiles)> {
+        (0..self.sites.len())
+            .map(SiteId)
+            .filter(|id| self.holds(*id))
+            .filter_map(|id| match &self.site(id).route {
+                SiteRoute::Held {
+                    issuer: Issuer::Files(files),
+                    ..
+                } => Some((self.site(id), files)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sites this node holds with `issuer` (ACME or the internal CA).
+    fn held_from(&self, issuer: &Issuer) -> Vec<SiteId> {
         (0..self.sites.len())
             .map(SiteId)
             .filter(|id| {
                 self.holds(*id)
-                    && matches!(
-                        &self.site(*id).route,
-                        SiteRoute::Held {
-                            issuer: Issuer::Acme,
-                            ..
-                        }
-                    )
+                    && matches!(&self.site(*id).route, SiteRoute::Held { issuer: i, .. } if i == issuer)
             })
             .collect()
     }
@@ -417,23 +436,6 @@ impl Config {
                 SiteRoute::Passthrough { .. } => None,
             })
             .unwrap_or(Challenge::Http01)
-    }
-
-    /// Sites this node holds whose certificates come from the internal CA.
-    pub fn internal_sites(&self) -> Vec<SiteId> {
-        (0..self.sites.len())
-            .map(SiteId)
-            .filter(|id| {
-                self.holds(*id)
-                    && matches!(
-                        &self.site(*id).route,
-                        SiteRoute::Held {
-                            issuer: Issuer::Internal,
-                            ..
-                        }
-                    )
-            })
-            .collect()
     }
 
     /// Holders of a site other than this node.

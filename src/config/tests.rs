@@ -447,6 +447,9 @@ fn the_packaged_config_is_valid_and_holds_no_site() {
     let text = include_str!("../../config/edge.toml");
     let config = Config::parse(text, "/etc/sni-router/sni-router.toml", None).unwrap();
     assert!(config.sites.is_empty());
-    assert_eq!(config.state_dir.as_deref(), Some(Path::new("/var/lib/sni-router")));
+    assert_eq!(
+        config.state_dir.as_deref(),
+        Some(Path::new("/var/lib/sni-router"))
+    );
     assert!(config.admin.is_some());
 }
