@@ -142,13 +142,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     assert!(issued, "no ACME certificate:\n{}", router.log());
     let root = state.join("ca/root.pem");
     for _ in 0..3 {
-        let (ok, out) = sh(format!(
-            "curl -sS --max-time 10 --cacert {} --resolve app.localhost:{port}:{ip} https://app.localhost:{port}/",
-            root.display(),
-            port = a.port(),
-            ip = a.ip()
-        ))
-        .await;
+        let (ok, out) = curl_https(&root, "app.localhost", a).await;
         assert!(ok && out.contains("upstream saw"), "{out}");
         for name in ["pass.test", "nope.test", "down.test"] {
             let mut client = TcpStream::connect(a).await.unwrap();

@@ -39,13 +39,7 @@ async fn start(config: &Path, dir: &Path, tls: SocketAddr) -> Process {
 
 /// `curl` for `name` at `addr`, trusting only `root`; the body, or why not.
 async fn curl(root: &Path, name: &str, addr: SocketAddr) -> Result<String, String> {
-    let (ok, out) = sh(format!(
-        "curl -sS --max-time 10 --cacert {root} --resolve {name}:{port}:{ip} https://{name}:{port}/",
-        root = root.display(),
-        port = addr.port(),
-        ip = addr.ip()
-    ))
-    .await;
+    let (ok, out) = curl_https(root, name, addr).await;
     if ok && out.contains("upstream saw") {
         Ok(out)
     } else {

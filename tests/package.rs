@@ -77,11 +77,8 @@ async fn served(container: &Container, dir: &Path) -> Result<String, String> {
     let root = must(container, &["cat", "/var/lib/sni-router/ca/root.pem"]);
     let file = dir.join("root.pem");
     std::fs::write(&file, root).unwrap();
-    let (ok, out) = sh(format!(
-        "curl -sS --max-time 10 --cacert {} --resolve app.localhost:443:127.0.0.1 https://app.localhost/",
-        file.display()
-    ))
-    .await;
+    let port_443 = "127.0.0.1:443".parse().unwrap();
+    let (ok, out) = curl_https(&file, "app.localhost", port_443).await;
     if ok && out.contains("upstream saw") {
         Ok(out)
     } else {
@@ -159,7 +156,7 @@ async fn the_package_installs_serves_upgrades_in_place_and_purges() {
     std::fs::write(&edited, &config).unwrap();
     let (ok, out) = sh(format!(
         "nsenter -t {} -a sh -c 'cat > /etc/sni-router/sni-router.toml' < {}",
-        container_init(&container),
+        container.init(),
         edited.display()
     ))
     .await;
@@ -218,8 +215,4 @@ async fn the_package_installs_serves_upgrades_in_place_and_purges() {
     assert!(!container.run(&["test", "-e", "/etc/sni-router"]).0);
     assert!(!container.run(&["test", "-e", "/var/lib/sni-router"]).0);
     tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-fn container_init(container: &Container) -> u32 {
-    container.init()
 }

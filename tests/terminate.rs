@@ -378,12 +378,7 @@ async fn curl_and_openssl_verify_terminated_names_and_old_tls_is_refused() {
     } = one_node("term.test", "").await;
     let addr = router.addr();
     let ca_path = ca_file.display();
-    let (ok, out) = sh(format!(
-        "curl -sS --max-time 10 --cacert {ca_path} --resolve term.test:{port}:{ip} https://term.test:{port}/",
-        port = addr.port(),
-        ip = addr.ip()
-    ))
-    .await;
+    let (ok, out) = curl_https(&ca_file, "term.test", addr).await;
     assert!(ok && out.contains("upstream saw"), "{out}");
     let (_, out) = sh(format!(
         "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 10 openssl s_client -connect {addr} -servername term.test \

@@ -585,6 +585,18 @@ pub async fn http_get(
     (status, head.to_string(), body.to_string())
 }
 
+/// `curl https://NAME/` at `addr` (the name resolved there), trusting only
+/// the roots in `ca`: success and combined output.
+pub async fn curl_https(ca: &std::path::Path, name: &str, addr: SocketAddr) -> (bool, String) {
+    sh(format!(
+        "curl -sS --max-time 10 --cacert {ca} --resolve {name}:{port}:{ip} https://{name}:{port}/",
+        ca = ca.display(),
+        port = addr.port(),
+        ip = addr.ip()
+    ))
+    .await
+}
+
 /// Runs a shell command off the async runtime (the routers under test share
 /// it) and returns success and combined output. Commands bound their own time.
 pub async fn sh(script: String) -> (bool, String) {
