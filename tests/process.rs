@@ -26,6 +26,17 @@ fn one_node(
     (config, node)
 }
 
+/// `sni-router check ARGS --config CONFIG`, run to the end.
+fn check(args: &[&str], config: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 /// Sends `chunk` and reads its echo: proves the stream is alive and in order.
 async fn echo_round(stream: &mut TcpStream, chunk: &[u8]) {
     stream.write_all(chunk).await.unwrap();
@@ -41,11 +52,7 @@ async fn echo_round(stream: &mut TcpStream, chunk: &[u8]) {
 fn check_prints_the_route_table() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = one_node(dir.path(), "", |node| passthrough_site("pass.test", node));
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check(&[], &config);
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -60,11 +67,7 @@ fn check_rejects_bad_configs_naming_file_and_field() {
     let (config, _) = one_node(dir.path(), "", |_| {
         "[[sites]]\nnames = [\"x.test\"]\nheld_by = [\"ghost\"]\nupstream = \"nowhere\"\n".into()
     });
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check(&[], &config);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let file = config.display().to_string();
@@ -80,11 +83,7 @@ fn check_rejects_bad_configs_naming_file_and_field() {
         )),
         "{err}"
     );
-    let out = Command::new(BIN)
-        .args(["check", "--node", "zz", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check(&["--node", "zz"], &config);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--node: \"zz\" is not among [[nodes]]"));
 }
 
@@ -127,11 +126,7 @@ fn check_opens_certificate_files_and_names_what_is_wrong() {
             + &site("missing.test", "/nonexistent/cert.pem", &key)
             + &site("old.test", &old_cert, &old_key)
     });
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check(&[], &config);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let file = config.display();
