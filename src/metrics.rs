@@ -330,31 +330,7 @@ pub fn config_loaded() {
 }
 
 fn describe() {
-    describe_gauge!(BUILD_INFO, "1, labelled with the running version.");
-    describe_histogram!(
-        HANDSHAKE_SECONDS,
-        Unit::Seconds,
-        "TLS handshakes terminated here, from the replayed ClientHello to done."
-    );
-    describe_gauge!(
-        PEER_UP,
-        "1 while the last connect to a peer node (splice, forward or probe) worked, 0 after one failed."
-    );
-    describe_counter!(
-        SITE_CONNECTIONS,
-        "Finished TLS-port connections by site (its first name; unknown: a name in no site; none: no SNI) and decision."
-    );
-    describe_counter!(
-        SITE_BYTES,
-        Unit::Bytes,
-        "Bytes relayed by site and direction (up: from client)."
-    );
-    describe_gauge!(
-        CONFIG_LOADED,
-        Unit::Seconds,
-        "When the running config was loaded (at start, or the last reload that took)."
-    );
-    describe_gauge!(CONNECTIONS_MAX, "The max_connections limit.");
+    describe_build_sites_and_peers();
     describe_counter!(CONNECTIONS_ACCEPTED, "Connections accepted, by listener.");
     describe_counter!(
         CONNECTIONS_FINISHED,
@@ -414,4 +390,34 @@ fn describe() {
         CONFIG_DRIFT,
         "Connections from a peer node (splices, forwarded challenges) whose fleet digest differed from ours, by peer."
     );
+}
+
+/// The series for the operator's dashboard: build, config, limits, sites,
+/// handshakes, peers.
+fn describe_build_sites_and_peers() {
+    describe_gauge!(BUILD_INFO, "1, labelled with the running version.");
+    describe_histogram!(
+        HANDSHAKE_SECONDS,
+        Unit::Seconds,
+        "TLS handshakes terminated here, from the replayed ClientHello to done."
+    );
+    describe_gauge!(
+        PEER_UP,
+        "1 while the last connect to a peer node (splice, forward or probe) worked, 0 after one failed."
+    );
+    describe_counter!(
+        SITE_CONNECTIONS,
+        "Finished TLS-port connections by site (its first name; unknown: a name in no site; none: no SNI) and decision."
+    );
+    describe_counter!(
+        SITE_BYTES,
+        Unit::Bytes,
+        "Bytes relayed by site and direction (up: from client)."
+    );
+    describe_gauge!(
+        CONFIG_LOADED,
+        Unit::Seconds,
+        "When the running config was loaded (at start, or the last reload that took)."
+    );
+    describe_gauge!(CONNECTIONS_MAX, "The max_connections limit.");
 }

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use instant_acme::{
-    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
-    OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier,
+    KeyAuthorization, NewOrder, OrderStatus, RetryPolicy,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 
@@ -126,6 +126,49 @@ enum Answer {
     Record(Box<Placed>),
 }
 
+impl Solver<'_> {
+    /// The challenge type to pick, and its name for messages.
+    fn kind(&self) -> (ChallengeType, &'static str) {
+        match self {
+            Solver::Http01(_) => (ChallengeType::Http01, "http-01"),
+            Solver::Dns01(_) => (ChallengeType::Dns01, "dns-01"),
+        }
+    }
+
+    /// Puts the answer to one challenge in place (for DNS-01: visible at
+    /// the server); returns what to remove afterwards.
+    async fn present(
+        &self,
+        site: &str,
+        name: &str,
+        token: &str,
+        key_authorization: &KeyAuthorization,
+    ) -> Result<Answer, OrderError> {
+        match self {
+            Solver::Http01(store) => {
+                store.insert(token, key_authorization.as_str(), TOKEN_TTL)?;
+                tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, "HTTP-01 token in place, set ready");
+                Ok(Answer::Token(token.to_string()))
+            }
+            Solver::Dns01(updater) => {
+                let placed = updater
+                    .present(name, &key_authorization.dns_value())
+                    .await?;
+                tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, record = %placed.name(), "DNS-01 TXT visible at the server, set ready");
+                Ok(Answer::Record(Box::new(placed)))
+            }
+        }
+    }
+
+    async fn remove(&self, answer: &Answer) {
+        match (answer, self) {
+            (Answer::Token(token), Solver::Http01(store)) => store.remove(token),
+            (Answer::Record(placed), Solver::Dns01(updater)) => updater.remove(placed).await,
+            _ => {}
+        }
+    }
+}
+
 /// Runs the order to the end; returns (chain PEM, key PEM).
 pub async fn obtain(
     account: &Account,
@@ -164,26 +207,15 @@ pub async fn obtain(
                 AuthorizationStatus::Valid => continue,
                 other => return Err(OrderError::Authorization(name, other)),
             }
-            let (kind, label) = match solver {
-                Solver::Http01(_) => (ChallengeType::Http01, "http-01"),
-                Solver::Dns01(_) => (ChallengeType::Dns01, "dns-01"),
-            };
+            let (kind, label) = solver.kind();
             let mut challenge = authorization
                 .challenge(kind)
                 .ok_or_else(|| OrderError::NoChallenge(label, name.clone()))?;
             let key_authorization = challenge.key_authorization();
-            match solver {
-                Solver::Http01(store) => {
-                    store.insert(&challenge.token, key_authorization.as_str(), TOKEN_TTL)?;
-                    answers.push(Answer::Token(challenge.token.clone()));
-                    tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, "HTTP-01 token in place, set ready");
-                }
-                Solver::Dns01(updater) => {
-                    let placed = updater.present(&name, &key_authorization.dns_value()).await?;
-                    tracing::info!(site, step = Step::Challenge.as_str(), identifier = %name, record = %placed.name(), "DNS-01 TXT visible at the server, set ready");
-                    answers.push(Answer::Record(Box::new(placed)));
-                }
-            }
+            let answer = solver
+                .present(site, &name, &challenge.token, &key_authorization)
+                .await?;
+            answers.push(answer);
             challenge.set_ready().await.map_err(at(Step::SetReady))?;
         }
         let status = order.poll_ready(&POLL).await.map_err(at(Step::PollReady))?;
@@ -194,11 +226,7 @@ pub async fn obtain(
     }
     .await;
     for answer in &answers {
-        match (answer, &solver) {
-            (Answer::Token(token), Solver::Http01(store)) => store.remove(token),
-            (Answer::Record(placed), Solver::Dns01(updater)) => updater.remove(placed).await,
-            _ => {}
-        }
+        solver.remove(answer).await;
     }
     result?;
 
