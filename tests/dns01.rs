@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use support::knot::{Knot, SECRET, Zone};
 use support::pebble::{Options, Pebble, wait_acme};
+use support::process::Process;
 use support::*;
 
 const NODES: [(&str, &str); 2] = [("a", "127.0.0.2"), ("b", "127.0.0.3")];
@@ -21,17 +22,23 @@ async fn knot() -> Knot {
         Zone {
             name: "wild.test",
             updatable: true,
-            records: "",
+            ..Zone::default()
         },
         Zone {
             name: "cnamed.test",
-            updatable: false,
             records: "_acme-challenge CNAME _acme-challenge.cnamed.test.acme.delegated.test.",
+            ..Zone::default()
         },
         Zone {
             name: "delegated.test",
             updatable: true,
-            records: "",
+            ..Zone::default()
+        },
+        Zone {
+            name: "hidden.test",
+            updatable: true,
+            hidden: true,
+            ..Zone::default()
         },
     ])
     .await
@@ -226,4 +233,79 @@ async fn a_zone_that_refuses_the_key_and_a_name_in_no_zone_are_named() {
             .await
             .is_empty()
     );
+}
+
+/// The binary with an admin listener, so the DNS outcomes are read where an
+/// operator reads them: `/metrics` and `/status`. `hidden.test` takes the
+/// update but never answers the router's query for it.
+#[tokio::test]
+async fn a_txt_never_seen_is_named_removed_and_counted_beside_a_site_that_succeeds() {
+    if !have("pebble") || !have("knotd") {
+        return;
+    }
+    let (knot, pebble, dir) = knot_and_pebble().await;
+    let nodes = &nodes()[..1];
+    let admin = free_addr("127.0.0.1");
+    let sites = held_site(&["*.wild.test"], &["a"], NOWHERE, "")
+        + &held_site(&["*.hidden.test"], &["a"], NOWHERE, "");
+    let dns01 = knot.section(
+        dir.path(),
+        SECRET,
+        "propagation_timeout = \"2s\"\nzone = \"hidden.test.\"\n",
+    );
+    let dns01 = format!("{dns01}[admin]\nlisten = \"{admin}\"\n");
+    let toml = config("a", nodes, &pebble, dir.path(), &dns01, &sites);
+    let path = dir.path().join("a.toml");
+    std::fs::write(&path, toml).unwrap();
+    let router = Process::start(&path, dir.path());
+    wait_listening(admin).await;
+
+    let metric = |body: &str, result: &str| {
+        metric_value(
+            body,
+            &format!("sni_router_dns_updates_total{{result=\"{result}\"}}"),
+        )
+    };
+    // Two failures: the second came after the backoff, and each removed
+    // what it added.
+    let counted = wait_until_within(Duration::from_secs(60), || async {
+        let (_, _, body) = http_get(admin, "admin", "/metrics", "").await;
+        metric(&body, "not_seen") >= 2.0
+            && metric(&body, "removed") >= 3.0
+            && metric_value(
+                &body,
+                "sni_router_acme_orders_total{site=\"*.wild.test\",outcome=\"issued\"}",
+            ) >= 1.0
+    })
+    .await;
+    let (_, _, body) = http_get(admin, "admin", "/metrics", "").await;
+    assert!(counted, "{body}\n{}", router.log());
+    assert!(metric(&body, "added") >= 3.0, "{body}");
+    for site in ["*.wild.test", "*.hidden.test"] {
+        let info =
+            format!("sni_router_acme_challenge_info{{site=\"{site}\",challenge=\"dns-01\"}}");
+        assert_eq!(metric_value(&body, &info), 1.0, "{body}");
+    }
+
+    let (_, _, status) = http_get(admin, "admin", "/status", "").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let hidden = status["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["site"] == "*.hidden.test")
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(hidden["challenge"], "dns-01", "{status}");
+    let error = hidden["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("did not answer the TXT at _acme-challenge.hidden.test. within 2s"),
+        "{status}"
+    );
+    for name in ["_acme-challenge.hidden.test", "_acme-challenge.wild.test"] {
+        assert!(
+            knot.txt(name).await.is_empty(),
+            "{name} left:\n{}",
+            knot.log()
+        );
+    }
 }

@@ -33,11 +33,19 @@ pub struct Knot {
 
 /// A zone: its name, whether the key may update it, and records besides
 /// the SOA and NS (zone-file lines, relative to the zone).
+#[derive(Default)]
 pub struct Zone<'a> {
     pub name: &'a str,
     pub updatable: bool,
     pub records: &'a str,
+    /// Answers no query from 127.0.0.1 (the routers), only from
+    /// `OBSERVER`: an update is taken but never seen, as behind a primary
+    /// whose secondaries do not catch up.
+    pub hidden: bool,
 }
+
+/// The address the tests query from; every zone answers it.
+pub const OBSERVER: &str = "127.0.0.9";
 
 impl Knot {
     pub async fn start(zones: &[Zone<'_>]) -> Knot {
@@ -50,6 +58,7 @@ impl Knot {
              log:\n  - target: {root}/knot.log\n    any: info\n\
              key:\n  - id: {KEY_NAME}\n    algorithm: hmac-sha256\n    secret: {SECRET}\n\
              acl:\n  - id: acme\n    key: {KEY_NAME}\n    action: update\n    update-type: [TXT]\n    update-owner: name\n    update-owner-match: sub-or-equal\n    update-owner-name: [_acme-challenge, acme]\n\
+             mod-queryacl:\n  - id: observer\n    address: [{OBSERVER}]\n\
              template:\n  - id: default\n    storage: \"{root}\"\n    file: \"%s.zone\"\n    zonefile-sync: -1\n    semantic-checks: off\n\
              zone:\n",
             ip = addr.ip(),
@@ -59,6 +68,9 @@ impl Knot {
             config.push_str(&format!("  - domain: {}\n", zone.name));
             if zone.updatable {
                 config.push_str("    acl: acme\n");
+            }
+            if zone.hidden {
+                config.push_str("    module: mod-queryacl/observer\n");
             }
             let file = format!(
                 "$ORIGIN {name}.\n$TTL 60\n@ SOA ns.{name}. hostmaster.{name}. 1 3600 600 86400 60\n@ NS ns.{name}.\nns A 127.0.0.1\n{}\n",
@@ -88,7 +100,7 @@ impl Knot {
     /// `None` when it does not answer at all.
     pub async fn answers(&self, name: &str, kind: &str) -> Option<Vec<String>> {
         let (ok, out) = sh(format!(
-            "timeout 5 kdig +tcp +short +time=2 +retry=0 @{} -p {} {name} {kind}",
+            "timeout 5 kdig +tcp +short +time=2 +retry=0 -b {OBSERVER} @{} -p {} {name} {kind}",
             self.addr.ip(),
             self.addr.port()
         ))
@@ -115,10 +127,16 @@ impl Knot {
         path
     }
 
-    /// The router's `[dns01]` section for this server, with its secret in `dir`.
+    /// The router's `[dns01]` section for this server, with its secret in
+    /// `dir`; `extra` may set its own `propagation_timeout`.
     pub fn section(&self, dir: &Path, secret: &str, extra: &str) -> String {
+        let timeout = if extra.contains("propagation_timeout") {
+            ""
+        } else {
+            "propagation_timeout = \"10s\"\n"
+        };
         format!(
-            "[dns01]\nserver = \"{}\"\ntsig_key = \"{KEY_NAME}\"\ntsig_secret_file = \"{}\"\npropagation_timeout = \"10s\"\n{extra}",
+            "[dns01]\nserver = \"{}\"\ntsig_key = \"{KEY_NAME}\"\ntsig_secret_file = \"{}\"\n{timeout}{extra}",
             self.addr,
             Knot::secret_file(dir, secret).display()
         )
