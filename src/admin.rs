@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::{Config, SiteId, SiteRoute};
 use crate::http::request::Head;
 use crate::http::response::{self, text};
+use crate::metrics::Family;
 use crate::preface;
 use crate::state::Shared;
 
@@ -40,7 +41,9 @@ async fn answer(mut stream: TcpStream, shared: &Shared, metrics: Option<&Prometh
     }
     match head.target.split('?').next().unwrap_or_default() {
         "/metrics" => {
-            let body = metrics.map(crate::metrics::render).unwrap_or_default();
+            let body = metrics
+                .map(|handle| crate::metrics::render(handle) + &live_series(shared))
+                .unwrap_or_default();
             response::send(
                 &mut stream,
                 200,
@@ -61,6 +64,58 @@ async fn answer(mut stream: TcpStream, shared: &Shared, metrics: Option<&Prometh
         }
         _ => text(&mut stream, 404, "", "not found\n").await,
     }
+}
+
+/// The gauges that describe current sites and nodes, from live state.
+fn live_series(shared: &Shared) -> String {
+    let live = shared.live();
+    let config = &live.config;
+    let held = (0..config.sites.len())
+        .map(SiteId)
+        .filter(|s| config.holds(*s));
+    let certs: Vec<_> = held
+        .filter_map(|site| {
+            let label = config.site(site).label.as_str();
+            Some((label, shared.certs.get(label)?))
+        })
+        .collect();
+    let at = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let by_site = |time: fn(&crate::certs::store::Entry) -> SystemTime| -> Vec<_> {
+        certs
+            .iter()
+            .map(|(label, entry)| (vec![("site", *label)], at(time(entry))))
+            .collect()
+    };
+    let challenges: Vec<_> = config
+        .acme_sites()
+        .into_iter()
+        .map(|site| {
+            let label = config.site(site).label.as_str();
+            let challenge = config.challenge_of(label).as_str();
+            (vec![("site", label), ("challenge", challenge)], 1.0)
+        })
+        .collect();
+    let peers: Vec<_> = config
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != config.this_node.0)
+        .filter_map(|(_, node)| {
+            let up = shared.peers.up(&node.name)?;
+            Some((vec![("node", node.name.as_str())], f64::from(u8::from(up))))
+        })
+        .collect();
+    let mut out = String::new();
+    Family::CertExpiry.write(&mut out, &by_site(|e| e.loaded.info.not_after));
+    Family::CertNotBefore.write(&mut out, &by_site(|e| e.loaded.info.not_before));
+    Family::AcmeChallenge.write(&mut out, &challenges);
+    Family::PeerUp.write(&mut out, &peers);
+    live.sites.write(&mut out);
+    out
 }
 
 fn unix(t: SystemTime) -> u64 {

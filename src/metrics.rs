@@ -2,7 +2,9 @@
 //! from closed sets only (listener addresses and site names from the config,
 //! decisions, reasons): never a client's SNI, Host or token.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use ::metrics::{Counter, Gauge, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -134,35 +136,41 @@ pub enum SiteRef {
     NoSni,
 }
 
-/// One site's handles.
+/// One site's counts, kept across reloads under its label so a site that
+/// stays counts on.
+#[derive(Default)]
 struct SiteCounters {
-    finished: [Counter; 4],
-    up: Counter,
-    down: Counter,
+    finished: [AtomicU64; 4],
+    up: AtomicU64,
+    down: AtomicU64,
 }
 
-/// Per-site handles for one config, looked up once when the config is
-/// built: counting a connection is an index and three atomic adds.
+/// Every site label any config has had, with its counts.
+static SITE_COUNTS: LazyLock<Mutex<HashMap<Arc<str>, Arc<SiteCounters>>>> =
+    LazyLock::new(Mutex::default);
+
+/// Per-site counts for one config, looked up once when the config is
+/// built: counting a connection is an index and three atomic adds. They
+/// are rendered at scrape time for this config's sites only, so a removed
+/// site's series leave the exposition.
 pub struct SiteMetrics {
     /// The config's sites by `SiteId`, then `unknown`, then `none`.
-    sites: Vec<SiteCounters>,
+    sites: Vec<(Arc<str>, Arc<SiteCounters>)>,
 }
 
 impl SiteMetrics {
-    /// Handles for sites labelled `labels` (their first names, in
-    /// `SiteId` order), from the recorder installed now (if any).
+    /// Counts for sites labelled `labels` (their first names, in `SiteId`
+    /// order).
     pub fn new<'a>(labels: impl Iterator<Item = &'a str>) -> SiteMetrics {
-        let counters = |site: &str| {
-            let site: Arc<str> = site.into();
-            SiteCounters {
-                finished: DECISIONS.map(|decision| {
-                    ::metrics::counter!(SITE_CONNECTIONS, "site" => site.clone(), "decision" => decision.as_str())
-                }),
-                up: ::metrics::counter!(SITE_BYTES, "site" => site.clone(), "direction" => "up"),
-                down: ::metrics::counter!(SITE_BYTES, "site" => site, "direction" => "down"),
-            }
-        };
-        let sites = labels.chain(["unknown", "none"]).map(counters).collect();
+        let mut known = SITE_COUNTS.lock().unwrap_or_else(|p| p.into_inner());
+        let sites = labels
+            .chain(["unknown", "none"])
+            .map(|label| {
+                let label: Arc<str> = label.into();
+                let counts = known.entry(label.clone()).or_default().clone();
+                (label, counts)
+            })
+            .collect();
         SiteMetrics { sites }
     }
 
@@ -173,7 +181,7 @@ impl SiteMetrics {
             SiteRef::Unknown => extra,
             SiteRef::NoSni => extra + 1,
         };
-        let Some(site) = self.sites.get(index) else {
+        let Some((_, site)) = self.sites.get(index) else {
             return;
         };
         if let Some(finished) = DECISIONS
@@ -181,10 +189,35 @@ impl SiteMetrics {
             .position(|d| *d == decision)
             .and_then(|i| site.finished.get(i))
         {
-            finished.increment(1);
+            finished.fetch_add(1, Ordering::Relaxed);
         }
-        site.up.increment(up);
-        site.down.increment(down);
+        site.up.fetch_add(up, Ordering::Relaxed);
+        site.down.fetch_add(down, Ordering::Relaxed);
+    }
+
+    /// This config's sites' series, in the exposition format.
+    pub fn write(&self, out: &mut String) {
+        let read = |n: &AtomicU64| n.load(Ordering::Relaxed) as f64;
+        let mut connections = Vec::new();
+        let mut bytes = Vec::new();
+        for (label, counts) in &self.sites {
+            for (decision, n) in DECISIONS.iter().zip(&counts.finished) {
+                connections.push((
+                    vec![("site", &**label), ("decision", decision.as_str())],
+                    read(n),
+                ));
+            }
+            bytes.push((
+                vec![("site", &**label), ("direction", "up")],
+                read(&counts.up),
+            ));
+            bytes.push((
+                vec![("site", &**label), ("direction", "down")],
+                read(&counts.down),
+            ));
+        }
+        Family::SiteConnections.write(out, &connections);
+        Family::SiteBytes.write(out, &bytes);
     }
 }
 
@@ -321,6 +354,92 @@ pub fn render(handle: &PrometheusHandle) -> String {
     handle.render()
 }
 
+/// Series drawn from live state at each scrape instead of kept in the
+/// recorder, which cannot delete one: these vanish with the site or node
+/// they describe, so no alert fires and no panel shows one no longer here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    CertExpiry,
+    CertNotBefore,
+    AcmeChallenge,
+    PeerUp,
+    SiteConnections,
+    SiteBytes,
+}
+
+/// A sample: label pairs and a value.
+pub type Sample<'a> = (Vec<(&'a str, &'a str)>, f64);
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::CertExpiry => CERT_EXPIRY,
+            Family::CertNotBefore => CERT_NOT_BEFORE,
+            Family::AcmeChallenge => ACME_CHALLENGE,
+            Family::PeerUp => PEER_UP,
+            Family::SiteConnections => SITE_CONNECTIONS,
+            Family::SiteBytes => SITE_BYTES,
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Family::CertExpiry => "Expiry of the certificate served for a held site (Unix time).",
+            Family::CertNotBefore => {
+                "Start of the validity of the certificate served for a held site (Unix time)."
+            }
+            Family::AcmeChallenge => "1 for each site this node orders by ACME, by challenge type.",
+            Family::PeerUp => {
+                "1 while the last connect to a peer node (splice, forward or probe) worked, 0 after one failed."
+            }
+            Family::SiteConnections => {
+                "Finished TLS-port connections by site (its first name; unknown: a name in no site; none: no SNI) and decision."
+            }
+            Family::SiteBytes => "Bytes relayed by site and direction (up: from client).",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Family::SiteConnections | Family::SiteBytes => "counter",
+            _ => "gauge",
+        }
+    }
+
+    /// Appends this family's HELP, TYPE and samples to `out`; nothing
+    /// when there are none.
+    pub fn write(self, out: &mut String, samples: &[Sample<'_>]) {
+        use std::fmt::Write;
+        if samples.is_empty() {
+            return;
+        }
+        let name = self.name();
+        let _ = write!(
+            out,
+            "# HELP {name} {}\n# TYPE {name} {}\n",
+            self.help(),
+            self.kind()
+        );
+        for (labels, value) in samples {
+            out.push_str(name);
+            let mut sep = '{';
+            for (key, value) in labels {
+                let value = value
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(out, "{sep}{key}=\"{value}\"");
+                sep = ',';
+            }
+            if sep == ',' {
+                out.push('}');
+            }
+            let _ = writeln!(out, " {value}");
+        }
+        out.push('\n');
+    }
+}
+
 /// Marks the running config as loaded now.
 pub fn config_loaded() {
     let now = std::time::SystemTime::now()
@@ -380,11 +499,6 @@ fn describe() {
         ACME_RENEWAL_INFO,
         "Asks for a certificate's ACME renewal information (ARI), by site and outcome."
     );
-    describe_gauge!(
-        CERT_EXPIRY,
-        Unit::Seconds,
-        "Expiry of the certificate served for a held site (Unix time)."
-    );
     describe_counter!(CONFIG_RELOADS, "Config reloads, by outcome.");
     describe_counter!(
         CONFIG_DRIFT,
@@ -402,22 +516,48 @@ fn describe_build_sites_and_peers() {
         "TLS handshakes terminated here, from the replayed ClientHello to done."
     );
     describe_gauge!(
-        PEER_UP,
-        "1 while the last connect to a peer node (splice, forward or probe) worked, 0 after one failed."
-    );
-    describe_counter!(
-        SITE_CONNECTIONS,
-        "Finished TLS-port connections by site (its first name; unknown: a name in no site; none: no SNI) and decision."
-    );
-    describe_counter!(
-        SITE_BYTES,
-        Unit::Bytes,
-        "Bytes relayed by site and direction (up: from client)."
-    );
-    describe_gauge!(
         CONFIG_LOADED,
         Unit::Seconds,
         "When the running config was loaded (at start, or the last reload that took)."
     );
     describe_gauge!(CONNECTIONS_MAX, "The max_connections limit.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_family_escapes_label_values_and_writes_nothing_without_samples() {
+        let mut out = String::new();
+        Family::PeerUp.write(&mut out, &[]);
+        assert_eq!(out, "");
+        Family::AcmeChallenge.write(
+            &mut out,
+            &[(vec![("site", "*.a\"b\\c\nd"), ("challenge", "dns-01")], 1.0)],
+        );
+        assert_eq!(
+            out,
+            "# HELP sni_router_acme_challenge_info 1 for each site this node orders by ACME, by challenge type.\n\
+             # TYPE sni_router_acme_challenge_info gauge\n\
+             sni_router_acme_challenge_info{site=\"*.a\\\"b\\\\c\\nd\",challenge=\"dns-01\"} 1\n\n"
+        );
+    }
+
+    #[test]
+    fn a_site_kept_across_configs_counts_on_and_a_removed_one_is_not_written() {
+        let before = SiteMetrics::new(["kept.metrics.test", "gone.metrics.test"].into_iter());
+        before.finished(SiteRef::Site(crate::config::SiteId(0)), DECISIONS[0], 3, 4);
+        let after = SiteMetrics::new(["kept.metrics.test"].into_iter());
+        after.finished(SiteRef::Site(crate::config::SiteId(0)), DECISIONS[0], 3, 4);
+        let mut out = String::new();
+        after.write(&mut out);
+        assert!(
+            out.contains(
+                "sni_router_site_bytes_total{site=\"kept.metrics.test\",direction=\"up\"} 6\n"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("gone.metrics.test"), "{out}");
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, FleetDigest};
 use crate::connect;
-use crate::metrics::{CONFIG_DRIFT, PEER_UP};
+use crate::metrics::CONFIG_DRIFT;
 
 /// Often enough for a status page; rare enough to be noise-free.
 const PROBE_EVERY: Duration = Duration::from_secs(15);
@@ -25,19 +25,9 @@ pub struct PeerState {
     pub config_digest: Option<String>,
     pub config_digest_seen_at: Option<u64>,
     pub config_digest_matches: Option<bool>,
-    /// Whether the last connect worked: the `sni_router_peer_up` gauge,
-    /// set only when this changes.
+    /// Whether the last connect worked: the `sni_router_peer_up` gauge.
     #[serde(skip)]
     up: Option<bool>,
-}
-
-impl PeerState {
-    fn set_up(&mut self, node: &str, up: bool) {
-        if self.up != Some(up) {
-            self.up = Some(up);
-            metrics::gauge!(PEER_UP, "node" => node.to_string()).set(f64::from(u8::from(up)));
-        }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -52,11 +42,17 @@ fn unix_now() -> u64 {
 }
 
 impl PeerHealth {
+    /// Whether the last connect to `node` worked; `None` before any.
+    pub fn up(&self, node: &str) -> Option<bool> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(node).and_then(|p| p.up)
+    }
+
     pub fn seen(&self, node: &str) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let state = peers.entry(node.to_string()).or_default();
         state.last_seen = Some(unix_now());
-        state.set_up(node, true);
+        state.up = Some(true);
     }
 
     pub fn failed(&self, node: &str, error: &str) {
@@ -64,7 +60,7 @@ impl PeerHealth {
         let state = peers.entry(node.to_string()).or_default();
         state.last_error = Some(error.to_string());
         state.last_error_at = Some(unix_now());
-        state.set_up(node, false);
+        state.up = Some(false);
     }
 
     /// A connection that `from` marked as a node's carried `digest`: count

@@ -30,7 +30,7 @@ use crate::certs::disk::{self, CertError, Loaded};
 use crate::certs::store::{CertStore, Entry, Source};
 use crate::config::{Acme, Challenge, Config, SiteId};
 use crate::http::challenge::ChallengeStore;
-use crate::metrics::{ACME_CHALLENGE, ACME_ORDERS};
+use crate::metrics::ACME_ORDERS;
 use crate::state::Live;
 use tokio::sync::watch;
 
@@ -171,9 +171,6 @@ impl Manager {
             .retain(|site, entry| entry.source != Source::Acme || labels.iter().any(|l| l == site));
         for site in managed {
             let label = config.site(site).label.clone();
-            let challenge = config.challenge_of(&label).as_str();
-            metrics::gauge!(ACME_CHALLENGE, "site" => label.clone(), "challenge" => challenge)
-                .set(1.0);
             let identifiers = identifiers(config, site);
             let stale = self
                 .sites

@@ -64,16 +64,6 @@ impl CertStore {
 
     /// Installs or replaces one site's certificate.
     pub fn set(&self, site: &str, entry: Entry) {
-        let unix = |at: SystemTime| {
-            at.duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64()
-        };
-        let info = &entry.loaded.info;
-        metrics::gauge!(crate::metrics::CERT_EXPIRY, "site" => site.to_string())
-            .set(unix(info.not_after));
-        metrics::gauge!(crate::metrics::CERT_NOT_BEFORE, "site" => site.to_string())
-            .set(unix(info.not_before));
         let entry = Arc::new(entry);
         self.sites.rcu(|sites| {
             let mut next = HashMap::clone(sites);
@@ -82,29 +72,13 @@ impl CertStore {
         });
     }
 
-    /// Keeps only the entries for which `keep(site, entry)` holds. A
-    /// dropped site's certificate gauges become NaN: the exporter cannot
-    /// remove a series, and no comparison with NaN is true, so no expiry
-    /// alert fires for a site no longer served here.
+    /// Keeps only the entries for which `keep(site, entry)` holds.
     pub fn retain(&self, keep: impl Fn(&str, &Entry) -> bool) {
-        let mut dropped = Vec::new();
         self.sites.rcu(|sites| {
-            dropped.clear();
             let mut next = HashMap::clone(sites);
-            next.retain(|site, entry| {
-                let kept = keep(site, entry);
-                if !kept {
-                    dropped.push(site.clone());
-                }
-                kept
-            });
+            next.retain(|site, entry| keep(site, entry));
             next
         });
-        for site in dropped {
-            for gauge in [crate::metrics::CERT_EXPIRY, crate::metrics::CERT_NOT_BEFORE] {
-                metrics::gauge!(gauge, "site" => site.clone()).set(f64::NAN);
-            }
-        }
     }
 }
 
