@@ -37,13 +37,15 @@ async fn lintian_passes_the_package() {
     if !have("lintian") {
         return;
     }
+    let symbols = Path::new(DEBS).join("sni-router-dbgsym_0.1.0-1_amd64.ddeb");
     let (ok, out) = sh(format!(
-        "lintian --fail-on error,warning {} 2>&1",
-        first.display()
+        "lintian --fail-on error,warning {} {} 2>&1",
+        first.display(),
+        symbols.display()
     ))
     .await;
     assert!(ok, "lintian:\n{out}");
-    // Stripped, with its symbols in the -dbgsym package.
+    // Stripped, with its symbols in the -dbgsym package under its build id.
     let (_, file) = sh(format!(
         "dpkg-deb --fsys-tarfile {} | tar -xO ./usr/bin/sni-router | file -",
         first.display()
@@ -53,6 +55,14 @@ async fn lintian_passes_the_package() {
         file.contains("stripped") && !file.contains("not stripped"),
         "{file}"
     );
+    let id = file
+        .split("BuildID[sha1]=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no build id: {file}"));
+    let (_, listed) = sh(format!("dpkg-deb -c {}", symbols.display())).await;
+    let debug_file = format!("./usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+    assert!(listed.contains(&debug_file), "{debug_file} not in:\n{listed}");
 }
 
 /// A command in the container that must succeed; its output.
