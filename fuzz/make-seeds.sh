@@ -64,4 +64,26 @@ v2d = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x17" + v2[16:] + tlv
 open(os.path.join(p, "v2-fleet-digest-tlv"), "wb").write(v2d + b"\x16\x03\x01")
 PY
 cp config/sni-router.toml "$seeds/config/default.toml"
+# Every access-control shape: defaults, per-site lists, v4, v6, bare
+# addresses, and a network with host bits set.
+cat >"$seeds/config/access.toml" <<'TOML'
+this_node = "a"
+[defaults]
+allow = ["203.0.113.0/24", "2001:db8::/32", "192.0.2.7"]
+deny = ["203.0.113.66/32", "::1"]
+[[nodes]]
+name = "a"
+tls = "127.0.0.2:443"
+http = "127.0.0.2:80"
+[[sites]]
+names = ["admin.example.org"]
+held_by = ["a"]
+upstream = "127.0.0.1:9100"
+allow = ["10.0.0.0/8"]
+deny = ["10.0.0.1/8"]
+[[sites]]
+names = ["pass.example.org"]
+passthrough = "127.0.0.1:9443"
+deny = []
+TOML
 ls -l "$seeds"/*

@@ -149,3 +149,78 @@ mod tests {
         assert!(SourceLimits::new(0).acquire(ip).unwrap().is_none());
     }
 }
+
+/// At most `per_second` log lines a second for one kind of event, so a
+/// scan cannot flood the log; what it held back is reported with the next
+/// line it lets through. The counters are exact either way.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_second: u32,
+    second: AtomicU64,
+    used: std::sync::atomic::AtomicU32,
+    held_back: AtomicU64,
+}
+
+impl LogBudget {
+    pub const fn new(per_second: u32) -> LogBudget {
+        LogBudget {
+            per_second,
+            second: AtomicU64::new(0),
+            used: std::sync::atomic::AtomicU32::new(0),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be
+    /// written now (`now` in whole seconds of any clock).
+    pub fn take(&self, now: u64) -> Option<u64> {
+        // Two threads crossing into a new second may both reset: a line
+        // or two more that second, never fewer.
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Denied clients' log lines, both ports together.
+pub static DENIED_LOG: LogBudget = LogBudget::new(10);
+
+/// Logs a refused client within [`DENIED_LOG`]'s budget.
+pub fn log_denied(
+    port: &str,
+    client: std::net::SocketAddr,
+    site: &str,
+    denial: crate::config::Denial,
+) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(held_back) = DENIED_LOG.take(now) {
+        tracing::info!(
+            port, %client, site, reason = denial.as_str(), held_back,
+            "access denied (held_back: denials not logged since the last line)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::LogBudget;
+
+    #[test]
+    fn a_budget_lets_a_few_lines_a_second_through_and_reports_the_rest() {
+        let budget = LogBudget::new(2);
+        assert_eq!(budget.take(7), Some(0));
+        assert_eq!(budget.take(7), Some(0));
+        assert_eq!(budget.take(7), None);
+        assert_eq!(budget.take(7), None);
+        assert_eq!(budget.take(8), Some(2));
+        assert_eq!(budget.take(8), Some(0));
+    }
+}

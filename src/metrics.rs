@@ -50,6 +50,8 @@ pub const CONNECTIONS_MAX: &str = "sni_router_connections_max";
 pub const DNS_UPDATES: &str = "sni_router_dns_updates_total";
 /// 1 for each ACME site's challenge type (`site`, `challenge`).
 pub const ACME_CHALLENGE: &str = "sni_router_acme_challenge_info";
+/// Clients a site's allow/deny lists refused (`site`, `reason`, `port`).
+pub const ACCESS_DENIED: &str = "sni_router_access_denied_total";
 
 /// Buckets for the latency histograms: a hello or a forwarded challenge
 /// takes milliseconds; the deadlines are seconds.
@@ -500,6 +502,10 @@ fn describe() {
         "Asks for a certificate's ACME renewal information (ARI), by site and outcome."
     );
     describe_counter!(CONFIG_RELOADS, "Config reloads, by outcome.");
+    describe_counter!(
+        ACCESS_DENIED,
+        "Clients refused by a site's allow/deny lists, by site, reason (not_allowed, deny_listed) and port (tls, http)."
+    );
     describe_counter!(
         CONFIG_DRIFT,
         "Connections from a peer node (splices, forwarded challenges) whose fleet digest differed from ours, by peer."

@@ -62,7 +62,10 @@ async fn lintian_passes_the_package() {
         .unwrap_or_else(|| panic!("no build id: {file}"));
     let (_, listed) = sh(format!("dpkg-deb -c {}", symbols.display())).await;
     let debug_file = format!("./usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
-    assert!(listed.contains(&debug_file), "{debug_file} not in:\n{listed}");
+    assert!(
+        listed.contains(&debug_file),
+        "{debug_file} not in:\n{listed}"
+    );
 }
 
 /// A command in the container that must succeed; its output.

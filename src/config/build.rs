@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use super::file::{FileConfig, FileSite};
+use super::access::{Access, parse_net};
+use super::file::{FileConfig, FileDefaults, FileSite};
 use super::{
     Acme, CertFiles, Challenge, Config, ConfigError, Dns01, FleetDigest, Http, HttpMode,
     InternalCa, Issuer, KeyType, Limits, Listener, Node, NodeId, Problem, ProxyVersion, Site,
@@ -115,7 +116,8 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
     let base = base_dir(source);
     let dns01 = file.dns01.as_ref().and_then(|d| dns01(b, d, &base));
     let context = (&node_ids, base.as_path(), dns01.is_some());
-    let (sites, names, site_ids) = sites(b, &file.sites, context);
+    let defaults = access_defaults(b, &file.defaults);
+    let (sites, names, site_ids) = sites(b, &file.sites, context, &defaults);
     let default_site = file
         .default_site
         .as_deref()
@@ -387,7 +389,58 @@ fn nodes(b: &mut Builder, file: &FileConfig) -> (Vec<Node>, HashMap<IpAddr, Node
 
 type SiteTables = (Vec<Site>, NameTable<SiteId>, HashMap<Pattern, SiteId>);
 
-fn sites(b: &mut Builder, file: &[FileSite], context: Context) -> SiteTables {
+/// `[defaults]` allow and deny lists.
+fn access_defaults(b: &mut Builder, defaults: &FileDefaults) -> Access {
+    Access {
+        allow: nets(
+            b,
+            "defaults.allow",
+            defaults.allow.as_deref().unwrap_or_default(),
+        ),
+        deny: nets(
+            b,
+            "defaults.deny",
+            defaults.deny.as_deref().unwrap_or_default(),
+        ),
+    }
+}
+
+/// A site's lists: its own where it sets them, else the defaults; a
+/// warning when they leave no client able to reach it.
+fn access(b: &mut Builder, field: &str, s: &FileSite, defaults: &Access) -> Access {
+    let access = Access {
+        allow: match &s.allow {
+            Some(list) => nets(b, &format!("{field}.allow"), list),
+            None => defaults.allow.clone(),
+        },
+        deny: match &s.deny {
+            Some(list) => nets(b, &format!("{field}.deny"), list),
+            None => defaults.deny.clone(),
+        },
+    };
+    if access.denies_everything() {
+        b.warnings.push(Problem {
+            field: field.to_string(),
+            message: "its allow and deny lists leave no client able to reach it".into(),
+        });
+    }
+    access
+}
+
+fn nets(b: &mut Builder, field: &str, raw: &[String]) -> Vec<ipnet::IpNet> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, raw)| match parse_net(raw) {
+            Ok(net) => Some(net),
+            Err(message) => {
+                b.problem(format!("{field}[{i}]"), message);
+                None
+            }
+        })
+        .collect()
+}
+
+fn sites(b: &mut Builder, file: &[FileSite], context: Context, defaults: &Access) -> SiteTables {
     let mut sites = Vec::new();
     let mut names = NameTable::default();
     let mut by_pattern: HashMap<Pattern, SiteId> = HashMap::new();
@@ -451,6 +504,7 @@ fn sites(b: &mut Builder, file: &[FileSite], context: Context) -> SiteTables {
                 HttpMode::Redirect
             }
         };
+        let access = access(b, &field, s, defaults);
         if let (Some(route), Some(first)) = (route, patterns.first()) {
             for pattern in &patterns {
                 names.insert(pattern.clone(), id);
@@ -462,6 +516,7 @@ fn sites(b: &mut Builder, file: &[FileSite], context: Context) -> SiteTables {
                 route,
                 proxy_protocol,
                 http,
+                access,
             });
         }
     }

@@ -96,6 +96,14 @@ fn canonical(config: &Config) -> String {
             HttpMode::Upstream => "upstream",
         };
         let _ = write!(line, " proxy_protocol={proxy} http={http}");
+        // Only when set, so configs without lists keep their digest.
+        for (field, nets) in [("allow", &site.access.allow), ("deny", &site.access.deny)] {
+            if !nets.is_empty() {
+                let mut nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                nets.sort();
+                let _ = write!(line, " {field}={}", nets.join(","));
+            }
+        }
         lines.push(line);
     }
     lines.sort();

@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub dns01: Option<FileDns01>,
     pub admin: Option<FileAdmin>,
     #[serde(default)]
+    pub defaults: FileDefaults,
+    #[serde(default)]
     pub nodes: Vec<FileNode>,
     #[serde(default)]
     pub sites: Vec<FileSite>,
@@ -131,6 +133,14 @@ pub struct FileEab {
     pub hmac_key: String,
 }
 
+/// Settings every site takes unless it sets its own.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDefaults {
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSite {
@@ -146,6 +156,8 @@ pub struct FileSite {
     pub challenge: Option<String>,
     pub alpn: Option<Vec<String>>,
     pub http: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,7 @@
 //! itself out with `this_node` (or `--node`). The file is parsed into the
 //! types below once; nothing downstream re-checks it.
 
+mod access;
 mod build;
 mod digest;
 mod file;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use crate::names::{NameTable, Pattern};
 
+pub use access::{Access, Denial};
 pub use digest::FleetDigest;
 
 /// The default config, shipped in the binary for `cargo run`.
@@ -202,6 +204,9 @@ pub struct Site {
     pub proxy_protocol: Option<ProxyVersion>,
     /// What port 80 does with requests for this site (besides challenges).
     pub http: HttpMode,
+    /// Which clients may reach it, on both ports (never refusing a CA's
+    /// challenge requests).
+    pub access: Access,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

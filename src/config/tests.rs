@@ -453,3 +453,37 @@ fn the_packaged_config_is_valid_and_holds_no_site() {
     );
     assert!(config.admin.is_some());
 }
+
+#[test]
+fn access_lists_take_defaults_name_bad_networks_and_warn_when_nothing_passes() {
+    let site = "[[sites]]\nnames = [\"s.test\"]\npassthrough = \"127.0.0.1:1\"\n";
+    let two = format!(
+        "{NODES}[defaults]\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.9.0.0/16\"]\n{site}{}",
+        site.replace("s.test", "t.test") + "deny = []\n"
+    );
+    let config = Config::parse(&two, "fleet.toml", None).unwrap();
+    let ip = |raw: &str| raw.parse().unwrap();
+    let (s, t) = (&config.sites[0].access, &config.sites[1].access);
+    assert_eq!(s.check(ip("10.9.1.1")), Err(Denial::DenyListed));
+    assert_eq!(s.check(ip("192.0.2.1")), Err(Denial::NotAllowed));
+    assert_eq!(
+        t.check(ip("10.9.1.1")),
+        Ok(()),
+        "a site's own list replaces the default"
+    );
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    assert_problem(
+        &format!("{site}allow = [\"10.0.0.1/8\"]\n"),
+        "sites[0].allow[0]: \"10.0.0.1/8\" has host bits set: the network is 10.0.0.0/8",
+    );
+    assert_problem(
+        "[defaults]\ndeny = [\"::1\", \"nonsense\"]\n",
+        "defaults.deny[1]: \"nonsense\" is not an IP network",
+    );
+    let closed = format!("{NODES}{site}deny = [\"0.0.0.0/0\", \"::/0\"]\n");
+    let config = Config::parse(&closed, "fleet.toml", None).unwrap();
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert_eq!(config.warnings[0].field, "sites[0]");
+    assert!(config.warnings[0].message.contains("no client"));
+}

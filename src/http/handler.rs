@@ -16,7 +16,7 @@ use super::response::text as respond;
 use super::route::{self, HttpDecision};
 use crate::config::{Config, SiteId, SiteRoute};
 use crate::forward::{self, Target, TargetKind, Via};
-use crate::metrics::{HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
+use crate::metrics::{ACCESS_DENIED, HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
 use crate::peers::PeerHealth;
 use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
@@ -31,6 +31,8 @@ struct Outcome {
     result: &'static str,
     status: u16,
     detail: String,
+    /// Logged already, within a budget (a denied client): no line of its own.
+    logged: bool,
 }
 
 fn outcome(result: &'static str, status: u16) -> Outcome {
@@ -38,6 +40,7 @@ fn outcome(result: &'static str, status: u16) -> Outcome {
         result,
         status,
         detail: String::new(),
+        logged: false,
     }
 }
 
@@ -75,6 +78,7 @@ impl Drop for Cut {
                 result: "drain_deadline",
                 status: 0,
                 detail: "cut when the drain period ran out".into(),
+                logged: false,
             };
             finished(self.peer, self.started, (None, None), &out);
         }
@@ -88,6 +92,9 @@ fn finished(
     out: &Outcome,
 ) {
     metrics::counter!(HTTP_REQUESTS, "result" => out.result).increment(1);
+    if out.logged {
+        return;
+    }
     tracing::info!(
         target: "sni_router::http",
         client = %peer,
@@ -131,7 +138,7 @@ async fn serve(
     } else if from_node && head.forwarded {
         shared.peers.heard(config, peer.ip(), head.forwarded_digest);
     }
-    let out = match route::decide(config, head) {
+    let out = match route::decide(config, head, ends.client.ip()) {
         HttpDecision::Challenge { token } => {
             let (result, answer) = challenge(shared, live, head, &token, from_node).await;
             match answer {
@@ -161,6 +168,17 @@ async fn serve(
             respond(stream, 404, "", "unknown host\n").await;
             outcome("unknown_host", 404)
         }
+        HttpDecision::Denied { site, denial } => {
+            let label = &config.site(site).label;
+            metrics::counter!(ACCESS_DENIED, "site" => label.clone(), "reason" => denial.as_str(), "port" => "http")
+                .increment(1);
+            crate::limits::log_denied("http", ends.client, label, denial);
+            respond(stream, 403, "", "access denied\n").await;
+            Outcome {
+                logged: true,
+                ..outcome("denied", 403)
+            }
+        }
         HttpDecision::Upstream { site } => {
             let peers = &shared.peers;
             to_upstream(config, peers, site, stream, ends, preamble.bytes).await
@@ -183,6 +201,7 @@ async fn head_failed(stream: &mut TcpStream, e: PrefaceError<Invalid>) -> Outcom
         result: "bad_request",
         status,
         detail: format!("{}: request head {e}", e.kind(Invalid::kind)),
+        logged: false,
     }
 }
 
@@ -321,6 +340,7 @@ async fn to_upstream(
                 result: "upstream",
                 status: 0,
                 detail: format!("{} ({})", opened.target, transfer.end),
+                logged: false,
             }
         }
         Err(e) => {
@@ -329,6 +349,7 @@ async fn to_upstream(
                 result: "upstream_error",
                 status: 502,
                 detail: e.to_string(),
+                logged: false,
             }
         }
     }

@@ -2,7 +2,9 @@
 
 use super::challenge::valid_token;
 use super::request::Head;
-use crate::config::{Config, HttpMode, SiteId};
+use std::net::IpAddr;
+
+use crate::config::{Config, Denial, HttpMode, SiteId};
 
 const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -20,9 +22,14 @@ pub enum HttpDecision {
     NoHost,
     /// A Host that is no site's name: 404, we redirect only our own names.
     UnknownHost,
+    /// The site's access lists refuse the client: 403.
+    Denied { site: SiteId, denial: Denial },
 }
 
-pub fn decide(config: &Config, head: &Head) -> HttpDecision {
+/// Challenges come first and pass whoever asks: the CA's validators must
+/// get through a site's access lists. `client` is the real client (from a
+/// trusted PROXY header, else the socket peer).
+pub fn decide(config: &Config, head: &Head, client: IpAddr) -> HttpDecision {
     if let Some(rest) = head.target.strip_prefix(CHALLENGE_PREFIX) {
         let token = rest.split('?').next().unwrap_or_default();
         return if valid_token(token) {
@@ -39,6 +46,9 @@ pub fn decide(config: &Config, head: &Head) -> HttpDecision {
     let Some(site) = config.names.get(host).copied() else {
         return HttpDecision::UnknownHost;
     };
+    if let Err(denial) = config.site(site).access.check(client) {
+        return HttpDecision::Denied { site, denial };
+    }
     match config.site(site).http {
         HttpMode::Upstream => HttpDecision::Upstream { site },
         HttpMode::Redirect => {
@@ -75,11 +85,16 @@ mod tests {
             held_by = ["a"]
             upstream = "127.0.0.1:9000"
             http = "upstream"
+            allow = ["192.0.2.0/24"]
             "#,
             "t",
             None,
         )
         .unwrap()
+    }
+
+    fn client() -> IpAddr {
+        "192.0.2.7".parse().unwrap()
     }
 
     fn head(target: &str, host: Option<&str>) -> Head {
@@ -96,7 +111,11 @@ mod tests {
     #[test]
     fn challenges_need_a_base64url_token() {
         let c = config();
-        let d = decide(&c, &head("/.well-known/acme-challenge/abc_DEF-1", None));
+        let d = decide(
+            &c,
+            &head("/.well-known/acme-challenge/abc_DEF-1", None),
+            client(),
+        );
         assert_eq!(
             d,
             HttpDecision::Challenge {
@@ -110,6 +129,7 @@ mod tests {
                     &format!("/.well-known/acme-challenge/{bad}"),
                     Some("www.test"),
                 ),
+                client(),
             );
             assert_eq!(d, HttpDecision::BadToken, "{bad:?}");
         }
@@ -118,21 +138,39 @@ mod tests {
     #[test]
     fn redirects_keep_path_and_query() {
         let c = config();
-        let d = decide(&c, &head("/a/b?c=d&e", Some("x.app.test")));
+        let d = decide(&c, &head("/a/b?c=d&e", Some("x.app.test")), client());
         assert_eq!(
             d,
             HttpDecision::Redirect {
                 location: "https://x.app.test/a/b?c=d&e".into()
             }
         );
-        assert_eq!(decide(&c, &head("/", None)), HttpDecision::NoHost);
+        assert_eq!(decide(&c, &head("/", None), client()), HttpDecision::NoHost);
         assert_eq!(
-            decide(&c, &head("/", Some("other.test"))),
+            decide(&c, &head("/", Some("other.test")), client()),
             HttpDecision::UnknownHost
         );
         assert_eq!(
-            decide(&c, &head("/", Some("plain.test"))),
+            decide(&c, &head("/", Some("plain.test")), client()),
             HttpDecision::Upstream { site: SiteId(1) }
         );
+    }
+
+    #[test]
+    fn access_lists_refuse_a_site_but_never_a_challenge() {
+        let c = config();
+        let outsider: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            decide(&c, &head("/", Some("plain.test")), outsider),
+            HttpDecision::Denied {
+                site: SiteId(1),
+                denial: Denial::NotAllowed
+            }
+        );
+        let challenge = head("/.well-known/acme-challenge/abc", Some("plain.test"));
+        assert!(matches!(
+            decide(&c, &challenge, outsider),
+            HttpDecision::Challenge { .. }
+        ));
     }
 }

@@ -21,8 +21,8 @@ use super::terminate;
 use crate::config::{Config, NodeId, SiteId};
 use crate::forward::{self, ForwardError, Opened, Target, TargetKind, Via};
 use crate::metrics::{
-    HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED, SiteRef,
-    TERMINATE_FALLBACKS,
+    ACCESS_DENIED, HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
+    SiteRef, TERMINATE_FALLBACKS,
 };
 use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
@@ -32,6 +32,10 @@ use crate::state::{Admission, Live, Shared};
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x70];
+
+/// A fatal `access_denied` alert: the site's allow/deny lists refuse the
+/// client. Sent to a node too, which passes it on as the holder's answer.
+const ALERT_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x31];
 
 /// Everything the finished-connection log line and metrics report.
 struct Outcome {
@@ -47,6 +51,8 @@ struct Outcome {
     transfer: Option<Transfer>,
     /// The site it counts under in metrics.
     site: SiteRef,
+    /// Logged already, within a budget (a denied client): no line of its own.
+    logged: bool,
 }
 
 impl Outcome {
@@ -60,6 +66,7 @@ impl Outcome {
             target: None,
             transfer: None,
             site: SiteRef::NoSni,
+            logged: false,
         }
     }
 
@@ -199,6 +206,9 @@ impl Report {
             .finished(outcome.site, outcome.decision, up, down);
         if outcome.decision == DecisionKind::Reject {
             metrics::counter!(REJECTED, "reason" => outcome.kind).increment(1);
+        }
+        if outcome.logged {
+            return;
         }
         tracing::info!(
             target: "sni_router::conn",
@@ -395,6 +405,7 @@ fn site_of(decision: &Decision, config: &Config, sni: Option<&str>) -> SiteRef {
         Decision::Terminate { site }
         | Decision::Splice { site, .. }
         | Decision::Passthrough { site, .. } => SiteRef::Site(*site),
+        Decision::Reject(Reject::Denied { site, .. }) => SiteRef::Site(*site),
         Decision::Reject(_) => match sni {
             None => SiteRef::NoSni,
             Some(name) => config
@@ -463,6 +474,16 @@ impl Here<'_> {
                 sni = self.sni.as_deref().unwrap_or("-"),
                 "config conflict: a node spliced a name here that this node cannot terminate"
             );
+        }
+        if let Reject::Denied { site, denial } = reject {
+            let label = &self.live.config.site(site).label;
+            metrics::counter!(ACCESS_DENIED, "site" => label.clone(), "reason" => denial.as_str(), "port" => "tls")
+                .increment(1);
+            crate::limits::log_denied("tls", self.ends.client, label, denial);
+            let _ = stream.write_all(&ALERT_ACCESS_DENIED).await;
+            let mut outcome = Outcome::new(DecisionKind::Reject, reject.kind(), denial.as_str());
+            outcome.logged = true;
+            return outcome;
         }
         if self.sni.is_some() && !spliced_by_node {
             let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;

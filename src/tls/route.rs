@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::forward::rendezvous;
 
-use crate::config::{Config, NodeId, SiteId, SiteRoute};
+use crate::config::{Config, Denial, NodeId, SiteId, SiteRoute};
 
 /// What to do with a connection whose ClientHello has been read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,8 @@ pub enum Reject {
     NoHolder,
     /// Spliced here by a node, and we cannot terminate it: splicing on could loop.
     LoopGuard,
+    /// The site's allow/deny lists refuse the client.
+    Denied { site: SiteId, denial: Denial },
 }
 
 /// What kind of route a connection took: the `decision` label of logs and
@@ -95,6 +97,7 @@ impl Reject {
             Reject::UnknownName => "unknown_name",
             Reject::NoHolder => "no_holder",
             Reject::LoopGuard => "loop_guard",
+            Reject::Denied { .. } => "denied",
         }
     }
 }
@@ -114,7 +117,10 @@ pub struct Peer {
 /// whether this node has a certificate valid now for `name`.
 ///
 /// Ties: exact name beats wildcard (see [`crate::names`]); without SNI the
-/// listener's default site beats the global one.
+/// listener's default site beats the global one. The site's access lists
+/// come before anything else about it, so a refused client causes no
+/// outbound connection, and a holder judges a spliced client again by the
+/// address its PROXY header carries.
 pub fn decide(
     config: &Config,
     listener: usize,
@@ -135,6 +141,9 @@ pub fn decide(
             }
         }
     };
+    if let Err(denial) = config.site(site).access.check(peer.client) {
+        return Decision::Reject(Reject::Denied { site, denial });
+    }
     let name = sni.unwrap_or(&config.site(site).label);
     match &config.site(site).route {
         SiteRoute::Passthrough { backend } => Decision::Passthrough {
@@ -259,6 +268,37 @@ mod tests {
         assert_eq!(d, Decision::Terminate { site: SiteId(0) });
         let d = decide(&c, 0, Some("shared.test"), node_peer(), |_, _| false);
         assert_eq!(d, Decision::Reject(Reject::LoopGuard));
+    }
+
+    #[test]
+    fn a_refused_client_is_denied_before_any_route_even_through_a_node() {
+        let mut c = config();
+        let net = |raw: &str| raw.parse().unwrap();
+        c.sites[0].access.allow = vec![net("198.51.100.0/24")];
+        c.sites[0].access.deny = vec![net("198.51.100.66/32")];
+        let denied = |client: &str, spliced_by_node| {
+            let peer = Peer {
+                client: client.parse().unwrap(),
+                spliced_by_node,
+            };
+            decide(&c, 0, Some("shared.test"), peer, |_, _| true)
+        };
+        let site = SiteId(0);
+        assert_eq!(
+            denied("192.0.2.7", false),
+            Decision::Reject(Reject::Denied {
+                site,
+                denial: Denial::NotAllowed
+            })
+        );
+        assert_eq!(
+            denied("198.51.100.66", true),
+            Decision::Reject(Reject::Denied {
+                site,
+                denial: Denial::DenyListed
+            })
+        );
+        assert_eq!(denied("198.51.100.7", true), Decision::Terminate { site });
     }
 
     #[test]
