@@ -65,12 +65,15 @@ open(os.path.join(p, "v2-fleet-digest-tlv"), "wb").write(v2d + b"\x16\x03\x01")
 PY
 cp config/sni-router.toml "$seeds/config/default.toml"
 # Every access-control shape: defaults, per-site lists, v4, v6, bare
-# addresses, and a network with host bits set.
+# addresses, and a site its lists close (a warning).
 cat >"$seeds/config/access.toml" <<'TOML'
 this_node = "a"
 [defaults]
 allow = ["203.0.113.0/24", "2001:db8::/32", "192.0.2.7"]
 deny = ["203.0.113.66/32", "::1"]
+[limits]
+max_per_source = 64
+new_per_source_per_second = 20
 [[nodes]]
 name = "a"
 tls = "127.0.0.2:443"
@@ -80,7 +83,7 @@ names = ["admin.example.org"]
 held_by = ["a"]
 upstream = "127.0.0.1:9100"
 allow = ["10.0.0.0/8"]
-deny = ["10.0.0.1/8"]
+deny = ["10.0.0.1", "10.0.0.0/8"]
 [[sites]]
 names = ["pass.example.org"]
 passthrough = "127.0.0.1:9443"

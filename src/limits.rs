@@ -63,11 +63,35 @@ impl Drop for HelloSlot {
     }
 }
 
-/// Connections per source address; `max == 0` means no cap.
+/// Connections per source address; `max == 0` means no cap. New
+/// connections per source and second; `rate == 0` means no limit.
 #[derive(Debug)]
 pub struct SourceLimits {
     max: usize,
     counts: Mutex<HashMap<IpAddr, usize>>,
+    rate: u32,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+/// Sources tracked for the rate at once. A source whose bucket has filled
+/// up again needs no entry, so the table holds only those that connected
+/// within the last second or so; when it is full of those, a new source
+/// goes unmetered until entries refill (the connection cap still holds).
+const MAX_BUCKETS: usize = 65_536;
+
+/// A token bucket: `rate` tokens a second, holding at most `rate` (one
+/// second's worth, so a browser's burst of parallel connections passes).
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn refilled(self, rate: u32, now: std::time::Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + elapsed * f64::from(rate)).min(f64::from(rate))
+    }
 }
 
 pub struct SourceGuard {
@@ -80,11 +104,43 @@ pub struct SourceGuard {
 pub struct AtCap;
 
 impl SourceLimits {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, rate: u32) -> Arc<Self> {
         Arc::new(SourceLimits {
             max,
             counts: Mutex::default(),
+            rate,
+            buckets: Mutex::default(),
         })
+    }
+
+    /// Takes a token for a new connection from `ip`; false when it has
+    /// used its rate.
+    pub fn admit_new(&self, ip: IpAddr, now: std::time::Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let rate = self.rate;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&ip) {
+            buckets.retain(|_, b| b.refilled(rate, now) < f64::from(rate));
+            if buckets.len() >= MAX_BUCKETS {
+                return true;
+            }
+        }
+        let full = Bucket {
+            tokens: f64::from(rate),
+            at: now,
+        };
+        let bucket = buckets.entry(ip).or_insert(full);
+        let tokens = bucket.refilled(rate, now);
+        if tokens < 1.0 {
+            return false;
+        }
+        *bucket = Bucket {
+            tokens: tokens - 1.0,
+            at: now,
+        };
+        true
     }
 
     /// A place for one more connection from `ip`: a guard that gives it
@@ -138,7 +194,7 @@ mod tests {
 
     #[test]
     fn per_source_caps_count_and_release() {
-        let limits = SourceLimits::new(2);
+        let limits = SourceLimits::new(2, 0);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let one = limits.acquire(ip).unwrap();
         let _two = limits.acquire(ip).unwrap();
@@ -146,7 +202,7 @@ mod tests {
         assert!(limits.acquire("192.0.2.2".parse().unwrap()).is_ok());
         drop(one);
         assert!(limits.acquire(ip).is_ok());
-        assert!(SourceLimits::new(0).acquire(ip).unwrap().is_none());
+        assert!(SourceLimits::new(0, 0).acquire(ip).unwrap().is_none());
     }
 }
 
@@ -206,6 +262,46 @@ pub fn log_denied(
             port, %client, site, reason = denial.as_str(), held_back,
             "access denied (held_back: denials not logged since the last line)"
         );
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_churning_source_is_held_to_its_rate_and_others_are_not() {
+        let limits = SourceLimits::new(0, 3);
+        let (churn, other): (IpAddr, IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t = Instant::now();
+        let admitted = (0..10).filter(|_| limits.admit_new(churn, t)).count();
+        assert_eq!(admitted, 3, "a burst of one second's worth");
+        assert!(limits.admit_new(other, t));
+        // A third of a second later: one more token.
+        let later = t + Duration::from_millis(340);
+        assert!(limits.admit_new(churn, later));
+        assert!(!limits.admit_new(churn, later));
+        assert!(SourceLimits::new(0, 0).admit_new(churn, t), "0 is off");
+    }
+
+    #[test]
+    fn the_table_stays_bounded_by_dropping_refilled_sources() {
+        let limits = SourceLimits::new(0, 1);
+        let t = Instant::now();
+        for i in 0..MAX_BUCKETS as u32 {
+            assert!(limits.admit_new(IpAddr::from(i.to_be_bytes()), t));
+        }
+        let newcomer: IpAddr = "198.51.100.1".parse().unwrap();
+        // All full of fresh entries: unmetered, not stored.
+        assert!(limits.admit_new(newcomer, t));
+        assert!(limits.admit_new(newcomer, t));
+        // A second later every old bucket has refilled and is dropped.
+        let later = t + Duration::from_secs(1);
+        assert!(limits.admit_new(newcomer, later));
+        assert!(!limits.admit_new(newcomer, later));
+        assert_eq!(limits.buckets.lock().unwrap().len(), 1);
     }
 }
 

@@ -180,7 +180,7 @@ impl Server {
             acme: Arc::default(),
             ready: AtomicBool::new(false),
             hello_slots: HelloSlots::new(limits.max_pending_hellos),
-            sources: SourceLimits::new(limits.max_per_source),
+            sources: SourceLimits::new(limits.max_per_source, limits.new_per_source_per_second),
             stats: Stats::default(),
             resumption,
             reloaded: watch::Sender::new(0),
@@ -413,9 +413,23 @@ impl AcceptLoop {
                 return;
             }
         };
-        let Ok(source_guard) = self.handle.shared.sources.acquire(peer.ip()) else {
-            metrics::counter!(REJECTED, "reason" => "per_source_limit").increment(1);
-            return;
+        let live = self.handle.shared.live();
+        // Nodes and trusted proxies carry many clients' connections: the
+        // per-source limits apply to the clients the holders see in the
+        // PROXY headers, not to them.
+        let source_guard = if live.config.may_send_proxy(peer.ip()) {
+            None
+        } else {
+            let sources = &self.handle.shared.sources;
+            if !sources.admit_new(peer.ip(), std::time::Instant::now()) {
+                metrics::counter!(REJECTED, "reason" => "per_source_rate").increment(1);
+                return;
+            }
+            let Ok(guard) = sources.acquire(peer.ip()) else {
+                metrics::counter!(REJECTED, "reason" => "per_source_limit").increment(1);
+                return;
+            };
+            guard
         };
         // A listener bound to one address needs no getsockname per connection.
         let local = match self.bound {
@@ -436,7 +450,6 @@ impl AcceptLoop {
             _source: source_guard,
             active,
         };
-        let live = shared.live();
         let port = self.port;
         self.tracker.spawn(async move {
             match port {

@@ -181,3 +181,39 @@ async fn ipv6_clients_are_judged_by_their_v6_networks() {
     open.shutdown().await.unwrap();
     assert_eq!(backend.wait_for(1).await.len(), 1);
 }
+
+/// Replies from `n` connections in a row from `from`, each a hello for a
+/// name in no site: the alert when admitted, nothing when refused at
+/// accept.
+async fn churn(from: &str, to: SocketAddr, n: usize) -> usize {
+    let mut admitted = 0;
+    for _ in 0..n {
+        if !hello_from(from, to, "nope.test").await.is_empty() {
+            admitted += 1;
+        }
+    }
+    admitted
+}
+
+#[tokio::test]
+async fn a_churning_source_is_held_to_its_rate_while_others_and_nodes_are_not() {
+    let (a, b) = (free_addr("127.0.0.2"), free_addr("127.0.0.3"));
+    let top = "[limits]\nnew_per_source_per_second = 5\n";
+    let router = Router::start(&fleet_toml("a", &[("a", a), ("b", b)], top, "")).await;
+    let started = std::time::Instant::now();
+    let admitted = churn("127.0.0.20", router.addr(), 30).await;
+    // A second's worth at once, then 5 a second.
+    let refilled = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        (5..=5 + refilled).contains(&admitted) && admitted < 30,
+        "{admitted} of 30 admitted in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        churn("127.0.0.21", router.addr(), 3).await,
+        3,
+        "another source"
+    );
+    // Node b's address carries many clients' connections: not metered.
+    assert_eq!(churn("127.0.0.3", router.addr(), 30).await, 30);
+}

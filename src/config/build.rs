@@ -246,6 +246,9 @@ fn limits(b: &mut Builder, l: &super::file::FileLimits) -> Limits {
         max_connections: l.max_connections.unwrap_or(defaults.max_connections),
         max_pending_hellos: l.max_pending_hellos.unwrap_or(defaults.max_pending_hellos),
         max_per_source: l.max_per_source.unwrap_or(defaults.max_per_source),
+        new_per_source_per_second: l
+            .new_per_source_per_second
+            .unwrap_or(defaults.new_per_source_per_second),
         zero_copy: l.zero_copy.unwrap_or(defaults.zero_copy),
     };
     if limits.max_pending_hellos == 0 {

@@ -66,6 +66,7 @@ pub struct FileLimits {
     pub max_connections: Option<usize>,
     pub max_pending_hellos: Option<usize>,
     pub max_per_source: Option<usize>,
+    pub new_per_source_per_second: Option<u32>,
     pub zero_copy: Option<bool>,
 }
 

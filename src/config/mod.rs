@@ -297,6 +297,9 @@ pub struct Limits {
     pub max_pending_hellos: usize,
     /// Connections one source address may hold; 0 is no cap.
     pub max_per_source: usize,
+    /// New connections one source may open a second (a token bucket of
+    /// one second's worth); 0 = no limit.
+    pub new_per_source_per_second: u32,
     /// Move spliced bytes with `splice(2)` (Linux) instead of read/write.
     pub zero_copy: bool,
 }
@@ -308,6 +311,7 @@ impl Default for Limits {
             max_connections: 20_000,
             max_pending_hellos: 4096,
             max_per_source: 0,
+            new_per_source_per_second: 0,
             zero_copy: true,
         }
     }
