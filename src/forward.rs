@@ -1,12 +1,13 @@
 //! Opening the far side of a connection whose first bytes were peeked: a
-//! passthrough backend, a plain-HTTP upstream, or holder nodes with
-//! failover. Nothing has reached the client until a target answers, so the
+//! passthrough backend pool, a plain-HTTP upstream pool, or holder nodes,
+//! all through one engine with failover. Nothing has reached the client until a target answers, so the
 //! peeked bytes can be replayed to the next holder when one fails. The
 //! caller joins the two sockets (see [`crate::splice`]).
 
 use std::hash::Hasher;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use siphasher::sip::SipHasher13;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{Config, NodeId};
 use crate::connect::{self, ConnectError};
+use crate::health::TargetHealth;
 use crate::metrics::{CONNECT_FAILURES, FAILOVERS};
 use crate::peers::PeerHealth;
 use crate::splice;
@@ -113,8 +115,21 @@ pub struct Opened {
     pub stream: TcpStream,
     /// Bytes replayed to the target (the peeked hello or request head).
     pub replayed: u64,
-    /// Bytes of the target's answer already passed to the client.
-    pub answered: u64,
+    /// The target's first bytes, when they were awaited: the caller passes
+    /// them to the client before joining.
+    pub first: Vec<u8>,
+}
+
+impl Opened {
+    /// Passes the awaited first bytes to `client`; how many.
+    pub async fn pass_first(&mut self, client: &mut TcpStream) -> Result<u64, ForwardError> {
+        let first = std::mem::take(&mut self.first);
+        client
+            .write_all(&first)
+            .await
+            .map_err(ForwardError::Client)?;
+        Ok(first.len() as u64)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,15 +138,15 @@ pub enum ForwardError {
     Connect(#[from] ConnectError),
     #[error("replaying the hello to {0}: {1}")]
     Replay(SocketAddr, io::Error),
-    #[error("holder {0} closed without answering the hello")]
+    #[error("{0} closed without answering the hello")]
     Refused(SocketAddr),
-    #[error("holder {0} did not answer the hello in time")]
+    #[error("{0} did not answer the hello in time")]
     Silent(SocketAddr),
-    #[error("holder {0}: {1}")]
+    #[error("{0}: {1}")]
     Holder(SocketAddr, io::Error),
     #[error("writing to client: {0}")]
     Client(io::Error),
-    #[error("no holder answered ({0} tried)")]
+    #[error("no target answered ({0} tried)")]
     NoHolder(usize),
 }
 
@@ -154,6 +169,8 @@ pub struct Via<'a> {
     pub config: &'a Config,
     /// Where peers' reachability is recorded.
     pub peers: &'a PeerHealth,
+    /// Which targets failed lately, for every target kind.
+    pub health: &'a TargetHealth,
     /// Local address to connect from (a node's own, for node targets).
     pub source: Option<IpAddr>,
 }
@@ -167,15 +184,32 @@ pub fn mode(config: &Config) -> splice::Mode {
     }
 }
 
-/// Opens the first of `targets` that accepts a connection and sends it the
-/// optional header and the replayed bytes. Used for passthrough backends
-/// and plain HTTP, where the target may wait for more of the request before
-/// it answers.
-pub async fn to_first_reachable(
+/// When a target counts as having answered, by who speaks next on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A holder node: its first bytes (a ServerHello) must arrive before
+    /// the client is committed to it, since a holder that cannot terminate
+    /// closes without a word.
+    First,
+    /// A passthrough backend: its first bytes are awaited while another
+    /// target is left to fail over to; the last one is taken at connect.
+    FirstWhileOthersLeft,
+    /// A plaintext upstream, or a holder's HTTP port: the client speaks
+    /// next, so a connection is the answer.
+    Connect,
+}
+
+/// Opens the first of `targets` that answers, in their order with those
+/// that failed lately moved to the back, and sends it the optional header
+/// and the replayed bytes. One engine for holders, backend pools and
+/// upstreams: the connect timeout per target, failover on refusal, on a
+/// timeout and on a close before answering, and the same health record.
+pub async fn open(
     via: Via<'_>,
     targets: &[Target],
     header: Option<Vec<u8>>,
     replay: Vec<u8>,
+    answer: Answer,
 ) -> Result<Opened, ForwardError> {
     let replayed = replay.len() as u64;
     let prefix = match header {
@@ -185,111 +219,74 @@ pub async fn to_first_reachable(
         }
         None => replay,
     };
+    let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
+    let order = via.health.order(&addrs, Instant::now());
+    let order = order.unwrap_or_else(|| (0..targets.len()).collect());
     let mut last = None;
-    let mut connected = None;
-    for target in targets {
-        let timeout = via.config.timeouts.connect;
-        match connect::connect_sending(target.addr, via.source, timeout, &prefix).await {
-            Ok(opened) => {
+    for (n, target) in order.iter().filter_map(|i| targets.get(*i)).enumerate() {
+        let wait = match answer {
+            Answer::First => true,
+            Answer::FirstWhileOthersLeft => n + 1 < targets.len(),
+            Answer::Connect => false,
+        };
+        match attempt(via.config, target.addr, via.source, &prefix, wait).await {
+            Ok((stream, first)) => {
                 target.connected(via.peers);
-                connected = Some((target, opened));
-                break;
+                via.health.succeeded(target.addr);
+                return Ok(Opened {
+                    target: target.addr,
+                    stream,
+                    replayed,
+                    first,
+                });
             }
             Err(e) => {
-                tracing::warn!(target = %target.addr, error = %e, "target unreachable, trying the next");
-                target.connect_failed();
-                let e = ForwardError::Connect(e);
-                target.failed(via.peers, &e);
+                tracing::warn!(target = %target.addr, kind = target.kind.as_str(), label = %target.label, error = %e, "target failed, trying the next");
+                via.health.failed(target.addr, Instant::now());
+                if matches!(e, ForwardError::Connect(_)) {
+                    target.connect_failed();
+                    target.failed(via.peers, &e);
+                } else {
+                    target.connected(via.peers);
+                }
+                if target.kind == TargetKind::Node {
+                    metrics::counter!(FAILOVERS, "node" => target.label.clone()).increment(1);
+                }
                 last = Some(e);
             }
         }
     }
-    let Some((target, (mut stream, rest))) = connected else {
-        return Err(last.unwrap_or(ForwardError::NoHolder(0)));
-    };
-    stream
-        .write_all(rest)
-        .await
-        .map_err(|e| ForwardError::Replay(target.addr, e))?;
-    Ok(Opened {
-        target: target.addr,
-        stream,
-        replayed,
-        answered: 0,
+    // Holders are reported together; a pool by what its last target did.
+    Err(match last {
+        Some(e) if answer != Answer::First => e,
+        _ => ForwardError::NoHolder(targets.len()),
     })
 }
 
-/// Tries holders in order and passes the first answer on to `client`. A
-/// holder that cannot be reached, closes before answering (a holder that
-/// cannot terminate refuses silently: see the loop guard), or stays silent
-/// past the connect timeout is skipped.
-pub async fn to_holders(
-    via: Via<'_>,
-    client: &mut TcpStream,
-    holders: &[Target],
-    header: Vec<u8>,
-    replay: Vec<u8>,
-) -> Result<Opened, ForwardError> {
-    let replayed = replay.len() as u64;
-    let mut prefix = header;
-    prefix.extend_from_slice(&replay);
-    drop(replay);
-    let mut opened = None;
-    for holder in holders {
-        match open_holder(via.config, holder.addr, via.source, &prefix).await {
-            Ok(pair) => {
-                holder.connected(via.peers);
-                opened = Some((holder, pair));
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(holder = %holder.addr, node = %holder.label, error = %e, "holder failed, trying the next");
-                if matches!(e, ForwardError::Connect(_)) {
-                    holder.connect_failed();
-                    holder.failed(via.peers, &e);
-                } else {
-                    holder.connected(via.peers);
-                }
-                metrics::counter!(FAILOVERS, "node" => holder.label.clone()).increment(1);
-            }
-        }
-    }
-    drop(prefix);
-    let Some((holder, (stream, first))) = opened else {
-        return Err(ForwardError::NoHolder(holders.len()));
-    };
-    client
-        .write_all(&first)
-        .await
-        .map_err(ForwardError::Client)?;
-    Ok(Opened {
-        target: holder.addr,
-        stream,
-        replayed,
-        answered: first.len() as u64,
-    })
-}
-
-/// Connects, replays, and waits for the holder's first bytes.
-async fn open_holder(
+/// Connects, replays, and with `wait` waits for the target's first bytes.
+async fn attempt(
     config: &Config,
-    holder: SocketAddr,
+    addr: SocketAddr,
     source: Option<IpAddr>,
     prefix: &[u8],
+    wait: bool,
 ) -> Result<(TcpStream, Vec<u8>), ForwardError> {
     let (mut target, rest) =
-        connect::connect_sending(holder, source, config.timeouts.connect, prefix).await?;
+        connect::connect_sending(addr, source, config.timeouts.connect, prefix).await?;
     target
         .write_all(rest)
         .await
-        .map_err(|e| ForwardError::Replay(holder, e))?;
+        .map_err(|e| ForwardError::Replay(addr, e))?;
+    if !wait {
+        return Ok((target, Vec::new()));
+    }
     let mut first = vec![0u8; FIRST_READ];
     let n = tokio::time::timeout(config.timeouts.connect, target.read(&mut first))
         .await
-        .map_err(|_| ForwardError::Silent(holder))?
-        .map_err(|e| ForwardError::Holder(holder, e))?;
+        .map_err(|_| ForwardError::Silent(addr))?
+        .map_err(|e| ForwardError::Holder(addr, e))?;
     if n == 0 {
-        return Err(ForwardError::Refused(holder));
+        return Err(ForwardError::Refused(addr));
     }
     first.truncate(n);
     first.shrink_to_fit();

@@ -71,6 +71,7 @@ pub mod tls;
 pub mod http;
 pub mod proxy_protocol;
 pub mod forward;
+pub mod health;
 pub mod connect;
 pub mod sockopt;
 pub mod splice;

@@ -177,6 +177,7 @@ impl Server {
             certs,
             challenges: Arc::default(),
             peers: PeerHealth::default(),
+            health: Default::default(),
             acme: Arc::default(),
             ready: AtomicBool::new(false),
             hello_slots: HelloSlots::new(limits.max_pending_hellos),

@@ -80,6 +80,8 @@ pub struct Shared {
     pub challenges: Arc<ChallengeStore>,
     pub stats: Stats,
     pub peers: PeerHealth,
+    /// Which targets (nodes, backends, upstreams) failed lately.
+    pub health: crate::health::TargetHealth,
     /// What the ACME manager has done, for the status page.
     pub acme: Arc<Report>,
     /// Listeners bound and accepting (false before start and while draining).

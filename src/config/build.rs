@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::access::{Access, parse_net};
-use super::file::{FileConfig, FileDefaults, FileSite};
+use super::file::{FileConfig, FileDefaults, FileSite, FileTarget, FileTargets};
 use super::{
     Acme, CertFiles, Challenge, Config, ConfigError, Dns01, FleetDigest, Http, HttpMode,
-    InternalCa, Issuer, KeyType, Limits, Listener, Node, NodeId, Problem, ProxyVersion, Site,
-    SiteId, SiteRoute, Timeouts, TsigAlgorithm, canonical,
+    InternalCa, Issuer, KeyType, Limits, Listener, Node, NodeId, Pool, PoolTarget, Problem,
+    ProxyVersion, Site, SiteId, SiteRoute, Timeouts, TsigAlgorithm, canonical,
 };
 use crate::names::{NameTable, Pattern};
 
@@ -552,7 +552,7 @@ fn held(
         }
     }
     let upstream = match &s.upstream {
-        Some(raw) => b.addr(&format!("{field}.upstream"), raw),
+        Some(targets) => pool(b, &format!("{field}.upstream"), targets, s),
         None => {
             b.problem(
                 format!("{field}.upstream"),
@@ -774,7 +774,7 @@ fn site_route(b: &mut Builder, field: &str, s: &FileSite, context: Context) -> O
                     "upstream applies only to sites with held_by; a passthrough backend gets raw TLS",
                 );
             }
-            let backend = b.addr(&format!("{field}.passthrough"), raw)?;
+            let backend = pool(b, &format!("{field}.passthrough"), raw, s)?;
             Some(SiteRoute::Passthrough { backend })
         }
         (false, Some(_)) => {
@@ -792,6 +792,71 @@ fn site_route(b: &mut Builder, field: &str, s: &FileSite, context: Context) -> O
             None
         }
     }
+}
+
+/// A pool of targets (one address, or a list with optional weights), with
+/// the site's `drain` list and `health` applied.
+fn pool(b: &mut Builder, field: &str, targets: &FileTargets, s: &FileSite) -> Option<Pool> {
+    let listed: Vec<(String, &str, u32)> = match targets {
+        FileTargets::One(raw) => vec![(field.to_string(), raw.as_str(), 1)],
+        FileTargets::Many(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t {
+                FileTarget::Addr(raw) => (format!("{field}[{i}]"), raw.as_str(), 1),
+                FileTarget::Weighted(w) => (
+                    format!("{field}[{i}].addr"),
+                    w.addr.as_str(),
+                    w.weight.unwrap_or(1),
+                ),
+            })
+            .collect(),
+    };
+    if listed.is_empty() {
+        b.problem(field, "a pool needs at least one target");
+        return None;
+    }
+    let mut pool = Pool {
+        targets: Vec::new(),
+        checked: false,
+    };
+    for (at, raw, weight) in listed {
+        let addr = b.addr(&at, raw)?;
+        if pool.addrs().any(|a| a == addr) {
+            b.problem(at, format!("{addr} is listed twice"));
+            continue;
+        }
+        pool.targets.push(PoolTarget { addr, weight });
+    }
+    let site = field.rsplit_once('.').map_or(field, |(site, _)| site);
+    for (i, raw) in s.drain.iter().flatten().enumerate() {
+        let at = format!("{site}.drain[{i}]");
+        let Some(addr) = b.addr(&at, raw) else {
+            continue;
+        };
+        match pool.targets.iter_mut().find(|t| t.addr == addr) {
+            Some(target) => target.weight = 0,
+            None => b.problem(at, format!("{addr} is not a target of {field}")),
+        }
+    }
+    pool.checked = match s.health.as_deref() {
+        None | Some("none") => false,
+        Some("tcp") => true,
+        Some(other) => {
+            b.problem(
+                format!("{site}.health"),
+                format!("{other:?} is not one of \"tcp\", \"none\""),
+            );
+            false
+        }
+    };
+    if pool.targets.iter().all(|t| t.weight == 0) {
+        b.warnings.push(Problem {
+            field: field.to_string(),
+            message: "every target is drained (weight 0): the site's connections fail".into(),
+        });
+    }
+    Some(pool)
 }
 
 /// ALPN protocols offered after termination; `acme-tls/1` is reserved for

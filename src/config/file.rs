@@ -148,8 +148,12 @@ pub struct FileSite {
     pub names: Vec<String>,
     #[serde(default)]
     pub held_by: Vec<String>,
-    pub upstream: Option<String>,
-    pub passthrough: Option<String>,
+    pub upstream: Option<FileTargets>,
+    pub passthrough: Option<FileTargets>,
+    /// Addresses of the pool that take no new connections.
+    pub drain: Option<Vec<String>>,
+    /// `"tcp"`: connect to each target every few seconds.
+    pub health: Option<String>,
     pub proxy_protocol: Option<String>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
@@ -159,6 +163,28 @@ pub struct FileSite {
     pub http: Option<String>,
     pub allow: Option<Vec<String>>,
     pub deny: Option<Vec<String>>,
+}
+
+/// `"IP:port"`, or a list of those and `{ addr = "IP:port", weight = N }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileTargets {
+    One(String),
+    Many(Vec<FileTarget>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileTarget {
+    Addr(String),
+    Weighted(FileWeighted),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWeighted {
+    pub addr: String,
+    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

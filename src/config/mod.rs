@@ -6,6 +6,7 @@ mod access;
 mod build;
 mod digest;
 mod file;
+mod pool;
 #[cfg(test)]
 mod tests;
 
@@ -18,6 +19,7 @@ use crate::names::{NameTable, Pattern};
 
 pub use access::{Access, Denial};
 pub use digest::FleetDigest;
+pub use pool::{Ordered, Pool, PoolTarget};
 
 /// The default config, shipped in the binary for `cargo run`.
 pub const EMBEDDED: &str = include_str!("../../config/sni-router.toml");
@@ -230,18 +232,18 @@ pub struct Http {
 
 #[derive(Debug, Clone)]
 pub enum SiteRoute {
-    /// Nodes terminate TLS and send plaintext to `upstream`.
+    /// Nodes terminate TLS and send plaintext to a target of `upstream`.
     Held {
         holders: Vec<NodeId>,
-        upstream: SocketAddr,
+        upstream: Pool,
         issuer: Issuer,
         /// How ACME validates the names, when `issuer` is ACME.
         challenge: Challenge,
         /// ALPN protocols offered after termination, in preference order.
         alpn: Vec<Vec<u8>>,
     },
-    /// Raw TLS goes to a backend that has its own certificate.
-    Passthrough { backend: SocketAddr },
+    /// Raw TLS goes to a backend of the pool; they have their own certificate.
+    Passthrough { backend: Pool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

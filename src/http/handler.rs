@@ -15,9 +15,8 @@ use super::request::{Head, Invalid};
 use super::response::text as respond;
 use super::route::{self, HttpDecision};
 use crate::config::{Config, SiteId, SiteRoute};
-use crate::forward::{self, Target, TargetKind, Via};
+use crate::forward::{self, Answer, Target, Via};
 use crate::metrics::{ACCESS_DENIED, HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
-use crate::peers::PeerHealth;
 use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
 use crate::state::{Live, Shared};
@@ -180,8 +179,7 @@ async fn serve(
             }
         }
         HttpDecision::Upstream { site } => {
-            let peers = &shared.peers;
-            to_upstream(config, peers, site, stream, ends, preamble.bytes).await
+            to_upstream(config, shared, site, stream, ends, preamble.bytes).await
         }
     };
     (head.host.clone(), Some(head.target.clone()), out)
@@ -290,7 +288,7 @@ async fn from_webroot(config: &Config, token: &str) -> Option<String> {
 /// Plain HTTP to the site's upstream when held here, else to a holder node.
 async fn to_upstream(
     config: &Config,
-    peers: &PeerHealth,
+    shared: &Shared,
     site: SiteId,
     stream: &mut TcpStream,
     Ends {
@@ -308,12 +306,9 @@ async fn to_upstream(
             .site(site)
             .proxy_protocol
             .map(|v| proxy_protocol::encode(v, client, destination));
-        let target = Target {
-            addr: *upstream,
-            kind: TargetKind::Upstream,
-            label: config.site(site).label.clone(),
-        };
-        (vec![target], None, header)
+        let label = &config.site(site).label;
+        let targets = crate::tls::terminate::upstream_targets(upstream, client.ip(), label);
+        (targets, None, header)
     } else if via_node.is_some() {
         respond(stream, 502, "", "config conflict: not a holder\n").await;
         return outcome("loop_guard", 502);
@@ -328,10 +323,11 @@ async fn to_upstream(
     };
     let via = Via {
         config,
-        peers,
+        peers: &shared.peers,
+        health: &shared.health,
         source,
     };
-    match forward::to_first_reachable(via, &targets, header, replay).await {
+    match forward::open(via, &targets, header, replay, Answer::Connect).await {
         Ok(opened) => {
             let idle = config.timeouts.idle;
             let transfer =

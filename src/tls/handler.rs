@@ -19,7 +19,7 @@ use super::prefixed::Prefixed;
 use super::route::{self, Decision, DecisionKind, Peer, Reject};
 use super::terminate;
 use crate::config::{Config, NodeId, SiteId};
-use crate::forward::{self, ForwardError, Opened, Target, TargetKind, Via};
+use crate::forward::{self, Answer, ForwardError, Opened, Target, TargetKind, Via};
 use crate::metrics::{
     ACCESS_DENIED, HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
     SiteRef, TERMINATE_FALLBACKS,
@@ -364,8 +364,9 @@ async fn route_connection(
     let replay = preamble.bytes;
     let joined = match decision {
         Decision::Reject(reject) => Err(at.refuse(stream, reject).await),
-        Decision::Passthrough { site, backend } => {
-            at.pass_through(stream, site, backend, replay).await
+        Decision::Passthrough { site, backends } => {
+            at.pass_through(stream, site, backends.as_slice(), replay)
+                .await
         }
         Decision::Splice { site, holders } => {
             at.splice_to_holders(stream, site, &holders, replay).await
@@ -491,12 +492,13 @@ impl Here<'_> {
         Outcome::new(DecisionKind::Reject, reject.kind(), reject.kind())
     }
 
-    /// Raw TLS to a backend with its own certificate.
+    /// Raw TLS to the first backend of the pool that answers, in the
+    /// client's order; the backends have their own certificates.
     async fn pass_through(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
         site: SiteId,
-        backend: SocketAddr,
+        backends: &[SocketAddr],
         replay: Vec<u8>,
     ) -> Acted {
         let config = &self.live.config;
@@ -504,20 +506,43 @@ impl Here<'_> {
         let header = site
             .proxy_protocol
             .map(|v| proxy_protocol::encode(v, self.ends.client, self.ends.destination));
-        let target = Target {
-            addr: backend,
-            kind: TargetKind::Backend,
-            label: site.label.clone(),
-        };
-        let via = Via {
-            config,
+        let targets: Vec<Target> = backends
+            .iter()
+            .map(|addr| Target {
+                addr: *addr,
+                kind: TargetKind::Backend,
+                label: site.label.clone(),
+            })
+            .collect();
+        let answer = Answer::FirstWhileOthersLeft;
+        let opened = forward::open(self.via(None), &targets, header, replay, answer).await;
+        self.join_opened(&mut stream, opened, DecisionKind::Passthrough)
+            .await
+            .map(|opened| self.spliced(stream, opened))
+    }
+
+    fn via(&self, source: Option<std::net::IpAddr>) -> Via<'_> {
+        Via {
+            config: &self.live.config,
             peers: &self.shared.peers,
-            source: None,
-        };
-        match forward::to_first_reachable(via, &[target], header, replay).await {
-            Ok(opened) => Ok(self.spliced(stream, opened)),
-            Err(e) => Err(forward_failed(DecisionKind::Passthrough, e)),
+            health: &self.shared.health,
+            source,
         }
+    }
+
+    /// The opened target with its awaited first bytes passed to the client.
+    async fn join_opened(
+        &self,
+        client: &mut TcpStream,
+        opened: Result<Opened, ForwardError>,
+        decision: DecisionKind,
+    ) -> Result<(Opened, u64), Outcome> {
+        let mut opened = opened.map_err(|e| forward_failed(decision, e))?;
+        let answered = opened
+            .pass_first(client)
+            .await
+            .map_err(|e| forward_failed(decision, e))?;
+        Ok((opened, answered))
     }
 
     /// Raw TLS to the first holder node that answers, in rendezvous order,
@@ -546,15 +571,11 @@ impl Here<'_> {
         let (client, destination) = (self.ends.client, self.ends.destination);
         let header = proxy_protocol::encode_from_node(client, destination, config.digest);
         // From this node's own address, so the holder knows a node.
-        let via = Via {
-            config,
-            peers: &self.shared.peers,
-            source: Some(config.this().tls.ip()),
-        };
-        match forward::to_holders(via, &mut stream, &targets, header, replay).await {
-            Ok(opened) => Ok(self.spliced(stream, opened)),
-            Err(e) => Err(forward_failed(DecisionKind::Splice, e)),
-        }
+        let via = self.via(Some(config.this().tls.ip()));
+        let opened = forward::open(via, &targets, Some(header), replay, Answer::First).await;
+        self.join_opened(&mut stream, opened, DecisionKind::Splice)
+            .await
+            .map(|opened| self.spliced(stream, opened))
     }
 
     /// TLS ends here; the plaintext goes to the site's upstream.
@@ -568,7 +589,8 @@ impl Here<'_> {
         let config = &self.live.config;
         let tls = &self.live.tls;
         // Boxed: only terminated connections pay for the handshake state.
-        let serve = terminate::serve(config, tls, site, stream, replay, chacha_first, self.ends);
+        let via = self.via(None);
+        let serve = terminate::serve(via, tls, site, stream, replay, chacha_first, self.ends);
         match Box::pin(serve).await {
             Ok(done) => {
                 let join = StreamJoin::new(done.tls, done.upstream, config.timeouts.idle);
@@ -588,8 +610,9 @@ impl Here<'_> {
         }
     }
 
-    /// Raw TCP: joins the client to the target that took the replayed bytes.
-    fn spliced(&self, client: TcpStream, opened: Opened) -> Connected {
+    /// Raw TCP: joins the client to the target that took the replayed
+    /// bytes and answered with `answered` bytes.
+    fn spliced(&self, client: TcpStream, (opened, answered): (Opened, u64)) -> Connected {
         let config = &self.live.config;
         let mode = forward::mode(config);
         let mut join = TcpJoin::new(client, opened.stream, config.timeouts.idle, mode);
@@ -599,7 +622,7 @@ impl Here<'_> {
         }
         let prefix = Moved {
             to_target: opened.replayed,
-            to_client: opened.answered,
+            to_client: answered,
         };
         Connected {
             join: Join::Spliced(join),

@@ -1,10 +1,10 @@
 //! The routing decision for a TLS connection: pure, no I/O.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use crate::forward::rendezvous;
 
-use crate::config::{Config, Denial, NodeId, SiteId, SiteRoute};
+use crate::config::{Config, Denial, NodeId, Ordered, SiteId, SiteRoute};
 
 /// What to do with a connection whose ClientHello has been read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,10 +18,11 @@ pub enum Decision {
         site: SiteId,
         holders: Vec<NodeId>,
     },
-    /// Raw TLS to a backend with its own certificate.
+    /// Raw TLS to the site's backends (they have their own
+    /// certificates), in the client's order.
     Passthrough {
         site: SiteId,
-        backend: SocketAddr,
+        backends: Ordered,
     },
     Reject(Reject),
 }
@@ -148,7 +149,7 @@ pub fn decide(
     match &config.site(site).route {
         SiteRoute::Passthrough { backend } => Decision::Passthrough {
             site,
-            backend: *backend,
+            backends: backend.order(peer.client),
         },
         SiteRoute::Held { holders, .. } => {
             if holders.contains(&config.this_node) && can_terminate(site, name) {
@@ -233,7 +234,7 @@ mod tests {
             d,
             Decision::Passthrough {
                 site: SiteId(2),
-                backend: "127.0.0.1:9443".parse().unwrap()
+                backends: Ordered::One("127.0.0.1:9443".parse().unwrap())
             }
         );
         let d = decide(&c, 0, Some("nope.test"), client(), |_, _| true);

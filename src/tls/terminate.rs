@@ -12,7 +12,6 @@ use rustls::server::{
     ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
 };
 use rustls::{ServerConfig, version};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -20,8 +19,8 @@ use tokio_rustls::server::TlsStream;
 use super::prefixed::Prefixed;
 use super::suites;
 use crate::certs::store::{CertStore, SiteResolver};
-use crate::config::{Config, SiteId, SiteRoute};
-use crate::connect::{self, ConnectError};
+use crate::config::{Config, Pool, SiteId, SiteRoute};
+use crate::forward::{self, Answer, ForwardError, Target, TargetKind, Via};
 use crate::preface::Ends;
 use crate::proxy_protocol;
 
@@ -155,10 +154,8 @@ pub enum TerminateError {
     HandshakeTimeout(Duration),
     #[error("TLS handshake failed: {0}")]
     Handshake(std::io::Error),
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("writing PROXY header to upstream: {0}")]
-    Upstream(std::io::Error),
+    #[error("upstream: {0}")]
+    Upstream(#[from] ForwardError),
 }
 
 impl TerminateError {
@@ -174,10 +171,22 @@ impl TerminateError {
             TerminateError::NoContext => "no_context",
             TerminateError::HandshakeTimeout(_) => "handshake_timeout",
             TerminateError::Handshake(_) => "handshake_error",
-            TerminateError::Connect(e) => e.kind(),
-            TerminateError::Upstream(_) => "upstream_error",
+            TerminateError::Upstream(e) => e.kind(),
         }
     }
+}
+
+/// A held site's upstream pool as targets, in `client`'s order.
+pub fn upstream_targets(pool: &Pool, client: std::net::IpAddr, label: &str) -> Vec<Target> {
+    pool.order(client)
+        .as_slice()
+        .iter()
+        .map(|addr| Target {
+            addr: *addr,
+            kind: TargetKind::Upstream,
+            label: label.to_string(),
+        })
+        .collect()
 }
 
 /// A finished handshake and its connected upstream, ready to be joined.
@@ -190,7 +199,7 @@ pub struct Terminated {
 /// Completes the handshake over the replayed hello and connects to the
 /// site's upstream, sending it the PROXY header when configured.
 pub async fn serve(
-    config: &Config,
+    via: Via<'_>,
     contexts: &Contexts,
     site: SiteId,
     stream: TcpStream,
@@ -198,6 +207,7 @@ pub async fn serve(
     chacha_first: bool,
     ends: Ends,
 ) -> Result<Terminated, TerminateError> {
+    let config = via.config;
     let acceptor = contexts
         .get(site, chacha_first)
         .ok_or(TerminateError::NoContext)?;
@@ -216,25 +226,12 @@ pub async fn serve(
         .proxy_protocol
         .map(|version| proxy_protocol::encode(version, ends.client, ends.destination))
         .unwrap_or_default();
-    let (mut target, rest) = connect::connect_sending(
-        *upstream,
-        None,
-        config.timeouts.connect,
-        &header,
-    )
-    .await
-    .inspect_err(|_| {
-        let site = config.site(site).label.clone();
-        metrics::counter!(crate::metrics::CONNECT_FAILURES, "kind" => "upstream", "target" => site)
-            .increment(1);
-    })?;
-    target
-        .write_all(rest)
-        .await
-        .map_err(TerminateError::Upstream)?;
+    let label = &config.site(site).label;
+    let targets = upstream_targets(upstream, ends.client.ip(), label);
+    let opened = forward::open(via, &targets, Some(header), Vec::new(), Answer::Connect).await?;
     Ok(Terminated {
         tls,
-        upstream: target,
-        addr: *upstream,
+        upstream: opened.stream,
+        addr: opened.target,
     })
 }
