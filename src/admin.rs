@@ -109,7 +109,23 @@ fn live_series(shared: &Shared) -> String {
             Some((vec![("node", node.name.as_str())], f64::from(u8::from(up))))
         })
         .collect();
+    let checked = crate::health::checked_targets(config);
+    let targets: Vec<(String, String, bool)> = checked
+        .into_iter()
+        .filter_map(|(site, addr)| {
+            let up = shared.health.last_check(addr)?;
+            Some((config.sites.get(site)?.label.clone(), addr.to_string(), up))
+        })
+        .collect();
+    let target_up: Vec<_> = targets
+        .iter()
+        .map(|(site, addr, up)| {
+            let labels = vec![("site", site.as_str()), ("target", addr.as_str())];
+            (labels, f64::from(u8::from(*up)))
+        })
+        .collect();
     let mut out = String::new();
+    Family::TargetUp.write(&mut out, &target_up);
     Family::CertExpiry.write(&mut out, &by_site(|e| e.loaded.info.not_after));
     Family::CertNotBefore.write(&mut out, &by_site(|e| e.loaded.info.not_before));
     Family::AcmeChallenge.write(&mut out, &challenges);
@@ -129,7 +145,7 @@ pub fn status(shared: &Shared) -> Value {
     let now = SystemTime::now();
     let renewals = shared.acme.renewals();
     let routes: Vec<Value> = (0..config.sites.len())
-        .map(|i| route(config, SiteId(i)))
+        .map(|i| route(shared, config, SiteId(i)))
         .collect();
     let certificates: Vec<Value> = (0..config.sites.len())
         .map(SiteId)
@@ -182,7 +198,7 @@ pub fn status(shared: &Shared) -> Value {
     })
 }
 
-fn route(config: &Config, site: SiteId) -> Value {
+fn route(shared: &Shared, config: &Config, site: SiteId) -> Value {
     let s = config.site(site);
     let names: Vec<String> = s.names.iter().map(|n| n.to_string()).collect();
     match &s.route {
@@ -194,14 +210,34 @@ fn route(config: &Config, site: SiteId) -> Value {
             "route": if config.holds(site) { "terminate" } else { "splice" },
             "holders": holders.iter().map(|h| config.node(*h).name.clone()).collect::<Vec<_>>(),
             "upstream": upstream.to_string(),
+            "targets": pool_status(shared, upstream),
         }),
         SiteRoute::Passthrough { backend } => json!({
             "site": s.label,
             "names": names,
             "route": "passthrough",
             "backend": backend.to_string(),
+            "targets": pool_status(shared, backend),
         }),
     }
+}
+
+/// Each target of a pool: its weight and what this node knows of its
+/// health (`up`, `cooling` after a failed attempt, `down` after a failed
+/// check), and its last check when the pool is checked.
+fn pool_status(shared: &Shared, pool: &crate::config::Pool) -> Vec<Value> {
+    let now = std::time::Instant::now();
+    pool.targets
+        .iter()
+        .map(|t| {
+            json!({
+                "addr": t.addr.to_string(),
+                "weight": t.weight,
+                "health": shared.health.health(t.addr, now).as_str(),
+                "checked": pool.checked.then(|| shared.health.last_check(t.addr)).flatten(),
+            })
+        })
+        .collect()
 }
 
 /// The ACME challenge type of a site this node orders for, if it does.

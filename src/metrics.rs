@@ -50,6 +50,8 @@ pub const CONNECTIONS_MAX: &str = "sni_router_connections_max";
 pub const DNS_UPDATES: &str = "sni_router_dns_updates_total";
 /// 1 for each ACME site's challenge type (`site`, `challenge`).
 pub const ACME_CHALLENGE: &str = "sni_router_acme_challenge_info";
+/// Active health of a checked pool's targets (`site`, `target`).
+pub const TARGET_UP: &str = "sni_router_target_up";
 /// Clients a site's allow/deny lists refused (`site`, `reason`, `port`).
 pub const ACCESS_DENIED: &str = "sni_router_access_denied_total";
 
@@ -367,6 +369,7 @@ pub enum Family {
     PeerUp,
     SiteConnections,
     SiteBytes,
+    TargetUp,
 }
 
 /// A sample: label pairs and a value.
@@ -381,6 +384,7 @@ impl Family {
             Family::PeerUp => PEER_UP,
             Family::SiteConnections => SITE_CONNECTIONS,
             Family::SiteBytes => SITE_BYTES,
+            Family::TargetUp => TARGET_UP,
         }
     }
 
@@ -398,6 +402,9 @@ impl Family {
                 "Finished TLS-port connections by site (its first name; unknown: a name in no site; none: no SNI) and decision."
             }
             Family::SiteBytes => "Bytes relayed by site and direction (up: from client).",
+            Family::TargetUp => {
+                "1 while the last health check (health = \"tcp\") of a site's backend or upstream connected, 0 after one failed."
+            }
         }
     }
 

@@ -255,6 +255,7 @@ impl Server {
             tokio::spawn(watch_certificates(handle.shared.clone(), certs)),
             tokio::spawn(acme.run()),
             tokio::spawn(issue_leaves(handle.shared.clone(), leaves)),
+            tokio::spawn(check_targets(handle.shared.clone())),
         ];
         #[cfg(target_os = "linux")]
         handle.shared.engines.start();
@@ -479,6 +480,16 @@ impl AcceptLoop {
 }
 
 /// Probes every other node of the live config, for the status page.
+async fn check_targets(shared: Arc<Shared>) {
+    crate::health::check(&shared.health, || {
+        let config = &shared.live().config;
+        let targets = crate::health::checked_targets(config);
+        let addrs = targets.into_iter().map(|(_, addr)| addr).collect();
+        (addrs, config.timeouts.connect)
+    })
+    .await
+}
+
 async fn probe_peers(shared: Arc<Shared>) {
     crate::peers::probe(&shared.peers, || {
         crate::peers::targets(&shared.live().config)

@@ -291,6 +291,7 @@ pub struct Seen {
 pub struct Backend {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    accepting: Option<tokio::task::AbortHandle>,
 }
 
 impl Backend {
@@ -323,9 +324,33 @@ impl Backend {
         .await
     }
 
+    /// Stops accepting and closes the listener, as a backend that went
+    /// away; its address can then be bound again.
+    pub async fn stop(&self) {
+        if let Some(accepting) = &self.accepting {
+            accepting.abort();
+        }
+        wait_until(|| async { std::net::TcpListener::bind(self.addr).is_ok() }).await;
+    }
+
+    /// Accepts and closes at once, recording each connection: a backend
+    /// that refuses every client after the handshake.
+    pub async fn closer(ip: &str) -> Backend {
+        Backend::spawn(ip, |stream, seen: Seen| async move {
+            drop(stream);
+            seen
+        })
+        .await
+    }
+
     /// Echoes every byte back until EOF, recording what it echoed.
     pub async fn echo(ip: &str) -> Backend {
-        Backend::spawn(ip, |stream, mut seen: Seen| async move {
+        Backend::echo_on(listen_fresh(ip).await).await
+    }
+
+    /// [`Backend::echo`] on a given listener (an address used before).
+    pub async fn echo_on(listener: TcpListener) -> Backend {
+        Backend::spawn_on(listener, |stream, mut seen: Seen| async move {
             let (mut reader, mut writer) = stream.into_split();
             let mut buf = vec![0u8; 16 * 1024];
             while let Ok(Ok(n)) = tokio::time::timeout(WAIT * 3, reader.read(&mut buf)).await {
@@ -405,15 +430,23 @@ impl Backend {
         F: Fn(TcpStream, Seen) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Seen> + Send,
     {
-        let listener = listen_fresh(ip).await;
-        let backend = Backend {
+        Backend::spawn_on(listen_fresh(ip).await, serve).await
+    }
+
+    async fn spawn_on<F, Fut>(listener: TcpListener, serve: F) -> Backend
+    where
+        F: Fn(TcpStream, Seen) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Seen> + Send,
+    {
+        let mut backend = Backend {
             addr: listener.local_addr().expect("addr"),
             seen: Arc::default(),
+            accepting: None,
         };
         let seen = backend.seen.clone();
         let serve = Arc::new(serve);
-        let ip = ip.to_owned();
-        tokio::spawn(async move {
+        let ip = backend.addr.ip();
+        let accepting = tokio::spawn(async move {
             loop {
                 // A failed accept (out of descriptors while tests run side by
                 // side, say) must not end the loop: dropping the listener
@@ -440,6 +473,7 @@ impl Backend {
                 });
             }
         });
+        backend.accepting = Some(accepting.abort_handle());
         backend
     }
 }
