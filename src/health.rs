@@ -137,6 +137,45 @@ impl TargetHealth {
     }
 }
 
+/// The pools with `health = "tcp"` this node sends connections to: every
+/// passthrough pool, and the upstreams of the sites it holds.
+pub fn checked_targets(config: &crate::config::Config) -> Vec<(usize, SocketAddr)> {
+    use crate::config::{SiteId, SiteRoute};
+    let mut out = Vec::new();
+    for (i, site) in config.sites.iter().enumerate() {
+        let pool = match &site.route {
+            SiteRoute::Passthrough { backend } => backend,
+            SiteRoute::Held { upstream, .. } if config.holds(SiteId(i)) => upstream,
+            SiteRoute::Held { .. } => continue,
+        };
+        if pool.checked {
+            out.extend(pool.addrs().map(|addr| (i, addr)));
+        }
+    }
+    out
+}
+
+/// Connects to every checked target each [`CHECK_EVERY`], all at once,
+/// each within the connect timeout; `current` reads the live config.
+pub async fn check(health: &TargetHealth, current: impl Fn() -> (Vec<SocketAddr>, Duration)) {
+    loop {
+        let (targets, timeout) = current();
+        let mut round = tokio::task::JoinSet::new();
+        for addr in targets {
+            round.spawn(async move {
+                let up = crate::connect::connect(addr, None, timeout).await.is_ok();
+                (addr, up)
+            });
+        }
+        while let Some(done) = round.join_next().await {
+            if let Ok((addr, up)) = done {
+                health.checked(addr, up, Instant::now());
+            }
+        }
+        tokio::time::sleep(CHECK_EVERY).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,44 +217,5 @@ mod tests {
         h.checked(b, true, t);
         assert_eq!(h.order(&[b, a], t), None);
         assert_eq!(h.last_check(b), Some(true));
-    }
-}
-
-/// The pools with `health = "tcp"` this node sends connections to: every
-/// passthrough pool, and the upstreams of the sites it holds.
-pub fn checked_targets(config: &crate::config::Config) -> Vec<(usize, SocketAddr)> {
-    use crate::config::{SiteId, SiteRoute};
-    let mut out = Vec::new();
-    for (i, site) in config.sites.iter().enumerate() {
-        let pool = match &site.route {
-            SiteRoute::Passthrough { backend } => backend,
-            SiteRoute::Held { upstream, .. } if config.holds(SiteId(i)) => upstream,
-            SiteRoute::Held { .. } => continue,
-        };
-        if pool.checked {
-            out.extend(pool.addrs().map(|addr| (i, addr)));
-        }
-    }
-    out
-}
-
-/// Connects to every checked target each [`CHECK_EVERY`], all at once,
-/// each within the connect timeout; `current` reads the live config.
-pub async fn check(health: &TargetHealth, current: impl Fn() -> (Vec<SocketAddr>, Duration)) {
-    loop {
-        let (targets, timeout) = current();
-        let mut round = tokio::task::JoinSet::new();
-        for addr in targets {
-            round.spawn(async move {
-                let up = crate::connect::connect(addr, None, timeout).await.is_ok();
-                (addr, up)
-            });
-        }
-        while let Some(done) = round.join_next().await {
-            if let Ok((addr, up)) = done {
-                health.checked(addr, up, Instant::now());
-            }
-        }
-        tokio::time::sleep(CHECK_EVERY).await;
     }
 }
