@@ -65,7 +65,8 @@ open(os.path.join(p, "v2-fleet-digest-tlv"), "wb").write(v2d + b"\x16\x03\x01")
 PY
 cp config/sni-router.toml "$seeds/config/default.toml"
 # Every access-control shape: defaults, per-site lists, v4, v6, bare
-# addresses, and a site its lists close (a warning).
+# addresses, and a site its lists close (a warning); pools with weights,
+# a drain list and health checks, and one fully drained (a warning).
 cat >"$seeds/config/access.toml" <<'TOML'
 this_node = "a"
 [defaults]
@@ -88,5 +89,14 @@ deny = ["10.0.0.1", "10.0.0.0/8"]
 names = ["pass.example.org"]
 passthrough = "127.0.0.1:9443"
 deny = []
+[[sites]]
+names = ["pool.example.org"]
+held_by = ["a"]
+upstream = ["127.0.0.1:9000", { addr = "127.0.0.1:9001", weight = 3 }, { addr = "[::1]:9002" }]
+health = "tcp"
+drain = ["127.0.0.1:9000"]
+[[sites]]
+names = ["passpool.example.org"]
+passthrough = [{ addr = "127.0.0.1:9443", weight = 0 }]
 TOML
 ls -l "$seeds"/*

@@ -487,3 +487,51 @@ fn access_lists_take_defaults_name_bad_networks_and_warn_when_nothing_passes() {
     assert_eq!(config.warnings[0].field, "sites[0]");
     assert!(config.warnings[0].message.contains("no client"));
 }
+
+#[test]
+fn pools_take_lists_weights_drains_and_checks_and_name_what_is_wrong() {
+    let site = "[[sites]]\nnames = [\"p.test\"]\nheld_by = [\"a\", \"b\"]\n";
+    let text = format!(
+        "{NODES}{site}upstream = [\"127.0.0.1:1\", {{ addr = \"127.0.0.1:2\", weight = 3 }}, {{ addr = \"127.0.0.1:3\" }}]\n\
+         health = \"tcp\"\ndrain = [\"127.0.0.1:1\"]\n"
+    );
+    let config = Config::parse(&text, "fleet.toml", None).unwrap();
+    let SiteRoute::Held { upstream, .. } = &config.sites[0].route else {
+        panic!("held");
+    };
+    let weights: Vec<u32> = upstream.targets.iter().map(|t| t.weight).collect();
+    assert_eq!(weights, [0, 3, 1]);
+    assert!(upstream.checked);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    assert_problem(
+        &format!("{site}upstream = [\"127.0.0.1:1\", \"nowhere\"]\n"),
+        "sites[0].upstream[1]: \"nowhere\" is not a socket address",
+    );
+    assert_problem(
+        &format!("{site}upstream = [\"127.0.0.1:1\", {{ addr = \"127.0.0.1:1\" }}]\n"),
+        "sites[0].upstream[1].addr: 127.0.0.1:1 is listed twice",
+    );
+    assert_problem(
+        &format!("{site}upstream = []\n"),
+        "sites[0].upstream: a pool needs at least one target",
+    );
+    assert_problem(
+        &format!("{site}upstream = \"127.0.0.1:1\"\ndrain = [\"127.0.0.1:2\"]\n"),
+        "sites[0].drain[0]: 127.0.0.1:2 is not a target of sites[0].upstream",
+    );
+    assert_problem(
+        &format!("{site}upstream = \"127.0.0.1:1\"\nhealth = \"http\"\n"),
+        "sites[0].health: \"http\" is not one of \"tcp\", \"none\"",
+    );
+    let drained = format!(
+        "{NODES}[[sites]]\nnames = [\"q.test\"]\npassthrough = [{{ addr = \"127.0.0.1:1\", weight = 0 }}]\n"
+    );
+    let config = Config::parse(&drained, "fleet.toml", None).unwrap();
+    assert_eq!(config.warnings[0].field, "sites[0].passthrough");
+    assert!(
+        config.warnings[0]
+            .message
+            .contains("every target is drained")
+    );
+}
