@@ -11,14 +11,16 @@
 //!            preface ── PROXY header (trusted peers only) + ClientHello bytes
 //!              │            └─ tls::client_hello: pure, bounded parser
 //!              ▼
-//!            tls::route::decide ── pure: terminate | splice | passthrough | reject
+//!            tls::route::decide ── pure: the site's allow/deny lists, then
+//!              │    terminate | splice | passthrough | reject
 //!              │
 //!              ├─ terminate: tls::terminate (rustls over the replayed hello,
 //!              │    certificate from certs::store, suite order from
 //!              │    tls::suites) -> upstream, splice::StreamJoin
-//!              ├─ splice / passthrough: forward (connect with deadline,
-//!              │    failover) -> replay PROXY header + peeked bytes, splice::TcpJoin
-//!              └─ reject: unrecognized_name alert, close
+//!              ├─ splice / passthrough: forward::open (one engine for holders,
+//!              │    backend pools and upstreams: connect with deadline, failover,
+//!              │    health) -> replay PROXY header + peeked bytes, splice::TcpJoin
+//!              └─ reject: unrecognized_name (or access_denied) alert, close
 //!
 //! Routing runs in the accept's task; a joined connection then lives in a
 //! small task of its own (tls::handler::ConnectionTask). A spliced pair quiet
@@ -38,7 +40,8 @@
 //! and nothing below `server` imports `server`.
 //! `names` normalizes names and holds the exact/wildcard lookup shared by
 //! config and routing; `forward` connects with failover in rendezvous order
-//! for both ports;
+//! for both ports, and `health` remembers which targets failed lately and
+//! runs the `health = "tcp"` checks;
 //! `proxy_protocol` encodes and decodes PROXY v1/v2; `sockopt` sets the
 //! socket options socket2 lacks; `splice` is the one place two streams are
 //! joined; `probe` is the `sni-router probe` command; `notify` tells

@@ -217,3 +217,55 @@ async fn a_churning_source_is_held_to_its_rate_while_others_and_nodes_are_not() 
     // Node b's address carries many clients' connections: not metered.
     assert_eq!(churn("127.0.0.3", router.addr(), 30).await, 30);
 }
+
+#[tokio::test]
+async fn refusals_are_counted_by_site_reason_and_port_and_logged_within_a_budget() {
+    use support::process::{Process, wait_listening};
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, http, admin) = (
+        free_addr("127.0.0.2"),
+        free_addr("127.0.0.2"),
+        free_addr("127.0.0.1"),
+    );
+    let top = format!("[admin]\nlisten = \"{admin}\"\n");
+    let sites = passthrough_site("pass.test", NOWHERE) + &format!("deny = [\"{DENIED}\"]\n");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        fleet_toml_http("a", &[("a", tls, http)], &top, &sites),
+    )
+    .unwrap();
+    let router = Process::start(&config, dir.path());
+    wait_listening(admin).await;
+    for _ in 0..40 {
+        assert_eq!(hello_from(DENIED, tls, "pass.test").await, ACCESS_DENIED);
+    }
+    let (_, code) = sh(format!(
+        "curl -sS --max-time 10 --interface {DENIED} -o /dev/null -w '%{{http_code}}' \
+         -H 'host: pass.test' http://{http}/"
+    ))
+    .await;
+    assert_eq!(code, "403");
+    let (_, _, body) = http_get(admin, "admin", "/metrics", "").await;
+    let denied = |port: &str| {
+        metric_value(
+            &body,
+            &format!(
+                "sni_router_access_denied_total{{site=\"pass.test\",reason=\"deny_listed\",port=\"{port}\"}}"
+            ),
+        )
+    };
+    assert_eq!(denied("tls"), 40.0, "{body}");
+    assert_eq!(denied("http"), 1.0, "{body}");
+    // 41 refusals in a second or two: at most 10 lines a second.
+    let log = router.log();
+    let lines = log.matches("access denied").count();
+    assert!((1..41).contains(&lines), "{lines} lines:\n{log}");
+    assert!(
+        !log.contains("connection finished"),
+        "no second line per refusal"
+    );
+}
