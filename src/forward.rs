@@ -219,11 +219,18 @@ pub async fn open(
         }
         None => replay,
     };
-    let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
-    let order = via.health.order(&addrs, Instant::now());
-    let order = order.unwrap_or_else(|| (0..targets.len()).collect());
+    let reordered = via
+        .health
+        .order(targets.iter().map(|t| &t.addr), Instant::now());
     let mut last = None;
-    for (n, target) in order.iter().filter_map(|i| targets.get(*i)).enumerate() {
+    for n in 0..targets.len() {
+        let i = reordered
+            .as_ref()
+            .and_then(|o| o.get(n).copied())
+            .unwrap_or(n);
+        let Some(target) = targets.get(i) else {
+            continue;
+        };
         let wait = match answer {
             Answer::First => true,
             Answer::FirstWhileOthersLeft => n + 1 < targets.len(),

@@ -67,21 +67,24 @@ impl TargetHealth {
 
     /// Indices into `addrs` in the order to try them: the usable ones in
     /// their given order, then the held-back ones in theirs. `None` when
-    /// the given order stands.
-    pub fn order(&self, addrs: &[SocketAddr], now: Instant) -> Option<Vec<usize>> {
+    /// the given order stands (always for one target: no allocation).
+    pub fn order<'a>(
+        &self,
+        addrs: impl ExactSizeIterator<Item = &'a SocketAddr>,
+        now: Instant,
+    ) -> Option<Vec<usize>> {
         if addrs.len() < 2 || !self.any.load(Ordering::Relaxed) {
             return None;
         }
         let states = self.lock();
         let back: Vec<bool> = addrs
-            .iter()
             .map(|a| states.get(a).is_some_and(|s| Self::held_back(s, now)))
             .collect();
         if !back.iter().any(|b| *b) {
             return None;
         }
         let (mut order, held): (Vec<usize>, Vec<usize>) =
-            (0..addrs.len()).partition(|i| !back.get(*i).copied().unwrap_or(false));
+            (0..back.len()).partition(|i| !back.get(*i).copied().unwrap_or(false));
         order.extend(held);
         Some(order)
     }
@@ -189,18 +192,18 @@ mod tests {
         let h = TargetHealth::default();
         let [a, b, c] = addrs();
         let t = Instant::now();
-        assert_eq!(h.order(&[a, b, c], t), None);
+        assert_eq!(h.order([a, b, c].iter(), t), None);
         h.failed(a, t);
-        assert_eq!(h.order(&[a, b, c], t), Some(vec![1, 2, 0]));
+        assert_eq!(h.order([a, b, c].iter(), t), Some(vec![1, 2, 0]));
         assert_eq!(h.health(a, t), Health::Cooling);
         // After the first interval it is tried in its place again...
-        assert_eq!(h.order(&[a, b, c], t + COOL_FIRST), None);
+        assert_eq!(h.order([a, b, c].iter(), t + COOL_FIRST), None);
         // ...and a second failure cools it twice as long.
         h.failed(a, t + COOL_FIRST);
         let later = t + COOL_FIRST + COOL_FIRST + Duration::from_millis(10);
-        assert_eq!(h.order(&[a, b, c], later), Some(vec![1, 2, 0]));
+        assert_eq!(h.order([a, b, c].iter(), later), Some(vec![1, 2, 0]));
         h.succeeded(a);
-        assert_eq!(h.order(&[a, b, c], later), None);
+        assert_eq!(h.order([a, b, c].iter(), later), None);
         assert_eq!(h.health(a, later), Health::Up);
     }
 
@@ -210,12 +213,12 @@ mod tests {
         let [a, b, _] = addrs();
         let t = Instant::now();
         h.checked(b, false, t);
-        assert_eq!(h.order(&[b, a], t + COOL_MAX), Some(vec![1, 0]));
+        assert_eq!(h.order([b, a].iter(), t + COOL_MAX), Some(vec![1, 0]));
         assert_eq!(h.health(b, t), Health::Down);
         h.succeeded(b);
         assert_eq!(h.health(b, t), Health::Down, "only a check clears a check");
         h.checked(b, true, t);
-        assert_eq!(h.order(&[b, a], t), None);
+        assert_eq!(h.order([b, a].iter(), t), None);
         assert_eq!(h.last_check(b), Some(true));
     }
 }

@@ -161,7 +161,12 @@ async fn weight_zero_drains_a_target_on_sighup() {
     for i in 0..16 {
         assert!(answered(&client(i), b.node, "pool.test").await);
     }
-    assert!(!x.wait_for(1).await.is_empty() && !y.wait_for(1).await.is_empty());
+    // Each echo records a connection when it ends: wait for all 16.
+    assert!(wait_until(|| async { x.connections() + y.connections() >= 16 }).await);
+    assert!(
+        x.connections() > 0 && y.connections() > 0,
+        "both took clients"
+    );
     let x_before = x.connections();
 
     std::fs::write(
