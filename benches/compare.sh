@@ -4,9 +4,12 @@
 # post-quantum ClientHello replayed over TCP (no TLS work on either side);
 # then TLS 1.3 termination against nginx (stream + ssl) with the same ECDSA
 # P-256 certificate, with clients listing AES-256-GCM first (OpenSSL's
-# order) and AES-128-GCM first (browsers'). Installs the peers from Debian
-# when missing, alternates runs, and prints medians and ratios; writes
-# docs/benchmarks-results.{json,md} and a chart.
+# order) and AES-128-GCM first (browsers'); then an open loop (Poisson
+# arrivals) at 25-90% of the slowest router's closed-loop rate. sni-router
+# runs as shipped, logging a line per connection to a file; its connection
+# test runs once more without that line, to show the line's own cost.
+# Installs the peers from Debian when missing, alternates runs, and prints
+# medians and ratios; writes docs/benchmarks-results.{json,md} and charts.
 #
 #   benches/compare.sh [ROUNDS] [SECONDS] [IDLE_CONNECTIONS]
 set -euo pipefail
@@ -117,20 +120,31 @@ table bench {
 }
 CFG
 
-declare -A addr=([sni-router]=127.0.0.2:$port [haproxy]=127.0.0.3:$port [nginx]=127.0.0.4:$port [sniproxy]=127.0.0.5:$port)
+declare -A addr=([sni-router]=127.0.0.2:$port [sni-router-nolog]=127.0.0.2:$port [haproxy]=127.0.0.3:$port [nginx]=127.0.0.4:$port [sniproxy]=127.0.0.5:$port)
 # Where each TLS terminator listens (sni-router terminates on its one port by SNI).
 declare -A tls_addr=([sni-router]=127.0.0.2:$port [nginx]=127.0.0.4:$tls_port)
+# Each router starts in a process group of its own (setsid execs it, so
+# $! is the router and its group) and is stopped by that group, never by
+# name: nginx's master and its worker go together, and nothing else on
+# the machine is touched.
 start() {
   case $1 in
-    sni-router) RUST_LOG=warn $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
-    haproxy) haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & ;;
-    nginx) nginx -c "$work/nginx.conf" >"$work/nginx.log" 2>&1 & ;;
-    sniproxy) sniproxy -f -c "$work/sniproxy.conf" >"$work/sniproxy.log" 2>&1 & ;;
+    sni-router) setsid $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
+    sni-router-nolog) RUST_LOG=warn setsid $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
+    haproxy) setsid haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & ;;
+    nginx) setsid nginx -c "$work/nginx.conf" >"$work/nginx.log" 2>&1 & ;;
+    sniproxy) setsid sniproxy -f -c "$work/sniproxy.conf" >"$work/sniproxy.log" 2>&1 & ;;
   esac
   pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/${addr[$1]%:*}/${addr[$1]#*:}") 2>/dev/null && break; sleep 0.05; done
 }
-stop() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pkill -f "nginx: worker" 2>/dev/null || true; sleep 0.3; }
+stop() {
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.05; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  sleep 0.3
+}
 # User-space memory of a router: RSS of its process tree, in KiB.
 rss() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $total; }
 # CPU time (user + system) of a router's process tree, in clock ticks.
@@ -164,6 +178,13 @@ for round in $(seq "$rounds"); do
     b=$(measured $gen bulk "${addr[$r]}" "$secs" 4)
     echo "{\"router\":\"$r\",\"round\":$round,\"secs\":$secs,\"connrate\":$c,\"bulk\":$b}" >> "$results"
     echo "round $round $r: $c $b"
+    if [ "$r" = sni-router ]; then
+      stop; start sni-router-nolog
+      q=$(measured $gen connrate "${addr[$r]}" "$secs" 32)
+      echo "{\"router\":\"sni-router-nolog\",\"round\":$round,\"secs\":$secs,\"connrate\":$q}" >> "$results"
+      echo "round $round sni-router without its log line: $q"
+      stop; start sni-router
+    fi
     if [ -n "${tls_addr[$r]:-}" ]; then
       f=$(measured $gen tls "${tls_addr[$r]}" "$secs" 32 full)
       # The same with a client listing AES-128-GCM first, as browsers do:
@@ -180,6 +201,32 @@ done
 direct_c=$($gen connrate "$backend" "$secs" 32); direct_b=$($gen bulk "$sink" "$secs" 4)
 echo "{\"router\":\"direct\",\"connrate\":$direct_c,\"bulk\":$direct_b}" >> "$results"
 echo "direct: $direct_c $direct_b"
+# The open loop: arrivals on a Poisson schedule at fractions of the
+# slowest router's closed-loop rate (its median above), each router in
+# turn at each rate, the order rotating.
+slowest=$(python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+rates = {}
+for x in rows:
+    if "bulk" in x:
+        rates.setdefault(x["router"], []).append(x["connrate"]["conns_per_sec"])
+print(int(min(statistics.median(v) for v in rates.values())))
+PY
+)
+echo "open loop at fractions of $slowest conn/s"
+i=0
+for pct in 25 50 75 90; do
+  rate=$((slowest * pct / 100))
+  order=("${routers[@]:$((i % 4))}" "${routers[@]:0:$((i % 4))}"); i=$((i + 1))
+  for r in "${order[@]}"; do
+    start "$r"
+    o=$(measured $gen openloop "${addr[$r]}" "$secs" "$rate")
+    echo "{\"router\":\"$r\",\"secs\":$secs,\"load_pct\":$pct,\"openloop\":$o}" >> "$results"
+    echo "open loop $pct% ($rate/s) $r: $o"
+    stop
+  done
+done
 for r in "${routers[@]}"; do
   start "$r"; sleep 0.5
   # Warm up first (pooled pipes, buffers), so only per-connection state counts.
@@ -206,6 +253,10 @@ def per_conn_us(x):  # router CPU per connection, microseconds
 def per_gib_s(x):    # router CPU per GiB moved, seconds
     gib = x["bulk"]["mib_per_sec"] * x["secs"] / 1024
     return x["bulk"]["cpu_s"] / gib if gib else 0
+def log_line_cost():
+    mine = [per_conn_us(x) for x in rows if x["router"] == "sni-router" and "bulk" in x]
+    quiet = [per_conn_us(x) for x in rows if x["router"] == "sni-router-nolog"]
+    return statistics.median(mine) - statistics.median(quiet) if mine and quiet else 0
 table = {}
 for r in routers:
     idle = next(x for x in rows if x["router"] == r and "idle" in x)
@@ -232,7 +283,17 @@ for r in ["sni-router", "nginx"]:
         "resumed_share": med(r, "tls_resume", lambda x: x["tls_resume"]["resumed"] / max(1, x["tls_resume"]["conns_per_sec"] * x["secs"])),
         "kib_per_tls_conn": max(0, idle["rss_after_kib"] - idle["rss_before_kib"]) / idle["tls_idle"],
     }
-json.dump({"l4": table, "tls": tls}, open("docs/benchmarks-results.json", "w"), indent=2)
+opens = {}
+for x in rows:
+    if "openloop" in x:
+        o = x["openloop"]
+        opens.setdefault(x["load_pct"], {})[x["router"]] = {
+            "offered_per_sec": o["offered_per_sec"], "p50_ms": o["p50_ms"], "p99_ms": o["p99_ms"],
+            "p999_ms": o["p999_ms"], "errors": o["errors"] + o["skipped"],
+            "cpu_us_per_conn": o["cpu_s"] / max(1, o["conns_per_sec"] * x["secs"]) * 1e6,
+        }
+json.dump({"l4": table, "tls": tls, "open_loop": opens, "log_line_us": log_line_cost()},
+          open("docs/benchmarks-results.json", "w"), indent=2)
 h = table["haproxy"]
 lines = ["| router | new conn/s | p50 ms | p99 ms | CPU us/conn | bulk MiB/s | CPU s/GiB | KiB per idle conn |",
          "|---|---|---|---|---|---|---|---|"]
@@ -247,6 +308,21 @@ lines.append(f"sni-router / HAProxy: new conn/s {s['conns_per_sec']/h['conns_per
              f"p99 {s['p99_ms']/h['p99_ms']:.2f}x, CPU per conn {s['cpu_us_per_conn']/h['cpu_us_per_conn']:.2f}x, "
              f"bulk {s['bulk_mib_per_sec']/h['bulk_mib_per_sec']:.2f}x, CPU per GiB {s['cpu_s_per_gib']/h['cpu_s_per_gib']:.2f}x, "
              f"idle memory {s['idle_kib_per_conn']/h['idle_kib_per_conn']:.2f}x")
+lean = min(routers[1:], key=lambda r: table[r]["cpu_us_per_conn"])
+lines.append(f"sni-router's CPU per connection (with its log line, as shipped) / the leanest peer's ({lean}): "
+             f"{s['cpu_us_per_conn']/table[lean]['cpu_us_per_conn']:.2f}x; the log line itself costs "
+             f"{log_line_cost():.1f} us per connection")
+lines.append("")
+lines.append("| open loop: load (of the slowest router's closed-loop rate) | router | offered conn/s | p50 ms | p99 ms | p99.9 ms | CPU us/conn | failed |")
+lines.append("|---|---|---|---|---|---|---|---|")
+for pct in sorted(opens):
+    for r in routers:
+        o = opens[pct].get(r)
+        if o:
+            lines.append(f"| {pct}% | {r} | {o['offered_per_sec']:.0f} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | {o['p999_ms']:.2f} | {o['cpu_us_per_conn']:.0f} | {o['errors']} |")
+with open("docs/benchmarks-openloop.dat", "w") as f:
+    for pct in sorted(opens):
+        f.write(f"{pct} " + " ".join(f"{opens[pct].get(r, {}).get('p99_ms', 0):.3f}" for r in routers) + "\n")
 lines.append("")
 lines.append("| TLS 1.3 terminator | full handshakes/s | suite agreed | p99 ms | CPU us/handshake | full, AES-128-first client | resumed handshakes/s | resumed share | KiB per live TLS conn |")
 lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -278,7 +354,17 @@ set grid ytics
 set key top right
 plot "docs/benchmarks-ratios.dat" using 2:xtic(1) title "new connections/s", "" using 3 title "bulk MiB/s", "" using 4 title "idle connections per KiB"
 GP
-echo "wrote docs/benchmarks-results.md, docs/benchmarks-results.json, docs/benchmarks.png"
+gnuplot <<'GP'
+set terminal pngcairo size 800,420 font ",11" noenhanced
+set output "docs/benchmarks-openloop.png"
+set title "Open loop: p99 connection latency by offered load (lower is better)"
+set xlabel "offered load, % of the slowest router's closed-loop rate"
+set ylabel "p99 ms"
+set grid
+set key top left
+plot for [i=2:5] "docs/benchmarks-openloop.dat" using 1:i with linespoints title word("sni-router haproxy nginx sniproxy", i-1)
+GP
+echo "wrote docs/benchmarks-results.md, docs/benchmarks-results.json, docs/benchmarks.png, docs/benchmarks-openloop.png"
 
 # Scale: 100k sites (half with a wildcard) load, check and route.
 python3 - "$work/100k.toml" <<'PY'

@@ -3,6 +3,7 @@
 //! ```text
 //! loadgen backend ADDR reply1k|sink          serve until killed
 //! loadgen connrate TARGET SECS CONCURRENCY   new connections/s, p50/p99 ms
+//! loadgen openloop TARGET SECS RATE          Poisson arrivals at RATE/s, p50/p99/p99.9 ms
 //! loadgen bulk TARGET SECS STREAMS           MiB/s client -> sink (SNI bulk.test)
 //! loadgen idle TARGET COUNT SECS             hold COUNT routed connections (SNI bulk.test)
 //! loadgen tls TARGET SECS CONCURRENCY full|resume [aes128]   TLS 1.3 handshakes/s
@@ -41,7 +42,7 @@ fn arg(args: &[String], i: usize) -> &str {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen backend ADDR reply1k|sink | connrate TARGET SECS CONC | bulk TARGET SECS STREAMS | idle TARGET COUNT SECS | tls TARGET SECS CONC full|resume [aes128] | tlsidle TARGET COUNT SECS"
+        "usage: loadgen backend ADDR reply1k|sink | connrate TARGET SECS CONC | openloop TARGET SECS RATE | bulk TARGET SECS STREAMS | idle TARGET COUNT SECS | tls TARGET SECS CONC full|resume [aes128] | tlsidle TARGET COUNT SECS"
     );
     std::process::exit(2)
 }
@@ -64,6 +65,7 @@ async fn main() {
     );
     match arg(&args, 0) {
         "connrate" => connrate(target, a, b as usize, None).await,
+        "openloop" => open_loop(target, a, b).await,
         "tls" => {
             let resume = match arg(&args, 4) {
                 "full" => false,
@@ -266,6 +268,72 @@ async fn connrate(target: SocketAddr, secs: u64, concurrency: usize, tls: Option
         errors.load(Ordering::Relaxed),
         resumed.load(Ordering::Relaxed),
         AGREED_SUITE.get().map_or("", String::as_str)
+    );
+}
+
+/// Connections still open past this are a router that cannot keep up:
+/// the run stops adding more and counts the arrivals it skipped.
+const OPEN_LOOP_MAX_IN_FLIGHT: usize = 4096;
+
+/// An open loop: connections start on a Poisson schedule at `rate` a
+/// second, whether or not earlier ones have finished, so a router that
+/// falls behind builds a queue and shows it in the latency, as users see
+/// it. Each latency runs from the connection's scheduled start (not when
+/// the generator got to it), so the generator's own delays count against
+/// the router rather than hiding its queue.
+async fn open_loop(target: SocketAddr, secs: u64, rate: u64) {
+    let rate = rate.max(1) as f64;
+    let started = Instant::now();
+    let end = Duration::from_secs(secs);
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Duration>>();
+    let mut at = Duration::ZERO;
+    let (mut n, mut skipped) = (0u64, 0u64);
+    loop {
+        // Exponential gaps: -ln(U) / rate, U in (0, 1].
+        at += Duration::from_secs_f64(-(1.0 - fastrand::f64()).ln() / rate);
+        if at >= end {
+            break;
+        }
+        let due = started + at;
+        tokio::time::sleep_until(due.into()).await;
+        if in_flight.load(Ordering::Relaxed) as usize >= OPEN_LOOP_MAX_IN_FLIGHT {
+            skipped += 1;
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let (tx, in_flight) = (tx.clone(), in_flight.clone());
+        let k = n;
+        n += 1;
+        tokio::spawn(async move {
+            let mut reply = vec![0u8; 2048];
+            let (ok, _) = one(target, k, None, &mut reply).await;
+            let _ = tx.send(ok.then(|| due.elapsed()));
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    drop(tx);
+    let (mut all, mut errors) = (Vec::new(), 0u64);
+    while let Some(done) = rx.recv().await {
+        match done {
+            Some(latency) => all.push(latency),
+            None => errors += 1,
+        }
+    }
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "{{\"offered_per_sec\": {:.0}, \"conns_per_sec\": {:.0}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"p999_ms\": {:.3}, \"errors\": {}, \"skipped\": {}}}",
+        rate,
+        all.len() as f64 / secs.max(1) as f64,
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+        errors,
+        skipped
     );
 }
 

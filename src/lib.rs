@@ -69,6 +69,7 @@ pub mod server;
 pub mod listen;
 pub mod upgrade;
 pub mod limits;
+pub mod log_sink;
 pub mod preface;
 pub mod tls;
 pub mod http;

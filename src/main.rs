@@ -97,13 +97,15 @@ impl ConfigArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let flush = init_logging(cli.log_format);
     let result = match cli.command.unwrap_or(Command::Run(ConfigArgs::default())) {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
         Command::Probe(args) => probe(args),
         Command::Generate { out } => generate(&out),
     };
+    // Every line logged so far goes out before the error that ends us.
+    drop(flush);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -113,18 +115,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr through a batching writer thread; the returned guard
+/// writes out what is left when `main` returns.
+fn init_logging(format: LogFormat) -> sni_router::log_sink::Flush {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (sink, flush) = sni_router::log_sink::LogSink::start(std::io::stderr());
     // Colours only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(sink);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    flush
 }
 
 /// The man page sni-router(8) and completions, from the clap definitions.
