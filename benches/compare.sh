@@ -221,6 +221,10 @@ for pct in 25 50 75 90; do
   order=("${routers[@]:$((i % 4))}" "${routers[@]:0:$((i % 4))}"); i=$((i + 1))
   for r in "${order[@]}"; do
     start "$r"
+    # Warm up as for the memory figures below: a router's first second
+    # (pools, allocator arenas, the kernel's socket caches) is not its
+    # steady state, and here every router gets the same second.
+    $gen connrate "${addr[$r]}" 1 8 > /dev/null
     o=$(measured $gen openloop "${addr[$r]}" "$secs" "$rate")
     echo "{\"router\":\"$r\",\"secs\":$secs,\"load_pct\":$pct,\"openloop\":$o}" >> "$results"
     echo "open loop $pct% ($rate/s) $r: $o"
