@@ -13,7 +13,7 @@ use siphasher::sip::SipHasher13;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::{Config, NodeId};
+use crate::config::{Config, NodeId, Pool};
 use crate::connect::{self, ConnectError};
 use crate::health::TargetHealth;
 use crate::metrics::{CONNECT_FAILURES, FAILOVERS};
@@ -87,6 +87,19 @@ impl Target {
             kind: TargetKind::Node,
             label: node.name.clone(),
         }
+    }
+
+    /// A held site's upstream pool, in `client`'s order.
+    pub fn upstreams(pool: &Pool, client: IpAddr, label: &str) -> Vec<Target> {
+        pool.order(client)
+            .as_slice()
+            .iter()
+            .map(|addr| Target {
+                addr: *addr,
+                kind: TargetKind::Upstream,
+                label: label.to_string(),
+            })
+            .collect()
     }
 
     fn connected(&self, peers: &PeerHealth) {

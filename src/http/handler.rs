@@ -307,7 +307,7 @@ async fn to_upstream(
             .proxy_protocol
             .map(|v| proxy_protocol::encode(v, client, destination));
         let label = &config.site(site).label;
-        let targets = crate::tls::terminate::upstream_targets(upstream, client.ip(), label);
+        let targets = Target::upstreams(upstream, client.ip(), label);
         (targets, None, header)
     } else if via_node.is_some() {
         respond(stream, 502, "", "config conflict: not a holder\n").await;

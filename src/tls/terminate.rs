@@ -19,8 +19,8 @@ use tokio_rustls::server::TlsStream;
 use super::prefixed::Prefixed;
 use super::suites;
 use crate::certs::store::{CertStore, SiteResolver};
-use crate::config::{Config, Pool, SiteId, SiteRoute};
-use crate::forward::{self, Answer, ForwardError, Target, TargetKind, Via};
+use crate::config::{Config, SiteId, SiteRoute};
+use crate::forward::{self, Answer, ForwardError, Target, Via};
 use crate::preface::Ends;
 use crate::proxy_protocol;
 
@@ -176,19 +176,6 @@ impl TerminateError {
     }
 }
 
-/// A held site's upstream pool as targets, in `client`'s order.
-pub fn upstream_targets(pool: &Pool, client: std::net::IpAddr, label: &str) -> Vec<Target> {
-    pool.order(client)
-        .as_slice()
-        .iter()
-        .map(|addr| Target {
-            addr: *addr,
-            kind: TargetKind::Upstream,
-            label: label.to_string(),
-        })
-        .collect()
-}
-
 /// A finished handshake and its connected upstream, ready to be joined.
 pub struct Terminated {
     pub tls: TlsStream<Prefixed<TcpStream>>,
@@ -227,7 +214,7 @@ pub async fn serve(
         .map(|version| proxy_protocol::encode(version, ends.client, ends.destination))
         .unwrap_or_default();
     let label = &config.site(site).label;
-    let targets = upstream_targets(upstream, ends.client.ip(), label);
+    let targets = Target::upstreams(upstream, ends.client.ip(), label);
     let opened = forward::open(via, &targets, Some(header), Vec::new(), Answer::Connect).await?;
     Ok(Terminated {
         tls,
