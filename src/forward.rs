@@ -72,51 +72,57 @@ impl TargetKind {
 
 /// Where to connect, and how metrics name it (a node or a site from the
 /// config: a closed set).
-#[derive(Debug, Clone)]
-pub struct Target {
+/// Borrowed from the config the connection is routed by: building the
+/// list costs no string copy per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
     pub addr: SocketAddr,
     pub kind: TargetKind,
-    pub label: String,
+    pub label: &'a str,
 }
 
-impl Target {
+impl<'a> Target<'a> {
     /// A holder node's port (`tls` or `http`), named by the node.
-    pub fn node(node: &crate::config::Node, addr: SocketAddr) -> Target {
+    pub fn node(node: &'a crate::config::Node, addr: SocketAddr) -> Self {
         Target {
             addr,
             kind: TargetKind::Node,
-            label: node.name.clone(),
+            label: &node.name,
         }
     }
 
-    /// A held site's upstream pool, in `client`'s order.
-    pub fn upstreams(pool: &Pool, client: IpAddr, label: &str) -> Vec<Target> {
-        pool.order(client)
-            .as_slice()
+    /// Each of `addrs`, of one `kind`, named by `label` (a site's).
+    pub fn each(addrs: &[SocketAddr], kind: TargetKind, label: &'a str) -> Vec<Self> {
+        addrs
             .iter()
             .map(|addr| Target {
                 addr: *addr,
-                kind: TargetKind::Upstream,
-                label: label.to_string(),
+                kind,
+                label,
             })
             .collect()
     }
 
+    /// A held site's upstream pool, in `client`'s order.
+    pub fn upstreams(pool: &Pool, client: IpAddr, label: &'a str) -> Vec<Self> {
+        Self::each(pool.order(client).as_slice(), TargetKind::Upstream, label)
+    }
+
     fn connected(&self, peers: &PeerHealth) {
         if self.kind == TargetKind::Node {
-            peers.seen(&self.label);
+            peers.seen(self.label);
         }
     }
 
     fn failed(&self, peers: &PeerHealth, error: &ForwardError) {
         if self.kind == TargetKind::Node {
-            peers.failed(&self.label, &error.to_string());
+            peers.failed(self.label, &error.to_string());
         }
     }
 
     fn connect_failed(&self) {
         let kind = self.kind.as_str();
-        metrics::counter!(CONNECT_FAILURES, "kind" => kind, "target" => self.label.clone())
+        metrics::counter!(CONNECT_FAILURES, "kind" => kind, "target" => self.label.to_string())
             .increment(1);
     }
 }
@@ -219,7 +225,7 @@ pub enum Answer {
 /// timeout and on a close before answering, and the same health record.
 pub async fn open(
     via: Via<'_>,
-    targets: &[Target],
+    targets: &[Target<'_>],
     header: Option<Vec<u8>>,
     replay: Vec<u8>,
     answer: Answer,
@@ -270,7 +276,7 @@ pub async fn open(
                     target.connected(via.peers);
                 }
                 if target.kind == TargetKind::Node {
-                    metrics::counter!(FAILOVERS, "node" => target.label.clone()).increment(1);
+                    metrics::counter!(FAILOVERS, "node" => target.label.to_string()).increment(1);
                 }
                 last = Some(e);
             }

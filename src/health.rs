@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The first cooling interval; each failure in a row doubles it.
@@ -51,8 +51,11 @@ impl Health {
 #[derive(Debug, Default)]
 pub struct TargetHealth {
     states: Mutex<HashMap<SocketAddr, State>>,
-    /// Any state at all: while false, a success needs no lock.
+    /// Any state at all: while false, the given order stands.
     any: AtomicBool,
+    /// How many targets have failed since they last answered: while none
+    /// has, a success (every routed connection) needs no lock.
+    failing: AtomicUsize,
 }
 
 impl TargetHealth {
@@ -93,6 +96,9 @@ impl TargetHealth {
     pub fn failed(&self, addr: SocketAddr, now: Instant) {
         let mut states = self.lock();
         let state = states.entry(addr).or_default();
+        if state.backoff.is_zero() {
+            self.failing.fetch_add(1, Ordering::Relaxed);
+        }
         let interval = state.backoff.max(COOL_FIRST);
         state.cooling_until = Some(now + interval);
         state.backoff = (interval * 2).min(COOL_MAX);
@@ -102,14 +108,20 @@ impl TargetHealth {
     /// A target that answered: nothing held against it any more, bar a
     /// failed active check, which the next check settles.
     pub fn succeeded(&self, addr: SocketAddr) {
-        if !self.any.load(Ordering::Relaxed) {
+        if self.failing.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut states = self.lock();
-        if let Some(state) = states.get_mut(&addr) {
-            state.cooling_until = None;
-            state.backoff = Duration::ZERO;
+        if let Some(state) = self.lock().get_mut(&addr) {
+            self.recovered(state);
         }
+    }
+
+    fn recovered(&self, state: &mut State) {
+        if !state.backoff.is_zero() {
+            self.failing.fetch_sub(1, Ordering::Relaxed);
+        }
+        state.cooling_until = None;
+        state.backoff = Duration::ZERO;
     }
 
     /// An active check's result; an answer also ends a cooling.
@@ -118,8 +130,7 @@ impl TargetHealth {
         let state = states.entry(addr).or_default();
         state.checked = Some(up);
         if up {
-            state.cooling_until = None;
-            state.backoff = Duration::ZERO;
+            self.recovered(state);
         } else if state.cooling_until.is_none_or(|t| t <= now) {
             state.cooling_until = Some(now + COOL_FIRST);
         }
@@ -205,6 +216,21 @@ mod tests {
         h.succeeded(a);
         assert_eq!(h.order([a, b, c].iter(), later), None);
         assert_eq!(h.health(a, later), Health::Up);
+    }
+
+    #[test]
+    fn once_every_failed_target_answered_again_a_success_takes_no_lock() {
+        let h = TargetHealth::default();
+        let [a, b, _] = addrs();
+        let t = Instant::now();
+        h.failed(a, t);
+        h.failed(a, t);
+        h.failed(b, t);
+        assert_eq!(h.failing.load(Ordering::Relaxed), 2);
+        h.succeeded(a);
+        h.succeeded(a);
+        h.checked(b, true, t);
+        assert_eq!(h.failing.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -506,14 +506,7 @@ impl Here<'_> {
         let header = site
             .proxy_protocol
             .map(|v| proxy_protocol::encode(v, self.ends.client, self.ends.destination));
-        let targets: Vec<Target> = backends
-            .iter()
-            .map(|addr| Target {
-                addr: *addr,
-                kind: TargetKind::Backend,
-                label: site.label.clone(),
-            })
-            .collect();
+        let targets = Target::each(backends, TargetKind::Backend, &site.label);
         let answer = Answer::FirstWhileOthersLeft;
         let opened = forward::open(self.via(None), &targets, header, replay, answer).await;
         self.join_opened(&mut stream, opened, DecisionKind::Passthrough)
