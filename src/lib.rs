@@ -70,6 +70,7 @@ pub mod listen;
 pub mod upgrade;
 pub mod limits;
 pub mod log_sink;
+pub mod conn_log;
 pub mod preface;
 pub mod tls;
 pub mod http;

@@ -121,10 +121,19 @@ fn init_logging(format: LogFormat) -> sni_router::log_sink::Flush {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (sink, flush) = sni_router::log_sink::LogSink::start(std::io::stderr());
-    // Colours only on a terminal: journald and log files get plain text.
+    // Colours only on a terminal: journald and log files get plain text,
+    // and there the connection line is written without tracing's fmt layer.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if !ansi {
+        let format = match format {
+            LogFormat::Text => sni_router::conn_log::Format::Text,
+            LogFormat::Json => sni_router::conn_log::Format::Json,
+        };
+        sni_router::conn_log::direct(sink.clone(), format);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_writer(sink);
     match format {
         LogFormat::Text => builder.init(),

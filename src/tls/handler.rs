@@ -210,19 +210,17 @@ impl Report {
         if outcome.logged {
             return;
         }
-        tracing::info!(
-            target: "sni_router::conn",
-            client = %outcome.client.unwrap_or(*peer),
-            via = %peer,
-            sni = outcome.sni.as_deref().unwrap_or("-"),
-            decision = outcome.decision.as_str(),
-            target = %outcome.target.map_or_else(|| "-".to_string(), |t| t.to_string()),
-            bytes_up = up,
-            bytes_down = down,
-            duration_ms = started.elapsed().as_millis() as u64,
-            end = %outcome.detail,
-            "connection finished"
-        );
+        crate::conn_log::write(&crate::conn_log::Line {
+            client: outcome.client.unwrap_or(*peer),
+            via: *peer,
+            sni: outcome.sni.as_deref(),
+            decision: outcome.decision.as_str(),
+            target: outcome.target,
+            bytes_up: up,
+            bytes_down: down,
+            duration_ms: started.elapsed().as_millis() as u64,
+            end: &outcome.detail,
+        });
     }
 }
 
