@@ -68,7 +68,7 @@ pub fn write(line: &Line<'_>) {
             Format::Text => text(&mut buf, SystemTime::now(), line),
             Format::Json => json(&mut buf, SystemTime::now(), line),
         }
-        let _ = sink.clone().write(&buf);
+        sink.append(&buf);
     });
 }
 

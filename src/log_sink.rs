@@ -98,12 +98,13 @@ impl LogSink {
     }
 }
 
-impl Write for LogSink {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+impl LogSink {
+    /// Appends one whole line (or several), or counts it dropped.
+    pub fn append(&self, line: &[u8]) {
         let mut pending = self.inner.lock();
         if pending.bytes.len() + line.len() > CAP {
             pending.dropped += 1;
-            return Ok(line.len());
+            return;
         }
         let first = pending.bytes.is_empty();
         pending.bytes.extend_from_slice(line);
@@ -112,6 +113,12 @@ impl Write for LogSink {
         if first {
             self.inner.ready.notify_one();
         }
+    }
+}
+
+impl Write for LogSink {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.append(line);
         Ok(line.len())
     }
 
