@@ -282,14 +282,191 @@ pub fn successor_listening(listener: &TcpListener) -> bool {
         .is_ok_and(|count| count > 1)
 }
 
-/// Sockets listening on exactly `addr` in this network namespace.
+/// Sockets listening on exactly `addr` in this network namespace: asked
+/// of the kernel's socket diagnostics, which walk only the listening
+/// sockets. `/proc/net/tcp` lists every socket of the host, and on a host
+/// holding tens of thousands of connections reading it took half a second
+/// per listener, while the listener just bound already queued connections
+/// that nobody accepted yet.
 fn listeners_on(addr: SocketAddr) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    if let Ok(count) = diag::listeners_on(addr) {
+        return Ok(count);
+    }
     let table = match addr {
         SocketAddr::V4(_) => "/proc/self/net/tcp",
         SocketAddr::V6(_) => "/proc/self/net/tcp6",
     };
     let text = std::fs::read_to_string(table)?;
     Ok(listening(&text).filter(|a| *a == addr).count())
+}
+
+/// Linux socket diagnostics (`NETLINK_SOCK_DIAG`, linux/inet_diag.h): a
+/// dump of the TCP sockets in state LISTEN, as `ss -ltn` asks for it.
+#[cfg(target_os = "linux")]
+mod diag {
+    use std::io;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    const NETLINK_SOCK_DIAG: libc::c_int = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const TCP_LISTEN: u32 = 10;
+    /// `struct nlmsghdr`.
+    const HEADER: usize = 16;
+    /// `struct inet_diag_msg`, up to and with its `inet_diag_sockid`.
+    const MESSAGE: usize = 4 + 48;
+
+    pub fn listeners_on(addr: SocketAddr) -> io::Result<usize> {
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is ours alone.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let timeout = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid descriptor and a timeval that outlives the call.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::from_ref(&timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        let request = request(addr);
+        // SAFETY: sending a buffer we own; the kernel is the default
+        // destination of an unconnected netlink socket only with an
+        // address, so one is given (all zero: the kernel).
+        let sent = unsafe {
+            let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+            kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            libc::sendto(
+                socket.as_raw_fd(),
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                std::ptr::from_ref(&kernel).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut count = 0;
+        // Bounded: a dump of listeners is a few datagrams.
+        for _ in 0..10_000 {
+            // SAFETY: receiving into a buffer we own, of its length.
+            let n =
+                unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let Ok(n) = usize::try_from(n) else {
+                return Err(io::Error::last_os_error());
+            };
+            match count_in(buf.get(..n).unwrap_or_default(), addr)? {
+                Dump::More(found) => count += found,
+                Dump::Done(found) => return Ok(count + found),
+            }
+        }
+        Err(io::Error::other(
+            "socket diagnostics did not end their dump",
+        ))
+    }
+
+    /// A dump request for `addr`'s family: TCP sockets in state LISTEN.
+    fn request(addr: SocketAddr) -> Vec<u8> {
+        let family = match addr {
+            SocketAddr::V4(_) => libc::AF_INET,
+            SocketAddr::V6(_) => libc::AF_INET6,
+        };
+        let len = HEADER + 8 + 48;
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&(len as u32).to_ne_bytes());
+        out.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+        out.extend_from_slice(&flags.to_ne_bytes());
+        out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+        out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        out.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+        out.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        out.resize(len, 0); // any socket id
+        out
+    }
+
+    pub enum Dump {
+        More(usize),
+        Done(usize),
+    }
+
+    /// How many sockets in one datagram of the dump listen on `addr`.
+    pub fn count_in(mut datagram: &[u8], addr: SocketAddr) -> io::Result<Dump> {
+        let mut found = 0;
+        while datagram.len() >= HEADER {
+            let word = |at: usize| {
+                datagram
+                    .get(at..at + 4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(0, u32::from_ne_bytes)
+            };
+            let len = word(0) as usize;
+            let kind = u16::try_from(word(4) & 0xffff).unwrap_or(0);
+            if len < HEADER || len > datagram.len() {
+                return Err(io::Error::other("a malformed socket diagnostics message"));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(Dump::Done(found)),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(word(HEADER).to_ne_bytes());
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                SOCK_DIAG_BY_FAMILY => {
+                    let body = datagram.get(HEADER..len).unwrap_or_default();
+                    if body.len() >= MESSAGE && listens_on(body, addr) {
+                        found += 1;
+                    }
+                }
+                _ => {}
+            }
+            // Messages are aligned to 4 bytes.
+            let next = (len + 3) & !3;
+            datagram = datagram.get(next..).unwrap_or_default();
+        }
+        Ok(Dump::More(found))
+    }
+
+    /// Whether an `inet_diag_msg` is a listener on `addr`: its state, and
+    /// its source port and address (network byte order).
+    fn listens_on(msg: &[u8], addr: SocketAddr) -> bool {
+        let byte = |at: usize| msg.get(at).copied().unwrap_or(0);
+        if u32::from(byte(1)) != TCP_LISTEN {
+            return false;
+        }
+        let port = u16::from_be_bytes([byte(4), byte(5)]);
+        let src = |n: usize| msg.get(8..8 + n).unwrap_or_default();
+        let ip = match i32::from(byte(0)) {
+            libc::AF_INET => <[u8; 4]>::try_from(src(4))
+                .ok()
+                .map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+            libc::AF_INET6 => <[u8; 16]>::try_from(src(16))
+                .ok()
+                .map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+            _ => None,
+        };
+        ip.is_some_and(|ip| SocketAddr::new(ip, port) == addr)
+    }
 }
 
 /// The local addresses of the LISTEN sockets in a `/proc/net/tcp{,6}`
@@ -354,6 +531,64 @@ mod tests {
         assert!(is_open(file.as_raw_fd()));
         assert!(!is_open(-1));
         assert!(!is_open(1_000_000));
+    }
+
+    /// The kernel's socket diagnostics and `/proc/net/tcp{,6}` agree, and
+    /// a dump datagram is read message by message.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn listeners_are_counted_by_socket_diagnostics() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let mut none = Inherited::default();
+            let addr: SocketAddr = addr.parse().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _guard = runtime.enter();
+            let first = open(addr, 16, None, &mut none).unwrap();
+            let addr = first.local_addr().unwrap();
+            let second = open(addr, 16, None, &mut none).unwrap();
+            assert_eq!(diag::listeners_on(addr).unwrap(), 2, "{addr}");
+            let table = if addr.is_ipv4() {
+                "/proc/self/net/tcp"
+            } else {
+                "/proc/self/net/tcp6"
+            };
+            let text = std::fs::read_to_string(table).unwrap();
+            assert_eq!(listening(&text).filter(|a| *a == addr).count(), 2);
+            drop((first, second));
+            assert_eq!(diag::listeners_on(addr).unwrap(), 0);
+        }
+        // Two messages, the second a listener on 127.0.0.1:8443, then DONE.
+        let message = |state: u8, port: u16| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&88u32.to_ne_bytes());
+            m.extend_from_slice(&20u16.to_ne_bytes());
+            m.extend_from_slice(&[0; 10]);
+            m.extend_from_slice(&[libc::AF_INET as u8, state, 0, 0]);
+            m.extend_from_slice(&port.to_be_bytes());
+            m.extend_from_slice(&[0, 0, 127, 0, 0, 1]);
+            m.resize(88, 0);
+            m
+        };
+        let mut datagram = [message(1, 8443), message(10, 8443), message(10, 8444)].concat();
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        assert!(matches!(
+            diag::count_in(&datagram, addr),
+            Ok(diag::Dump::More(1))
+        ));
+        let mut done = vec![0u8; 20];
+        done[..4].copy_from_slice(&20u32.to_ne_bytes());
+        done[4..6].copy_from_slice(&3u16.to_ne_bytes());
+        datagram.extend_from_slice(&done);
+        assert!(matches!(
+            diag::count_in(&datagram, addr),
+            Ok(diag::Dump::Done(1))
+        ));
+        // A length past the datagram is refused, not read past.
+        datagram[..4].copy_from_slice(&9999u32.to_ne_bytes());
+        assert!(diag::count_in(&datagram, addr).is_err());
     }
 
     #[tokio::test]
