@@ -216,6 +216,62 @@ async fn echo_node(drain: &str) -> (tempfile::TempDir, Process, SocketAddr) {
     (dir, router, node)
 }
 
+/// The connection line, which the router writes itself rather than
+/// through `tracing`, is one JSON object in tracing's layout under
+/// `--log-format json`, and plain `key=value` text by default.
+#[tokio::test]
+async fn each_connection_logs_one_line_in_the_chosen_format() {
+    for json in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let echo = Backend::echo("127.0.0.1").await;
+        let (config, node) = one_node(dir.path(), "", |_| passthrough_site("pass.test", echo.addr));
+        let router = if json {
+            Process::start_json(&config, dir.path())
+        } else {
+            Process::start(&config, dir.path())
+        };
+        wait_listening(node).await;
+        let mut stream = TcpStream::connect(node).await.unwrap();
+        echo_round(&mut stream, HELLO).await;
+        stream.shutdown().await.unwrap();
+        let (_, eof) = read_until_eof(&mut stream).await;
+        assert!(eof);
+        let ours = |l: &&str| l.contains("connection finished") && l.contains("pass.test");
+        for _ in 0..100 {
+            if router.log().lines().any(|l| ours(&l)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = router.log();
+        let line = log.lines().find(ours).expect(&log);
+        let backend = echo.addr.to_string();
+        if json {
+            let v: serde_json::Value = serde_json::from_str(line).expect(line);
+            assert_eq!(v["level"], "INFO", "{line}");
+            assert_eq!(v["target"], "sni_router::conn", "{line}");
+            let f = &v["fields"];
+            assert_eq!(f["message"], "connection finished", "{line}");
+            assert_eq!(f["sni"], "pass.test", "{line}");
+            assert_eq!(f["decision"], "passthrough", "{line}");
+            assert_eq!(f["target"], backend.as_str(), "{line}");
+            assert_eq!(f["bytes_up"], HELLO.len() as u64, "{line}");
+            assert_eq!(f["bytes_down"], HELLO.len() as u64, "{line}");
+            assert_eq!(f["end"], "closed", "{line}");
+            assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "{line}");
+        } else {
+            let expected = format!(
+                " INFO sni_router::conn: connection finished client={peer} via={peer} \
+                 sni=\"pass.test\" decision=\"passthrough\" target={backend} bytes_up={n} bytes_down={n}",
+                peer = stream.local_addr().unwrap(),
+                n = HELLO.len(),
+            );
+            assert!(line.contains(&expected), "{line}\nwanted {expected}");
+            assert!(line.ends_with(" end=closed"), "{line}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     let (_dir, mut router, node) = echo_node("5s").await;

@@ -27,6 +27,13 @@ impl Process {
         Process::spawn(Command::new(BIN), config, dir, env, false)
     }
 
+    /// The binary logging JSON (`--log-format json`).
+    pub fn start_json(config: &Path, dir: &Path) -> Process {
+        let mut command = Command::new(BIN);
+        command.args(["--log-format", "json"]);
+        Process::spawn(command, config, dir, &[], false)
+    }
+
     /// The binary under `strace -f -C`: every thread's system calls are
     /// written to `trace`, and counted at its end when the router exits.
     pub fn start_traced(config: &Path, dir: &Path, trace: &Path) -> Process {
