@@ -531,8 +531,10 @@ async fn restarts_and_upgrades_under_systemd_lose_nothing() {
     wait_listening(tls).await;
     let (ok, out) = container.run(&["systemctl", "start", "sni-router"]);
     assert!(ok, "{out}\n{}", container.journal("sni-router"));
-    let journal = container.journal("sni-router");
-    assert!(journal.contains("from=\"systemd\""), "{journal}");
+    // Log lines reach the journal in batches, maybe after READY=1.
+    let took_over =
+        wait_until(|| async { container.journal("sni-router").contains("from=\"systemd\"") }).await;
+    assert!(took_over, "{}", container.journal("sni-router"));
 
     let load = support::load::ConnRate::start(tls, 8, 16);
     tokio::time::sleep(Duration::from_millis(1500)).await;
