@@ -100,28 +100,48 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// A field's value, by how tracing records it: `%` fields as they
+/// display, `&str` fields as strings, integers as numbers.
+enum Value<'a> {
+    Addr(SocketAddr),
+    Target(Option<SocketAddr>),
+    Text(&'a str),
+    Str(&'a str),
+    Number(u64),
+}
+
+/// The line's fields in order, for both formats; each is handed to
+/// `field` as it comes (inlined: no list is built per line).
+#[inline(always)]
+fn fields(line: &Line<'_>, mut field: impl FnMut(&'static str, Value<'_>)) {
+    field("client", Value::Addr(line.client));
+    field("via", Value::Addr(line.via));
+    field("sni", Value::Str(line.sni.unwrap_or("-")));
+    field("decision", Value::Str(line.decision));
+    field("target", Value::Target(line.target));
+    field("bytes_up", Value::Number(line.bytes_up));
+    field("bytes_down", Value::Number(line.bytes_down));
+    field("duration_ms", Value::Number(line.duration_ms));
+    field("end", Value::Text(line.end));
+}
+
 /// `tracing-subscriber`'s full text format: `&str` fields quoted as by
 /// `Debug`, `%` fields as they display.
 fn text(buf: &mut Vec<u8>, now: SystemTime, line: &Line<'_>) {
     timestamp(buf, now);
-    buf.extend_from_slice(b"Z  INFO sni_router::conn: connection finished client=");
-    addr(buf, line.client);
-    buf.extend_from_slice(b" via=");
-    addr(buf, line.via);
-    buf.extend_from_slice(b" sni=");
-    quoted(buf, line.sni.unwrap_or("-"));
-    buf.extend_from_slice(b" decision=");
-    quoted(buf, line.decision);
-    buf.extend_from_slice(b" target=");
-    target(buf, line.target);
-    buf.extend_from_slice(b" bytes_up=");
-    number(buf, line.bytes_up);
-    buf.extend_from_slice(b" bytes_down=");
-    number(buf, line.bytes_down);
-    buf.extend_from_slice(b" duration_ms=");
-    number(buf, line.duration_ms);
-    buf.extend_from_slice(b" end=");
-    buf.extend_from_slice(line.end.as_bytes());
+    buf.extend_from_slice(b"Z  INFO sni_router::conn: connection finished");
+    fields(line, |name, value| {
+        buf.push(b' ');
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(b'=');
+        match value {
+            Value::Addr(a) => addr(buf, a),
+            Value::Target(t) => target(buf, t),
+            Value::Text(t) => buf.extend_from_slice(t.as_bytes()),
+            Value::Str(s) => quoted(buf, s),
+            Value::Number(n) => number(buf, n),
+        }
+    });
     buf.push(b'\n');
 }
 
@@ -130,26 +150,28 @@ fn json(buf: &mut Vec<u8>, now: SystemTime, line: &Line<'_>) {
     buf.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(buf, now);
     buf.extend_from_slice(
-        b"Z\",\"level\":\"INFO\",\"fields\":{\"message\":\"connection finished\",\"client\":\"",
+        b"Z\",\"level\":\"INFO\",\"fields\":{\"message\":\"connection finished\"",
     );
-    // Addresses need no escaping.
-    addr(buf, line.client);
-    buf.extend_from_slice(b"\",\"via\":\"");
-    addr(buf, line.via);
-    buf.extend_from_slice(b"\",\"sni\":");
-    json_string(buf, line.sni.unwrap_or("-"));
-    buf.extend_from_slice(b",\"decision\":");
-    json_string(buf, line.decision);
-    buf.extend_from_slice(b",\"target\":\"");
-    target(buf, line.target);
-    buf.extend_from_slice(b"\",\"bytes_up\":");
-    number(buf, line.bytes_up);
-    buf.extend_from_slice(b",\"bytes_down\":");
-    number(buf, line.bytes_down);
-    buf.extend_from_slice(b",\"duration_ms\":");
-    number(buf, line.duration_ms);
-    buf.extend_from_slice(b",\"end\":");
-    json_string(buf, line.end);
+    fields(line, |name, value| {
+        buf.extend_from_slice(b",\"");
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b"\":");
+        match value {
+            // Addresses need no escaping; other text does.
+            Value::Addr(a) => {
+                buf.push(b'"');
+                addr(buf, a);
+                buf.push(b'"');
+            }
+            Value::Target(t) => {
+                buf.push(b'"');
+                target(buf, t);
+                buf.push(b'"');
+            }
+            Value::Text(t) | Value::Str(t) => json_string(buf, t),
+            Value::Number(n) => number(buf, n),
+        }
+    });
     buf.extend_from_slice(b"},\"target\":\"sni_router::conn\"}\n");
 }
 
