@@ -159,6 +159,38 @@ async fn port_80_refuses_a_redirect_but_never_a_challenge() {
     drop(fleet.webroot);
 }
 
+/// An `http = "upstream"` site on port 80: an allowed client reaches the
+/// upstream, a denied one gets 403 and the upstream never hears of it.
+#[tokio::test]
+async fn port_80_refuses_a_denied_client_before_its_upstream() {
+    if !have("curl") {
+        return;
+    }
+    let upstream = Backend::http("127.0.0.1").await;
+    let (node, http) = (free_addr("127.0.0.2"), free_addr("127.0.0.2"));
+    let site = format!(
+        "[[sites]]\nnames = [\"plain.test\"]\nheld_by = [\"a\"]\nupstream = \"{}\"\n\
+         http = \"upstream\"\nallow = [\"{ALLOWED}/32\"]\n",
+        upstream.addr
+    );
+    let _router = Router::start(&fleet_toml_http("a", &[("a", node, http)], "", &site)).await;
+    let get = |from: &'static str| {
+        sh(format!(
+            "curl -sS --max-time 10 --interface {from} -w ' %{{http_code}}' \
+             -H 'host: plain.test' http://{http}/"
+        ))
+    };
+    let (ok, out) = get(ALLOWED).await;
+    assert!(
+        ok && out.starts_with("upstream saw:") && out.ends_with(" 200"),
+        "{out}"
+    );
+    assert_eq!(upstream.connections(), 1);
+    let (_, out) = get(DENIED).await;
+    assert!(out.ends_with(" 403"), "{out}");
+    assert_eq!(upstream.connections(), 1);
+}
+
 #[tokio::test]
 async fn ipv6_clients_are_judged_by_their_v6_networks() {
     let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
