@@ -169,9 +169,7 @@ impl Server {
         let resumption = Resumption::new()?;
         let live = Live::build(config, &certs, &resumption)?;
         let limits = live.config.limits.clone();
-        let workers = live.config.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-        });
+        let workers = live.config.worker_threads();
         let shared = Arc::new(Shared {
             live: Arc::new(ArcSwap::from_pointee(live)),
             certs,
@@ -578,13 +576,22 @@ pub async fn serve(
     let mut handed_over = false;
     loop {
         tokio::select! {
-            _ = hup.recv() => match source.load() {
-                Ok(config) => handle.reload(config),
-                Err(e) => {
-                    metrics::counter!(CONFIG_RELOADS, "outcome" => "error").increment(1);
-                    tracing::error!("reload failed, keeping the running config:\n{e}");
+            _ = hup.recv() => {
+                // Reading and building a large config takes up to a second:
+                // off the runtime's threads, which with one worker are the
+                // data path's only one.
+                let (source, handle) = (source.clone(), handle.clone());
+                let reload = tokio::task::spawn_blocking(move || match source.load() {
+                    Ok(config) => handle.reload(config),
+                    Err(e) => {
+                        metrics::counter!(CONFIG_RELOADS, "outcome" => "error").increment(1);
+                        tracing::error!("reload failed, keeping the running config:\n{e}");
+                    }
+                });
+                if let Err(e) = reload.await {
+                    tracing::error!(error = %e, "reload failed, keeping the running config");
                 }
-            },
+            }
             _ = usr2.recv() => match crate::upgrade::start_successor(&fds).await {
                 Ok(pid) => {
                     tracing::info!(pid, "upgrade: the new process listens; this one stops accepting and drains");

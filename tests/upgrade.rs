@@ -14,13 +14,15 @@ use support::process::{Process, Strays, running, signal_pid, wait_gone, wait_lis
 use support::*;
 
 /// One node with the load generator's site, `pass.test`, passed through to
-/// `backend`; returns the config path and the node's TLS address.
+/// `backend`; returns the config path and the node's TLS address. One
+/// worker, as in the benchmarks: the current-thread runtime (the fleet and
+/// systemd tests upgrade the multi-thread one).
 fn config(dir: &Path, backend: std::net::SocketAddr) -> (std::path::PathBuf, std::net::SocketAddr) {
     let node = free_addr("127.0.0.2");
     let text = fleet_toml(
         "a",
         &[("a", node)],
-        "[timeouts]\ndrain = \"5s\"",
+        "workers = 1\n[timeouts]\ndrain = \"5s\"",
         &format!("[[sites]]\nnames = [\"pass.test\"]\npassthrough = \"{backend}\"\n"),
     );
     let path = dir.join("router.toml");

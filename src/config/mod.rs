@@ -345,6 +345,13 @@ impl ConfigError {
 }
 
 impl Config {
+    /// The runtime's worker threads: `workers`, or one per CPU.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        })
+    }
+
     /// Reads and parses a config file.
     pub fn load(path: &Path, node: Option<&str>) -> Result<Config, ConfigError> {
         let source = path.display().to_string();
