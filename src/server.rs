@@ -450,30 +450,33 @@ impl AcceptLoop {
             _source: source_guard,
             active,
         };
-        let port = self.port;
-        self.tracker.spawn(async move {
-            match port {
-                Port::Tls(index) => {
-                    let accepted = crate::tls::handler::Accepted {
-                        shared,
-                        live,
-                        listener: index,
-                        metrics,
-                        peer,
-                        local,
-                        admission,
-                    };
-                    crate::tls::handler::handle(accepted, stream).await
-                }
-                Port::Http => {
+        // Each port's handler future is spawned as it is, not inside a
+        // wrapping block that would hold its arguments twice: the task is
+        // copied into place once per connection.
+        match self.port {
+            Port::Tls(listener) => {
+                let accepted = crate::tls::handler::Accepted {
+                    shared,
+                    live,
+                    listener,
+                    metrics,
+                    peer,
+                    local,
+                    admission,
+                };
+                self.tracker
+                    .spawn(crate::tls::handler::handle(accepted, stream));
+            }
+            Port::Http => {
+                self.tracker.spawn(async move {
                     Box::pin(crate::http::handler::handle(
                         shared, live, stream, peer, local,
                     ))
                     .await;
                     drop(admission);
-                }
+                });
             }
-        });
+        }
     }
 }
 
