@@ -417,7 +417,8 @@ impl AcceptLoop {
         // Nodes and trusted proxies carry many clients' connections: the
         // per-source limits apply to the clients the holders see in the
         // PROXY headers, not to them.
-        let source_guard = if live.config.may_send_proxy(peer.ip()) {
+        let may_send_proxy = live.config.may_send_proxy(peer.ip());
+        let source_guard = if may_send_proxy {
             None
         } else {
             let sources = &self.handle.shared.sources;
@@ -462,6 +463,7 @@ impl AcceptLoop {
                     metrics,
                     peer,
                     local,
+                    may_send_proxy,
                     admission,
                 };
                 self.tracker

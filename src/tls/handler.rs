@@ -91,6 +91,8 @@ pub struct Accepted {
     pub metrics: Arc<ListenerMetrics>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// Whether `peer` is a node or trusted proxy, asked once at accept.
+    pub may_send_proxy: bool,
     pub admission: Admission,
 }
 
@@ -136,13 +138,19 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
         metrics: label,
         peer,
         local,
+        may_send_proxy,
         admission,
     } = accepted;
     // Boxed: routing's state is two kilobytes, and inline in the task
     // tokio copies the whole task several times over its life (when it is
     // spawned, and each time it changes stage); one allocation is cheaper.
+    let from = Arrival {
+        peer,
+        local,
+        may_send_proxy,
+    };
     let routed = Box::pin(route_connection(
-        &shared, &live, listener, stream, peer, local, started,
+        &shared, &live, listener, stream, from, started,
     ))
     .await;
     let report = Report {
@@ -327,6 +335,14 @@ impl Route {
     }
 }
 
+/// Who connected, and where to.
+#[derive(Clone, Copy)]
+struct Arrival {
+    peer: SocketAddr,
+    local: SocketAddr,
+    may_send_proxy: bool,
+}
+
 /// Reads the hello, decides, and acts on the decision: one function per
 /// decision below.
 async fn route_connection(
@@ -334,12 +350,15 @@ async fn route_connection(
     live: &Live,
     listener: usize,
     mut stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    from: Arrival,
     accepted: Instant,
 ) -> Routed {
+    let Arrival {
+        peer,
+        local,
+        may_send_proxy: allow_proxy,
+    } = from;
     let config = &live.config;
-    let allow_proxy = config.may_send_proxy(peer.ip());
     let (deadline, slots) = (config.timeouts.hello, &shared.hello_slots);
     let read =
         preface::read_in_slot::<ClientHello, _>(&mut stream, allow_proxy, deadline, slots).await;
