@@ -105,10 +105,14 @@ impl Inherited {
         inherited
     }
 
-    /// The inherited socket bound to exactly `addr`, if any.
-    fn take(&mut self, addr: SocketAddr) -> Option<Socket> {
-        let at = self.sockets.iter().position(|(a, _)| *a == addr)?;
-        Some(self.sockets.swap_remove(at).1)
+    /// Every inherited socket bound to exactly `addr`: one, or one per
+    /// worker of the process that handed them over.
+    fn take(&mut self, addr: SocketAddr) -> Vec<Socket> {
+        let (taken, kept) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|(a, _)| *a == addr);
+        self.sockets = kept;
+        taken.into_iter().map(|(_, socket)| socket).collect()
     }
 
     /// Closes the sockets no listener of the config claimed.
@@ -152,44 +156,86 @@ fn listening_addr(socket: &Socket) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("not an IP socket"))
 }
 
-/// A listener on `addr`: the inherited socket bound there if there is one,
-/// else a new socket, steered to this process when it joins other
-/// processes' listeners on the same address. With `defer`, for protocols
-/// whose client speaks first, a connection reaches `accept` only with its
-/// first bytes or after `defer`.
+/// The listeners on `addr`, up to `wanted` of them in one `SO_REUSEPORT`
+/// group (a socket per worker): every socket inherited for the address,
+/// else a new one, steered to this process when it joins another
+/// process's listeners on the address; then new sockets up to `wanted`,
+/// unless systemd holds the address's socket.
+///
+/// Beside another process there is one socket only. The steering program
+/// names a socket by its index in the group, and the kernel moves sockets
+/// to other indices as others leave the group, so the index of one of
+/// several sockets of ours could come to name one of theirs.
+///
+/// With `defer`, for protocols whose client speaks first, a connection
+/// reaches `accept` only with its first bytes or after `defer`.
 pub fn open(
     addr: SocketAddr,
     backlog: u32,
     defer: Option<Duration>,
+    wanted: usize,
     inherited: &mut Inherited,
-) -> io::Result<TcpListener> {
+) -> io::Result<Vec<TcpListener>> {
     let backlog = backlog.min(i32::MAX as u32) as i32;
-    let socket = match inherited.take(addr) {
+    let mut sockets = inherited.take(addr);
+    for socket in &sockets {
         // Already listening, with the backlog its giver chose (systemd's
         // `Backlog=`, or this router's own before an upgrade).
-        Some(socket) => {
-            configure(&socket, defer)?;
-            let from = inherited.giver.map_or("-", Giver::as_str);
-            tracing::info!(%addr, from, "took over a listening socket");
-            socket
+        configure(socket, defer)?;
+        let from = inherited.giver.map_or("-", Giver::as_str);
+        tracing::info!(%addr, from, "took over a listening socket");
+    }
+    if sockets.is_empty() {
+        let socket = bind(addr, backlog, defer)?;
+        let alone = steer_here(&socket, addr);
+        sockets.push(socket);
+        if !alone {
+            return sockets.into_iter().map(listener).collect();
         }
-        None => {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_reuse_address(true)?;
-            // Lets a new process bind beside an old one during a restart.
-            socket.set_reuse_port(true)?;
-            if addr.is_ipv6() {
-                // Explicit, so behaviour does not depend on the host's bindv6only.
-                socket.set_only_v6(true)?;
-            }
-            configure(&socket, defer)?;
-            socket.bind(&addr.into())?;
-            socket.listen(backlog)?;
-            steer_here(&socket, addr);
-            socket
-        }
+    }
+    // Sockets systemd holds outlive a restart of this process; more of
+    // our own would not, and would reset what waits in them. (A socket
+    // without `SO_REUSEPORT` takes no second one anyway.) The bound
+    // address, since port 0 asked the kernel to choose.
+    let Some(bound) = sockets
+        .first()
+        .filter(|_| inherited.giver != Some(Giver::Systemd))
+        .filter(|s| s.reuse_port().unwrap_or(false))
+        .and_then(|s| s.local_addr().ok()?.as_socket())
+    else {
+        return sockets.into_iter().map(listener).collect();
     };
+    while sockets.len() < wanted {
+        match bind(bound, backlog, defer) {
+            Ok(socket) => sockets.push(socket),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, sockets = sockets.len(), "cannot open another listening socket for a worker");
+                break;
+            }
+        }
+    }
+    sockets.into_iter().map(listener).collect()
+}
+
+fn listener(socket: Socket) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
+}
+
+/// A new listening socket on `addr`, in its `SO_REUSEPORT` group.
+fn bind(addr: SocketAddr, backlog: i32, defer: Option<Duration>) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    // Lets a new process bind beside an old one during a restart, and a
+    // worker beside another.
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // Explicit, so behaviour does not depend on the host's bindv6only.
+        socket.set_only_v6(true)?;
+    }
+    configure(&socket, defer)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket)
 }
 
 fn configure(socket: &Socket, defer: Option<Duration>) -> io::Result<()> {
@@ -203,21 +249,23 @@ fn configure(socket: &Socket, defer: Option<Duration>) -> io::Result<()> {
 }
 
 /// When other listeners share `addr` (a router still running beside this
-/// new one), sends every new connection for the group to `socket`. The
+/// new one), sends every new connection for the group to `socket`. True
+/// when `socket` is alone on the address; false beside another process,
+/// or when counting failed (then one socket is all that is safe). The
 /// kernel appends a socket to its reuseport group when it starts
 /// listening, so this socket's index is the group's size less one; when an
 /// older socket leaves, an index past the end falls back to the kernel's
 /// usual hash, which then has only the remaining sockets to choose from.
-fn steer_here(socket: &Socket, addr: SocketAddr) {
+fn steer_here(socket: &Socket, addr: SocketAddr) -> bool {
     let count = match listeners_on(addr) {
         Ok(count) => count,
         Err(e) => {
             tracing::warn!(%addr, error = %e, "cannot count the listeners sharing this address: not steering");
-            return;
+            return false;
         }
     };
     if count < 2 {
-        return;
+        return true;
     }
     let index = u32::try_from(count - 1).unwrap_or(u32::MAX);
     match attach_steering(socket, index) {
@@ -228,6 +276,7 @@ fn steer_here(socket: &Socket, addr: SocketAddr) {
         ),
         Err(e) => tracing::warn!(%addr, error = %e, "cannot steer new connections to this process"),
     }
+    false
 }
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; libc does not name
@@ -271,15 +320,16 @@ fn attach_steering(_: &Socket, _: u32) -> io::Result<()> {
     Err(io::Error::other("steering needs Linux"))
 }
 
-/// Whether a listener other than `listener` (another process's, in the
-/// same reuseport group) listens on its address: then a stopping process
-/// accepts what is queued before it closes. A socket shared with a
-/// successor (an upgrade) or with systemd is one listener, not two.
-pub fn successor_listening(listener: &TcpListener) -> bool {
+/// Whether a listener besides this process's `ours` on `listener`'s
+/// address (another process's, in the same reuseport group) listens
+/// there: then a stopping process accepts what is queued before it
+/// closes. A socket shared with a successor (an upgrade) or with systemd
+/// counts once.
+pub fn successor_listening(listener: &TcpListener, ours: usize) -> bool {
     listener
         .local_addr()
         .and_then(listeners_on)
-        .is_ok_and(|count| count > 1)
+        .is_ok_and(|count| count > ours)
 }
 
 /// Sockets listening on exactly `addr` in this network namespace: asked
@@ -546,9 +596,9 @@ mod tests {
                 .build()
                 .unwrap();
             let _guard = runtime.enter();
-            let first = open(addr, 16, None, &mut none).unwrap();
-            let addr = first.local_addr().unwrap();
-            let second = open(addr, 16, None, &mut none).unwrap();
+            let first = open(addr, 16, None, 1, &mut none).unwrap();
+            let addr = first[0].local_addr().unwrap();
+            let second = open(addr, 16, None, 1, &mut none).unwrap();
             assert_eq!(diag::listeners_on(addr).unwrap(), 2, "{addr}");
             let table = if addr.is_ipv4() {
                 "/proc/self/net/tcp"
@@ -594,11 +644,12 @@ mod tests {
     #[tokio::test]
     async fn a_listener_beside_another_is_counted_and_takes_new_connections() {
         let mut none = Inherited::default();
-        let first = open("127.0.0.1:0".parse().unwrap(), 16, None, &mut none).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let first = open(any, 16, None, 1, &mut none).unwrap().remove(0);
         let addr = first.local_addr().unwrap();
-        assert!(!successor_listening(&first));
-        let second = open(addr, 16, None, &mut none).unwrap();
-        assert!(successor_listening(&first));
+        assert!(!successor_listening(&first, 1));
+        let second = open(addr, 16, None, 1, &mut none).unwrap().remove(0);
+        assert!(successor_listening(&first, 1));
         // Every new connection goes to the newest listener.
         for _ in 0..20 {
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -610,6 +661,48 @@ mod tests {
         let nothing = tokio::time::timeout(Duration::from_millis(50), first.accept()).await;
         assert!(nothing.is_err(), "the old listener got a new connection");
         drop(first);
-        assert!(!successor_listening(&second));
+        assert!(!successor_listening(&second, 1));
+    }
+
+    #[tokio::test]
+    async fn a_socket_per_worker_alone_and_one_beside_another_process() {
+        let mut none = Inherited::default();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let workers = open(any, 128, None, 3, &mut none).unwrap();
+        assert_eq!(workers.len(), 3);
+        let addr = workers[0].local_addr().unwrap();
+        assert!(workers.iter().all(|l| l.local_addr().unwrap() == addr));
+        assert_eq!(listeners_on(addr).unwrap(), 3);
+        assert!(!successor_listening(&workers[0], 3));
+        // The kernel spreads new connections over the group.
+        let mut served = [0usize; 3];
+        let mut clients = Vec::new();
+        for _ in 0..60 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            let client = tokio::time::timeout(Duration::from_secs(5), connect).await;
+            clients.push(client.unwrap().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for (i, listener) in workers.iter().enumerate() {
+            while let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(20), listener.accept()).await
+            {
+                served[i] += 1;
+            }
+        }
+        assert_eq!(served.iter().sum::<usize>(), 60);
+        assert!(served.iter().all(|n| *n > 0), "{served:?}");
+        // A process started beside them takes one socket, and every new
+        // connection.
+        let beside = open(addr, 128, None, 3, &mut none).unwrap();
+        assert_eq!(beside.len(), 1);
+        assert!(successor_listening(&workers[0], 3));
+        for _ in 0..20 {
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), beside[0].accept())
+                .await
+                .unwrap()
+                .unwrap();
+        }
     }
 }

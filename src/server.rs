@@ -108,8 +108,9 @@ pub struct BindError {
 pub struct Server {
     handle: Handle,
     admin: Option<TcpListener>,
+    /// The listening sockets of each address (one, or one per worker):
     /// TLS listeners in `config.listeners` order, then the HTTP listener.
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Vec<TcpListener>>,
     certs: FileWatch,
     /// With every internal site's leaf live, and when the first falls due.
     leaves: (Leaves, Option<SystemTime>),
@@ -122,20 +123,21 @@ pub struct Server {
 fn listen(
     config: &Config,
     inherited: &mut Inherited,
-) -> Result<(Vec<TcpListener>, Option<TcpListener>), ServeError> {
+) -> Result<(Vec<Vec<TcpListener>>, Option<TcpListener>), ServeError> {
     let mut listeners = Vec::new();
     let http = config.this().http_bind;
     let (backlog, defer) = (config.limits.backlog, Some(config.timeouts.hello));
+    let sockets = config.sockets_per_address();
     for addr in config.listeners.iter().map(|l| l.bind).chain([http]) {
-        let bound = crate::listen::open(addr, backlog, defer, inherited)
+        let bound = crate::listen::open(addr, backlog, defer, sockets, inherited)
             .map_err(|source| BindError { addr, source })?;
         listeners.push(bound);
     }
     let admin = match config.admin {
-        Some(addr) => Some(
-            crate::listen::open(addr, 64, None, inherited)
-                .map_err(|source| BindError { addr, source })?,
-        ),
+        Some(addr) => crate::listen::open(addr, 64, None, 1, inherited)
+            .map_err(|source| BindError { addr, source })?
+            .into_iter()
+            .next(),
         None => None,
     };
     inherited.close_unclaimed();
@@ -219,6 +221,7 @@ impl Server {
         use std::os::fd::AsRawFd;
         self.listeners
             .iter()
+            .flatten()
             .chain(&self.admin)
             .map(AsRawFd::as_raw_fd)
             .collect()
@@ -229,7 +232,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|l| l.local_addr().ok())
+            .filter_map(|group| group.first()?.local_addr().ok())
             .collect()
     }
 
@@ -282,15 +285,15 @@ impl Server {
     }
 }
 
-/// One accept loop per listener: TLS listeners in `config.listeners`
-/// order, then the HTTP listener.
-fn start_accepting(handle: &Handle, listeners: Vec<TcpListener>) -> Vec<JoinHandle<()>> {
+/// One accept loop per listening socket: TLS listeners in
+/// `config.listeners` order, then the HTTP listener.
+fn start_accepting(handle: &Handle, listeners: Vec<Vec<TcpListener>>) -> Vec<JoinHandle<()>> {
     let live = handle.shared.live();
     let limit = Arc::new(Semaphore::new(live.config.limits.max_connections));
     let http = listeners.len().saturating_sub(1);
     let mut accept_loops = Vec::new();
-    for (index, listener) in listeners.into_iter().enumerate() {
-        let addr = listener.local_addr().ok();
+    for (index, group) in listeners.into_iter().enumerate() {
+        let addr = group.first().and_then(|l| l.local_addr().ok());
         let label: Arc<str> = addr.map_or_else(|| "unknown".into(), |a| a.to_string().into());
         let port = if index == http {
             Port::Http
@@ -298,16 +301,21 @@ fn start_accepting(handle: &Handle, listeners: Vec<TcpListener>) -> Vec<JoinHand
             Port::Tls(index)
         };
         let tls = matches!(port, Port::Tls(_));
-        let ctx = AcceptLoop {
-            bound: addr.filter(|a| !a.ip().is_unspecified()),
-            metrics: Arc::new(crate::metrics::ListenerMetrics::new(label, tls)),
-            port,
-            listener,
-            handle: handle.clone(),
-            limit: limit.clone(),
-            tracker: handle.shared.tasks.clone(),
-        };
-        accept_loops.push(tokio::spawn(ctx.run()));
+        let metrics = Arc::new(crate::metrics::ListenerMetrics::new(label, tls));
+        let siblings = group.len();
+        for listener in group {
+            let ctx = AcceptLoop {
+                bound: addr.filter(|a| !a.ip().is_unspecified()),
+                metrics: metrics.clone(),
+                port,
+                listener,
+                siblings,
+                handle: handle.clone(),
+                limit: limit.clone(),
+                tracker: handle.shared.tasks.clone(),
+            };
+            accept_loops.push(tokio::spawn(ctx.run()));
+        }
     }
     accept_loops
 }
@@ -347,6 +355,8 @@ struct AcceptLoop {
     /// The bound address, unless it is a wildcard.
     bound: Option<SocketAddr>,
     listener: TcpListener,
+    /// This process's sockets on the address, this one included.
+    siblings: usize,
     handle: Handle,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -370,7 +380,7 @@ impl AcceptLoop {
         // Closing the listener resets what waits in its queue. When a newer
         // process listens beside this one (a restart by hand), it now gets
         // every new connection: serve what is queued here first.
-        if !crate::listen::successor_listening(&self.listener) {
+        if !crate::listen::successor_listening(&self.listener, self.siblings) {
             return;
         }
         let cap = self.handle.shared.live().config.timeouts.drain;

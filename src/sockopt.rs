@@ -87,9 +87,11 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             8,
             Some(Duration::from_secs(1)),
+            1,
             &mut crate::listen::Inherited::default(),
         )
-        .unwrap();
+        .unwrap()
+        .remove(0);
         let addr = listener.local_addr().unwrap();
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         // Deferred accept: the listener hands it over once bytes arrive.

@@ -64,7 +64,7 @@ fn check_prints_the_route_table() {
 #[test]
 fn check_rejects_bad_configs_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let (config, _) = one_node(dir.path(), "", |_| {
+    let (config, _) = one_node(dir.path(), "accept = \"each\"", |_| {
         "[[sites]]\nnames = [\"x.test\"]\nheld_by = [\"ghost\"]\nupstream = \"nowhere\"\n".into()
     });
     let out = check(&[], &config);
@@ -80,6 +80,12 @@ fn check_rejects_bad_configs_naming_file_and_field() {
     assert!(
         err.contains(&format!(
             "{file}: sites[0].upstream: \"nowhere\" is not a socket address"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}: accept: \"each\" is not one of \"shared\", \"per_worker\""
         )),
         "{err}"
     );

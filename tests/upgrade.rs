@@ -14,15 +14,18 @@ use support::process::{Process, Strays, running, signal_pid, wait_gone, wait_lis
 use support::*;
 
 /// One node with the load generator's site, `pass.test`, passed through to
-/// `backend`; returns the config path and the node's TLS address. One
-/// worker, as in the benchmarks: the current-thread runtime (the fleet and
-/// systemd tests upgrade the multi-thread one).
-fn config(dir: &Path, backend: std::net::SocketAddr) -> (std::path::PathBuf, std::net::SocketAddr) {
+/// `backend`, and `top` (its workers); returns the config path and the
+/// node's TLS address.
+fn config(
+    dir: &Path,
+    backend: std::net::SocketAddr,
+    top: &str,
+) -> (std::path::PathBuf, std::net::SocketAddr) {
     let node = free_addr("127.0.0.2");
     let text = fleet_toml(
         "a",
         &[("a", node)],
-        "workers = 1\n[timeouts]\ndrain = \"5s\"",
+        &format!("{top}\n[timeouts]\ndrain = \"5s\""),
         &format!("[[sites]]\nnames = [\"pass.test\"]\npassthrough = \"{backend}\"\n"),
     );
     let path = dir.join("router.toml");
@@ -38,12 +41,18 @@ struct Setup {
     node: std::net::SocketAddr,
 }
 
-async fn setup() -> Setup {
+/// One worker, as in the benchmarks: the current-thread runtime (the fleet
+/// and systemd tests upgrade the multi-thread one).
+const ONE_WORKER: &str = "workers = 1";
+/// Two workers, each with its own listening socket per address.
+const SOCKET_PER_WORKER: &str = "workers = 2\naccept = \"per_worker\"";
+
+async fn setup(top: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let backend_addr = free_addr("127.0.0.1");
     let _backend = load::backend(backend_addr);
     wait_listening(backend_addr).await;
-    let (config, node) = config(dir.path(), backend_addr);
+    let (config, node) = config(dir.path(), backend_addr, top);
     Setup {
         dir,
         _backend,
@@ -74,12 +83,24 @@ fn successors(log: &str) -> Vec<u32> {
 const LOAD_SECS: u64 = 8;
 const CLIENTS: usize = 32;
 
+/// Listening sockets on exactly `addr`, as `ss` lists them.
+fn sockets_listening(addr: std::net::SocketAddr) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("src = {addr}")])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// With a listening socket per worker: the new process takes over every
+/// one of them, and opens none more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sigusr2_upgrades_under_load_lose_nothing() {
-    let at = setup().await;
+    let at = setup(SOCKET_PER_WORKER).await;
     let (config, node) = (&at.config, at.node);
     let mut first = Process::start(config, at.dir.path());
     wait_listening(node).await;
+    assert_eq!(sockets_listening(node), 2, "a socket per worker");
     let mut strays = Strays::default();
     let load = ConnRate::start(node, LOAD_SECS, CLIENTS);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -99,6 +120,7 @@ async fn three_sigusr2_upgrades_under_load_lose_nothing() {
             wait_gone(current, WAIT).await;
         }
         current = next;
+        assert_eq!(sockets_listening(node), 2, "the same two sockets");
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     let rate = load.finish().await;
@@ -112,7 +134,7 @@ async fn three_sigusr2_upgrades_under_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_restarts_by_hand_under_load_lose_nothing() {
-    let at = setup().await;
+    let at = setup(ONE_WORKER).await;
     let (config, node) = (&at.config, at.node);
     let logs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut old = Process::start(config, logs[0].path());
@@ -138,7 +160,7 @@ async fn three_restarts_by_hand_under_load_lose_nothing() {
 
 #[tokio::test]
 async fn an_upgrade_to_a_broken_config_leaves_the_old_process_serving() {
-    let at = setup().await;
+    let at = setup(ONE_WORKER).await;
     let (config, node) = (&at.config, at.node);
     let router = Process::start(config, at.dir.path());
     wait_listening(node).await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::access::{Access, parse_net};
 use super::file::{FileConfig, FileDefaults, FileSite, FileTarget, FileTargets};
 use super::{
-    Acme, CertFiles, Challenge, Config, ConfigError, Dns01, FleetDigest, Http, HttpMode,
+    Accept, Acme, CertFiles, Challenge, Config, ConfigError, Dns01, FleetDigest, Http, HttpMode,
     InternalCa, Issuer, KeyType, Limits, Listener, Node, NodeId, Pool, PoolTarget, Problem,
     ProxyVersion, Site, SiteId, SiteRoute, Timeouts, TsigAlgorithm, canonical,
 };
@@ -139,6 +139,17 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
     if file.workers == Some(0) {
         b.problem("workers", "must be at least 1");
     }
+    let accept = match file.accept.as_deref() {
+        None | Some("shared") => Accept::Shared,
+        Some("per_worker") => Accept::PerWorker,
+        Some(other) => {
+            b.problem(
+                "accept",
+                format!("{other:?} is not one of \"shared\", \"per_worker\""),
+            );
+            Accept::Shared
+        }
+    };
     let state_dir = file.state_dir.as_ref().map(|d| base.join(d));
     let acme = file
         .acme
@@ -164,6 +175,7 @@ fn convert(b: &mut Builder, file: FileConfig, source: &str, node: Option<&str>) 
         timeouts,
         limits,
         workers: file.workers,
+        accept,
         cert_poll,
         http,
         acme,

@@ -8,6 +8,7 @@ pub struct FileConfig {
     pub this_node: String,
     pub default_site: Option<String>,
     pub workers: Option<usize>,
+    pub accept: Option<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     #[serde(default)]

@@ -53,6 +53,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub workers: Option<usize>,
+    pub accept: Accept,
     /// How often certificate files are checked for changes.
     pub cert_poll: Duration,
     pub http: Http,
@@ -211,6 +212,18 @@ pub struct Site {
     pub access: Access,
 }
 
+/// How the workers take new connections off a listening address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accept {
+    /// One listening socket, whose accept loop hands connections to every
+    /// worker.
+    #[default]
+    Shared,
+    /// A listening socket per worker in the address's `SO_REUSEPORT`
+    /// group: the kernel spreads new connections over their queues.
+    PerWorker,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HttpMode {
     /// 308 to the same URL on https.
@@ -350,6 +363,14 @@ impl Config {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         })
+    }
+
+    /// Listening sockets wanted per data-path address (TLS and HTTP).
+    pub fn sockets_per_address(&self) -> usize {
+        match self.accept {
+            Accept::Shared => 1,
+            Accept::PerWorker => self.worker_threads(),
+        }
     }
 
     /// Reads and parses a config file.
