@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Scaling on this machine: sni-router with 1 worker against 2, alternately,
-# on the short-connection test of compare.sh (32 clients, 1 KiB reply),
-# with the CPU of the router per connection. Prints medians.
+# Scaling on this machine: sni-router with 1 worker, 2 workers sharing one
+# listening socket, and 2 workers with a socket each (accept = "per_worker"),
+# alternately, on the short-connection test of compare.sh (32 clients, 1 KiB
+# reply), with the CPU of the router per connection. Prints medians.
 #
 #   benches/workers.sh [ROUNDS=3] [SECONDS=5]
 set -euo pipefail
@@ -14,10 +15,13 @@ cargo build --release --quiet --bin sni-router --example loadgen
 bin=target/release/sni-router; gen=target/release/examples/loadgen
 backend=127.0.0.1:19001
 $gen backend $backend reply1k & sleep 0.3
-for w in 1 2; do
-  cat > "$work/w$w.toml" <<CFG
+variants="1 2 2per_worker"
+for v in $variants; do
+  w=${v:0:1}; accept=shared; [ "$v" = 2per_worker ] && accept=per_worker
+  cat > "$work/w$v.toml" <<CFG
 this_node = "bench"
 workers = $w
+accept = "$accept"
 [limits]
 max_connections = 9000
 [[nodes]]
@@ -33,7 +37,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 : > "$work/rows"
 for round in $(seq "$rounds"); do
-  for w in 1 2; do
+  for w in $variants; do
     setsid $bin run --config "$work/w$w.toml" 2>"$work/log" & pid=$!
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.2/19443) 2>/dev/null && break; sleep 0.05; done
     $gen connrate 127.0.0.2:19443 1 8 > /dev/null
