@@ -193,17 +193,12 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
     for warning in &config.warnings {
         tracing::warn!(field = %warning.field, "{}", warning.message);
     }
-    // One worker needs none of the multi-thread scheduler's hand-offs
-    // between threads: the current-thread scheduler runs the same tasks for
-    // about 3% fewer instructions per connection (docs/benchmarks.md).
-    let mut runtime = match config.worker_threads() {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        workers => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(workers);
-            runtime
-        }
-    };
+    // The multi-thread scheduler even for one worker: on the current-thread
+    // one, full TLS handshakes ran 8% fewer per second here
+    // (docs/benchmarks.md), though short spliced connections took 3% fewer
+    // instructions.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.worker_threads(config.worker_threads());
     let runtime = runtime
         .enable_all()
         .build()

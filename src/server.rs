@@ -591,22 +591,13 @@ pub async fn serve(
     let mut handed_over = false;
     loop {
         tokio::select! {
-            _ = hup.recv() => {
-                // Reading and building a large config takes up to a second:
-                // off the runtime's threads, which with one worker are the
-                // data path's only one.
-                let (source, handle) = (source.clone(), handle.clone());
-                let reload = tokio::task::spawn_blocking(move || match source.load() {
-                    Ok(config) => handle.reload(config),
-                    Err(e) => {
-                        metrics::counter!(CONFIG_RELOADS, "outcome" => "error").increment(1);
-                        tracing::error!("reload failed, keeping the running config:\n{e}");
-                    }
-                });
-                if let Err(e) = reload.await {
-                    tracing::error!(error = %e, "reload failed, keeping the running config");
+            _ = hup.recv() => match source.load() {
+                Ok(config) => handle.reload(config),
+                Err(e) => {
+                    metrics::counter!(CONFIG_RELOADS, "outcome" => "error").increment(1);
+                    tracing::error!("reload failed, keeping the running config:\n{e}");
                 }
-            }
+            },
             _ = usr2.recv() => match crate::upgrade::start_successor(&fds).await {
                 Ok(pid) => {
                     tracing::info!(pid, "upgrade: the new process listens; this one stops accepting and drains");

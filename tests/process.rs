@@ -148,16 +148,8 @@ fn check_opens_certificate_files_and_names_what_is_wrong() {
     assert!(!err.contains("sites[0]"), "{err}");
 }
 
-/// One worker runs on the current-thread scheduler, where a reload
-/// must not hold up the connections: both kinds of runtime are checked.
 #[tokio::test]
 async fn sighup_reloads_while_a_connection_streams() {
-    for top in ["", "workers = 1"] {
-        reload_while_streaming(top).await;
-    }
-}
-
-async fn reload_while_streaming(top: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("fleet.toml");
     let node = free_addr("127.0.0.2");
@@ -166,7 +158,7 @@ async fn reload_while_streaming(top: &str) {
     let nodes = [("a", node)];
     std::fs::write(
         &config,
-        fleet_toml("a", &nodes, top, &passthrough_site("pass.test", echo.addr)),
+        fleet_toml("a", &nodes, "", &passthrough_site("pass.test", echo.addr)),
     )
     .unwrap();
     let router = Process::start(&config, dir.path());
@@ -182,7 +174,7 @@ async fn reload_while_streaming(top: &str) {
         passthrough_site("pass.test", echo.addr),
         passthrough_site("next.test", fresh.addr)
     );
-    std::fs::write(&config, fleet_toml("a", &nodes, top, &both)).unwrap();
+    std::fs::write(&config, fleet_toml("a", &nodes, "", &both)).unwrap();
     router.signal("HUP");
     router.wait_log("config reloaded", 1).await;
     echo_round(&mut stream, b"during reload").await;

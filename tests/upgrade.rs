@@ -41,9 +41,8 @@ struct Setup {
     node: std::net::SocketAddr,
 }
 
-/// One worker, as in the benchmarks: the current-thread runtime (the fleet
-/// and systemd tests upgrade the multi-thread one).
-const ONE_WORKER: &str = "workers = 1";
+/// A listening socket per address, shared by the workers (the default).
+const SHARED: &str = "";
 /// Two workers, each with its own listening socket per address.
 const SOCKET_PER_WORKER: &str = "workers = 2\naccept = \"per_worker\"";
 
@@ -134,7 +133,7 @@ async fn three_sigusr2_upgrades_under_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_restarts_by_hand_under_load_lose_nothing() {
-    let at = setup(ONE_WORKER).await;
+    let at = setup(SHARED).await;
     let (config, node) = (&at.config, at.node);
     let logs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut old = Process::start(config, logs[0].path());
@@ -160,7 +159,7 @@ async fn three_restarts_by_hand_under_load_lose_nothing() {
 
 #[tokio::test]
 async fn an_upgrade_to_a_broken_config_leaves_the_old_process_serving() {
-    let at = setup(ONE_WORKER).await;
+    let at = setup(SHARED).await;
     let (config, node) = (&at.config, at.node);
     let router = Process::start(config, at.dir.path());
     wait_listening(node).await;
