@@ -12,3 +12,16 @@ case ",$reserved," in
   *) sysctl -qw net.ipv4.ip_local_reserved_ports="${reserved:+$reserved,}19000-19999" 2>/dev/null || true ;;
 esac
 sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
+
+# A router left running from an earlier run would share the benches'
+# addresses through SO_REUSEPORT: the router under test then steers new
+# connections to itself and keeps one listening socket per address, and
+# what it measures is not what was asked. Refuse to start beside one.
+if command -v ss >/dev/null; then
+  stale=$(ss -Hltn 'sport >= :18000 and sport <= :19999' 2>/dev/null || true)
+  if [ -n "$stale" ]; then
+    echo "something already listens on the benches' ports (18000-19999); stop it first:" >&2
+    ss -Hltnp 'sport >= :18000 and sport <= :19999' >&2 || true
+    exit 1
+  fi
+fi
