@@ -247,6 +247,16 @@ impl LogBudget {
 /// Denied clients' log lines, both ports together.
 pub static DENIED_LOG: LogBudget = LogBudget::new(10);
 
+/// Who writes a finished connection's or request's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineBy {
+    /// Its handler, when it ends.
+    Handler,
+    /// [`log_denied`], within its budget; the handler writes none, so a
+    /// flood of refused clients cannot flood the log.
+    DeniedLog,
+}
+
 /// Logs a refused client within [`DENIED_LOG`]'s budget.
 pub fn log_denied(
     port: &str,

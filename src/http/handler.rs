@@ -16,6 +16,7 @@ use super::response::text as respond;
 use super::route::{self, HttpDecision};
 use crate::config::{Config, SiteId, SiteRoute};
 use crate::forward::{self, Answer, Target, Via};
+use crate::limits::LineBy;
 use crate::metrics::{ACCESS_DENIED, HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
 use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
@@ -30,8 +31,7 @@ struct Outcome {
     result: &'static str,
     status: u16,
     detail: String,
-    /// Logged already, within a budget (a denied client): no line of its own.
-    logged: bool,
+    line: LineBy,
 }
 
 fn outcome(result: &'static str, status: u16) -> Outcome {
@@ -39,7 +39,7 @@ fn outcome(result: &'static str, status: u16) -> Outcome {
         result,
         status,
         detail: String::new(),
-        logged: false,
+        line: LineBy::Handler,
     }
 }
 
@@ -77,7 +77,7 @@ impl Drop for Cut {
                 result: "drain_deadline",
                 status: 0,
                 detail: "cut when the drain period ran out".into(),
-                logged: false,
+                line: LineBy::Handler,
             };
             finished(self.peer, self.started, (None, None), &out);
         }
@@ -91,7 +91,7 @@ fn finished(
     out: &Outcome,
 ) {
     metrics::counter!(HTTP_REQUESTS, "result" => out.result).increment(1);
-    if out.logged {
+    if out.line == LineBy::DeniedLog {
         return;
     }
     tracing::info!(
@@ -174,7 +174,7 @@ async fn serve(
             crate::limits::log_denied("http", ends.client, label, denial);
             respond(stream, 403, "", "access denied\n").await;
             Outcome {
-                logged: true,
+                line: LineBy::DeniedLog,
                 ..outcome("denied", 403)
             }
         }
@@ -199,7 +199,7 @@ async fn head_failed(stream: &mut TcpStream, e: PrefaceError<Invalid>) -> Outcom
         result: "bad_request",
         status,
         detail: format!("{}: request head {e}", e.kind(Invalid::kind)),
-        logged: false,
+        line: LineBy::Handler,
     }
 }
 
@@ -336,7 +336,7 @@ async fn to_upstream(
                 result: "upstream",
                 status: 0,
                 detail: format!("{} ({})", opened.target, transfer.end),
-                logged: false,
+                line: LineBy::Handler,
             }
         }
         Err(e) => {
@@ -345,7 +345,7 @@ async fn to_upstream(
                 result: "upstream_error",
                 status: 502,
                 detail: e.to_string(),
-                logged: false,
+                line: LineBy::Handler,
             }
         }
     }

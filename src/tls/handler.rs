@@ -20,6 +20,7 @@ use super::route::{self, Decision, DecisionKind, Peer, Reject};
 use super::terminate;
 use crate::config::{Config, NodeId, SiteId};
 use crate::forward::{self, Answer, ForwardError, Opened, Target, TargetKind, Via};
+use crate::limits::LineBy;
 use crate::metrics::{
     ACCESS_DENIED, HANDSHAKE_FAILURES, HELLO_FAILURES, HELLO_SECONDS, ListenerMetrics, REJECTED,
     SiteRef, TERMINATE_FALLBACKS,
@@ -51,8 +52,7 @@ struct Outcome {
     transfer: Option<Transfer>,
     /// The site it counts under in metrics.
     site: SiteRef,
-    /// Logged already, within a budget (a denied client): no line of its own.
-    logged: bool,
+    line: LineBy,
 }
 
 impl Outcome {
@@ -66,7 +66,7 @@ impl Outcome {
             target: None,
             transfer: None,
             site: SiteRef::NoSni,
-            logged: false,
+            line: LineBy::Handler,
         }
     }
 
@@ -224,7 +224,7 @@ impl Report {
         if outcome.decision == DecisionKind::Reject {
             metrics::counter!(REJECTED, "reason" => outcome.kind).increment(1);
         }
-        if outcome.logged {
+        if outcome.line == LineBy::DeniedLog {
             return;
         }
         crate::conn_log::write(&crate::conn_log::Line {
@@ -509,7 +509,7 @@ impl Here<'_> {
             crate::limits::log_denied("tls", self.ends.client, label, denial);
             let _ = stream.write_all(&ALERT_ACCESS_DENIED).await;
             let mut outcome = Outcome::new(DecisionKind::Reject, reject.kind(), denial.as_str());
-            outcome.logged = true;
+            outcome.line = LineBy::DeniedLog;
             return outcome;
         }
         if self.sni.is_some() && !spliced_by_node {
