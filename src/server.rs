@@ -23,7 +23,7 @@ use crate::limits::{HelloSlots, SourceLimits};
 use crate::listen::Inherited;
 use crate::metrics::{CONFIG_RELOADS, REJECTED};
 use crate::peers::PeerHealth;
-use crate::state::{Admission, Live, Shared, Stats};
+use crate::state::{Admission, Arrival, Live, Shared, Stats};
 use crate::tls::terminate::Resumption;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::watch;
@@ -464,6 +464,11 @@ impl AcceptLoop {
         // Each port's handler future is spawned as it is, not inside a
         // wrapping block that would hold its arguments twice: the task is
         // copied into place once per connection.
+        let from = Arrival {
+            peer,
+            local,
+            may_send_proxy,
+        };
         match self.port {
             Port::Tls(listener) => {
                 let accepted = crate::tls::handler::Accepted {
@@ -471,9 +476,7 @@ impl AcceptLoop {
                     live,
                     listener,
                     metrics,
-                    peer,
-                    local,
-                    may_send_proxy,
+                    from,
                     admission,
                 };
                 self.tracker
@@ -481,10 +484,7 @@ impl AcceptLoop {
             }
             Port::Http => {
                 self.tracker.spawn(async move {
-                    Box::pin(crate::http::handler::handle(
-                        shared, live, stream, peer, local,
-                    ))
-                    .await;
+                    Box::pin(crate::http::handler::handle(shared, live, stream, from)).await;
                     drop(admission);
                 });
             }

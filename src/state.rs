@@ -57,6 +57,16 @@ pub struct Live {
     pub sites: crate::metrics::SiteMetrics,
 }
 
+/// Who connected, and to which of our addresses: what both ports' handlers
+/// start from.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    /// Whether `peer` is a node or trusted proxy, asked once at accept.
+    pub may_send_proxy: bool,
+}
+
 /// What an accepted connection holds until it ends, wherever it ends: its
 /// place under the connection limit and the per-source cap, and in the
 /// active-connections gauge.

@@ -20,7 +20,7 @@ use crate::limits::LineBy;
 use crate::metrics::{ACCESS_DENIED, HTTP_FORWARD_SECONDS, HTTP_REQUESTS};
 use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
-use crate::state::{Live, Shared};
+use crate::state::{Arrival, Live, Shared};
 
 /// Largest webroot file served: a key authorization is ~90 bytes.
 const MAX_WEBROOT_FILE: u64 = 4096;
@@ -43,13 +43,8 @@ fn outcome(result: &'static str, status: u16) -> Outcome {
     }
 }
 
-pub async fn handle(
-    shared: Arc<Shared>,
-    live: Arc<Live>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-) {
+pub async fn handle(shared: Arc<Shared>, live: Arc<Live>, mut stream: TcpStream, from: Arrival) {
+    let peer = from.peer;
     let started = Instant::now();
     shared.stats.http_requests.fetch_add(1, Ordering::Relaxed);
     let mut cut = Cut {
@@ -57,7 +52,7 @@ pub async fn handle(
         started,
         armed: true,
     };
-    let (host, target, out) = serve(&shared, &live, &mut stream, peer, local).await;
+    let (host, target, out) = serve(&shared, &live, &mut stream, from).await;
     cut.armed = false;
     finished(peer, started, (host.as_deref(), target.as_deref()), &out);
 }
@@ -111,13 +106,16 @@ async fn serve(
     shared: &Shared,
     live: &Live,
     stream: &mut TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    from: Arrival,
 ) -> (Option<String>, Option<String>, Outcome) {
+    let Arrival {
+        peer,
+        local,
+        may_send_proxy: allow_proxy,
+    } = from;
     let config = &live.config;
     // The forwarding mark counts only from a node address.
     let from_node = config.is_node_address(peer.ip());
-    let allow_proxy = config.may_send_proxy(peer.ip());
     let preamble = match preface::read_in_slot::<Head, _>(
         stream,
         allow_proxy,

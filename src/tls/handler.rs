@@ -28,7 +28,7 @@ use crate::metrics::{
 use crate::preface::{self, Ends, PrefaceError};
 use crate::proxy_protocol;
 use crate::splice::{JoinEnd, Moved, Progress, QuietPair, StreamJoin, TcpJoin, Transfer};
-use crate::state::{Admission, Live, Shared};
+use crate::state::{Admission, Arrival, Live, Shared};
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3): tells a client
 /// why we close instead of leaving it to guess.
@@ -89,10 +89,7 @@ pub struct Accepted {
     pub listener: usize,
     /// The listener's metric handles.
     pub metrics: Arc<ListenerMetrics>,
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-    /// Whether `peer` is a node or trusted proxy, asked once at accept.
-    pub may_send_proxy: bool,
+    pub from: Arrival,
     pub admission: Admission,
 }
 
@@ -136,19 +133,13 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
         live,
         listener,
         metrics: label,
-        peer,
-        local,
-        may_send_proxy,
+        from,
         admission,
     } = accepted;
+    let peer = from.peer;
     // Boxed: routing's state is two kilobytes, and inline in the task
     // tokio copies the whole task several times over its life (when it is
     // spawned, and each time it changes stage); one allocation is cheaper.
-    let from = Arrival {
-        peer,
-        local,
-        may_send_proxy,
-    };
     let routed = Box::pin(route_connection(
         &shared, &live, listener, stream, from, started,
     ))
@@ -333,14 +324,6 @@ impl Route {
         outcome.site = self.site;
         outcome
     }
-}
-
-/// Who connected, and where to.
-#[derive(Clone, Copy)]
-struct Arrival {
-    peer: SocketAddr,
-    local: SocketAddr,
-    may_send_proxy: bool,
 }
 
 /// Reads the hello, decides, and acts on the decision: one function per
