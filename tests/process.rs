@@ -131,6 +131,8 @@ fn check_opens_certificate_files_and_names_what_is_wrong() {
             + &site("junk.test", &junk, &key)
             + &site("missing.test", "/nonexistent/cert.pem", &key)
             + &site("old.test", &old_cert, &old_key)
+            + &site("nokey.test", &cert, "/nonexistent/key.pem")
+            + &site("junkkey.test", &cert, &junk)
     });
     let out = check(&[], &config);
     assert!(!out.status.success());
@@ -142,6 +144,9 @@ fn check_opens_certificate_files_and_names_what_is_wrong() {
         format!("{file}: sites[3].cert_file: {junk}: no PEM certificate found"),
         format!("{file}: sites[4].cert_file: reading /nonexistent/cert.pem: No such file"),
         format!("{file}: sites[5].cert_file: {old_cert} expired at "),
+        // A key's own trouble is key_file's, and names the key's file.
+        format!("{file}: sites[6].key_file: reading /nonexistent/key.pem: No such file"),
+        format!("{file}: sites[7].key_file: {junk}: no usable PEM private key found"),
     ] {
         assert!(err.contains(&expected), "{expected:?} in:\n{err}");
     }

@@ -72,7 +72,10 @@ pub enum CertError {
 pub fn load_files(cert_file: &Path, key_file: &Path) -> Result<Loaded, CertError> {
     let chain = std::fs::read(cert_file).map_err(|e| CertError::Read(cert_file.into(), e))?;
     let key = std::fs::read(key_file).map_err(|e| CertError::Read(key_file.into(), e))?;
-    from_pem(&chain, &key, &cert_file.display().to_string())
+    from_pem(&chain, &key, &cert_file.display().to_string()).map_err(|e| match e {
+        CertError::NoKey(_, why) => CertError::NoKey(key_file.display().to_string(), why),
+        e => e,
+    })
 }
 
 /// Parses a PEM chain and key; `source` names them in errors.
@@ -186,19 +189,31 @@ pub fn check_files(config: &crate::config::Config, now: SystemTime) -> Vec<crate
     use crate::config::Problem;
     let mut problems = Vec::new();
     for (site, files) in config.held_with_files() {
-        let field = format!("sites[{}].cert_file", site.index);
-        let mut problem = |message: String| {
-            problems.push(Problem {
-                field: field.clone(),
-                message,
-            })
-        };
+        let field = |name: &str| format!("sites[{}].{name}", site.index);
         let loaded = match load_files(&files.cert, &files.key) {
             Ok(loaded) => loaded,
             Err(e) => {
-                problem(e.to_string());
+                // A key that cannot be read or parsed is key_file's to mend;
+                // a mismatch or a bad chain is cert_file's.
+                let which = match &e {
+                    CertError::Read(path, _) if *path == files.key && *path != files.cert => {
+                        "key_file"
+                    }
+                    CertError::NoKey(..) => "key_file",
+                    _ => "cert_file",
+                };
+                problems.push(Problem {
+                    field: field(which),
+                    message: e.to_string(),
+                });
                 continue;
             }
+        };
+        let mut problem = |message: String| {
+            problems.push(Problem {
+                field: field("cert_file"),
+                message,
+            })
         };
         let shown = files.cert.display();
         for name in &site.names {
