@@ -4,6 +4,7 @@
 //! loadgen backend ADDR reply1k|sink          serve until killed
 //! loadgen connrate TARGET SECS CONCURRENCY   new connections/s, p50/p99 ms
 //! loadgen openloop TARGET SECS RATE          Poisson arrivals at RATE/s, p50/p99/p99.9 ms
+//!                                            (LOADGEN_TIMELINE=FILE: one line per connection)
 //! loadgen bulk TARGET SECS STREAMS           MiB/s client -> sink (SNI bulk.test)
 //! loadgen idle TARGET COUNT SECS             hold COUNT routed connections (SNI bulk.test)
 //! loadgen tls TARGET SECS CONCURRENCY full|resume [aes128]   TLS 1.3 handshakes/s
@@ -286,7 +287,8 @@ async fn open_loop(target: SocketAddr, secs: u64, rate: u64) {
     let started = Instant::now();
     let end = Duration::from_secs(secs);
     let in_flight = Arc::new(AtomicU64::new(0));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Duration>>();
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<(Duration, Duration, Option<Duration>)>();
     let mut at = Duration::ZERO;
     let (mut n, mut skipped) = (0u64, 0u64);
     loop {
@@ -297,6 +299,7 @@ async fn open_loop(target: SocketAddr, secs: u64, rate: u64) {
         }
         let due = started + at;
         tokio::time::sleep_until(due.into()).await;
+        let late = due.elapsed();
         if in_flight.load(Ordering::Relaxed) as usize >= OPEN_LOOP_MAX_IN_FLIGHT {
             skipped += 1;
             continue;
@@ -308,30 +311,54 @@ async fn open_loop(target: SocketAddr, secs: u64, rate: u64) {
         tokio::spawn(async move {
             let mut reply = vec![0u8; 2048];
             let (ok, _) = one(target, k, None, &mut reply).await;
-            let _ = tx.send(ok.then(|| due.elapsed()));
+            let _ = tx.send((at, late, ok.then(|| due.elapsed())));
             in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
     drop(tx);
     let (mut all, mut errors) = (Vec::new(), 0u64);
-    while let Some(done) = rx.recv().await {
+    let mut timeline = Vec::new();
+    while let Some((at, late, done)) = rx.recv().await {
+        timeline.push((at, late, done));
         match done {
             Some(latency) => all.push(latency),
             None => errors += 1,
         }
     }
+    // LOADGEN_TIMELINE=FILE: each connection's scheduled start and latency
+    // (ms, "-" if it failed) and how late this generator started it (ms), to
+    // tell a stall (slow connections bunched in time) from queueing (spread
+    // out), and a stall of the generator itself from one of the router.
+    if let Ok(path) = std::env::var("LOADGEN_TIMELINE") {
+        timeline.sort_by_key(|(at, _, _)| *at);
+        let text: String = timeline
+            .iter()
+            .map(|(at, late, done)| {
+                let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+                let done = done.map_or("-".to_string(), |d| format!("{:.3}", ms(&d)));
+                format!("{:.3} {done} {:.3}\n", ms(at), ms(late))
+            })
+            .collect();
+        let _ = std::fs::write(path, text);
+    }
+    let mut late: Vec<Duration> = timeline.iter().map(|(_, late, _)| *late).collect();
     all.sort();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+    late.sort();
+    let pct = |v: &[Duration], p: f64| {
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
+    // late_p99_ms: how late this generator itself started its connections.
+    // Near the latency p99, the generator (on the same cores) was the one
+    // that fell behind, not the router.
     println!(
-        "{{\"offered_per_sec\": {:.0}, \"conns_per_sec\": {:.0}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"p999_ms\": {:.3}, \"errors\": {}, \"skipped\": {}}}",
+        "{{\"offered_per_sec\": {:.0}, \"conns_per_sec\": {:.0}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"p999_ms\": {:.3}, \"late_p99_ms\": {:.3}, \"errors\": {}, \"skipped\": {}}}",
         rate,
         all.len() as f64 / secs.max(1) as f64,
-        pct(0.50),
-        pct(0.99),
-        pct(0.999),
+        pct(&all, 0.50),
+        pct(&all, 0.99),
+        pct(&all, 0.999),
+        pct(&late, 0.99),
         errors,
         skipped
     );
