@@ -25,33 +25,9 @@ cargo build --release --quiet --bin sni-router --example loadgen
 bin=target/release/sni-router; gen=target/release/examples/loadgen
 backend=127.0.0.1:19001
 $gen backend $backend reply1k & sleep 0.3
-cat > "$work/sni-router.toml" <<CFG
-this_node = "bench"
-workers = 1
-[limits]
-max_connections = 9000
-max_pending_hellos = 9000
-[[nodes]]
-name = "bench"
-tls = "127.0.0.2:19443"
-http = "127.0.0.2:19080"
-[[sites]]
-names = ["pass.test"]
-passthrough = "$backend"
-CFG
-cat > "$work/sniproxy.conf" <<CFG
-user nobody
-pidfile $work/sniproxy.pid
-error_log { filename $work/sniproxy-error.log }
-listener 127.0.0.5:19443 {
-  protocol tls
-  table bench
-}
-table bench {
-  pass\.test $backend
-}
-CFG
-declare -A addr=([sni-router]=127.0.0.2:19443 [sniproxy]=127.0.0.5:19443)
+. benches/routers.sh
+sni_router_config "$work/sni-router.toml"
+sniproxy_config "$work/sniproxy.conf"
 for round in $(seq "$rounds"); do
   for r in sni-router sniproxy; do
     case $r in
@@ -60,7 +36,7 @@ for round in $(seq "$rounds"); do
       sniproxy) setsid sniproxy -f -c "$work/sniproxy.conf" >/dev/null 2>&1 & ;;
     esac
     pid=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/${addr[$r]%:*}/${addr[$r]#*:}") 2>/dev/null && break; sleep 0.05; done
+    listening "${addr[$r]}"
     $gen connrate "${addr[$r]}" 1 8 > /dev/null  # warm-up, as in compare.sh
     perf record -q -e cpu-clock -F 4999 -g -p "$pid" -o "$work/$r-$round.data" -- sleep $((secs + 1)) 2>/dev/null &
     perf_pid=$!
@@ -70,7 +46,7 @@ for round in $(seq "$rounds"); do
     echo "$r $round $load"
     perf script -i "$work/$r-$round.data" -F ip,sym > "$work/$r-$round.txt" 2>/dev/null
     echo "$load" > "$work/$r-$round.load"
-    kill -TERM -- "-$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; sleep 0.3
+    stop_group "$pid"
   done
 done
 python3 - "$work" "$rounds" "$secs" <<'PY'

@@ -15,36 +15,22 @@ cargo build --release --quiet --bin sni-router --example loadgen
 bin=target/release/sni-router; gen=target/release/examples/loadgen
 backend=127.0.0.1:19001
 $gen backend $backend reply1k & sleep 0.3
+. benches/routers.sh
 variants="1 2 2per_worker"
 for v in $variants; do
-  w=${v:0:1}; accept=shared; [ "$v" = 2per_worker ] && accept=per_worker
-  cat > "$work/w$v.toml" <<CFG
-this_node = "bench"
-workers = $w
-accept = "$accept"
-[limits]
-max_connections = 9000
-[[nodes]]
-name = "bench"
-tls = "127.0.0.2:19443"
-http = "127.0.0.2:19080"
-[[sites]]
-names = ["pass.test"]
-passthrough = "$backend"
-CFG
+  accept=shared; [ "$v" = 2per_worker ] && accept=per_worker
+  sni_router_config "$work/w$v.toml" "${v:0:1}" "$accept"
 done
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
 : > "$work/rows"
 for round in $(seq "$rounds"); do
   for w in $variants; do
     setsid $bin run --config "$work/w$w.toml" 2>"$work/log" & pid=$!
-    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.2/19443) 2>/dev/null && break; sleep 0.05; done
-    $gen connrate 127.0.0.2:19443 1 8 > /dev/null
-    t0=$(ticks $pid); out=$($gen connrate 127.0.0.2:19443 "$secs" 32); t1=$(ticks $pid)
+    listening "${addr[sni-router]}"
+    $gen connrate "${addr[sni-router]}" 1 8 > /dev/null
+    t0=$(ticks $pid); out=$($gen connrate "${addr[sni-router]}" "$secs" 32); t1=$(ticks $pid)
     echo "$w $out $(( t1 - t0 ))" >> "$work/rows"
     echo "round $round workers=$w: $out cpu_ticks=$(( t1 - t0 ))"
-    kill -TERM -- "-$pid"; wait $pid 2>/dev/null || true
+    stop_group "$pid"
   done
 done
 python3 - "$work/rows" "$secs" "$hz" <<'PY'
