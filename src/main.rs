@@ -180,10 +180,16 @@ fn check(args: ConfigArgs) -> anyhow::Result<()> {
 
 fn run(args: ConfigArgs) -> anyhow::Result<()> {
     // Every connection costs a descriptor (two when routed): use all we may.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open file limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
-    }
+    let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::debug!(limit, "open file limit");
+            limit
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    };
     // First, before anything opens a descriptor: sockets handed over by
     // systemd or by the process this one replaces.
     let inherited = sni_router::listen::Inherited::from_env();
@@ -192,6 +198,12 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
     eprint!("{}", config.route_table());
     for warning in &config.warnings {
         tracing::warn!(field = %warning.field, "{}", warning.message);
+    }
+    let wanted = (config.limits.max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(DESCRIPTORS_BESIDE_CONNECTIONS);
+    if let Err(e) = reserve_descriptors(wanted.min(nofile)) {
+        tracing::debug!(error = %e, "could not size the descriptor table");
     }
     // The multi-thread scheduler even for one worker: on the current-thread
     // one, full TLS handshakes ran 8% fewer per second here
@@ -205,6 +217,37 @@ fn run(args: ConfigArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.spawn(trim_allocator());
     runtime.block_on(server::serve(source, config, inherited))?;
+    Ok(())
+}
+
+/// Descriptors beyond two per connection: listeners, pipes of connections
+/// being spliced, certificate and log files, the admin port's clients.
+const DESCRIPTORS_BESIDE_CONNECTIONS: u64 = 1024;
+
+/// Grows the descriptor table to hold `count` descriptors now. The kernel
+/// grows it by doubling when a new descriptor does not fit, and in a process
+/// with more than one thread it then waits out an RCU grace period inside
+/// that `accept` or `socket` call (`synchronize_rcu` in `expand_fdtable`):
+/// 10-30 ms on the benchmark machine, during which the worker serves
+/// nothing, and the queue that builds up needs more descriptors, so the next
+/// doubling follows. A router started under load (an upgrade, a restart)
+/// took one such pause per doubling (docs/benchmarks.md). The table is
+/// kernel memory, 8 bytes a descriptor, and never shrinks anyway.
+fn reserve_descriptors(count: u64) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let Some(highest) = count.checked_sub(1).and_then(|n| i32::try_from(n).ok()) else {
+        return Ok(());
+    };
+    let probe = std::fs::File::open("/dev/null")?;
+    // SAFETY: F_DUPFD_CLOEXEC takes a descriptor we own and an int; it
+    // returns a new descriptor we then own, or -1.
+    let fd = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, highest) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us and nothing else holds it; dropping
+    // it closes it, and the table keeps its size.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
     Ok(())
 }
 

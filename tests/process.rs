@@ -227,6 +227,23 @@ async fn echo_node(drain: &str) -> (tempfile::TempDir, Process, SocketAddr) {
     (dir, router, node)
 }
 
+/// The descriptor table holds `limits.max_connections` routed connections
+/// from the start. Grown under load instead, each doubling paused the
+/// worker for an RCU grace period (10-30 ms here) inside an `accept`.
+#[tokio::test]
+async fn descriptor_table_is_sized_for_max_connections_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = Backend::echo("127.0.0.1").await;
+    let top = "[limits]\nmax_connections = 3000";
+    let (config, node) = one_node(dir.path(), top, |_| {
+        passthrough_site("pass.test", echo.addr)
+    });
+    let router = Process::start(&config, dir.path());
+    wait_listening(node).await;
+    let size = router.fd_table_size();
+    assert!(size >= 2 * 3000, "FDSize {size}");
+}
+
 /// The connection line, which the router writes itself rather than
 /// through `tracing`, is one JSON object in tracing's layout under
 /// `--log-format json`, and plain `key=value` text by default.

@@ -198,6 +198,18 @@ impl Process {
             .unwrap_or(0)
     }
 
+    /// How many descriptors the router's descriptor table holds now
+    /// (`FDSize`), whatever is open.
+    pub fn fd_table_size(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
