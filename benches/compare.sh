@@ -159,10 +159,10 @@ echo "direct: $direct_c $direct_b"
 # The open loop: arrivals on a Poisson schedule at fractions of the
 # slowest router's closed-loop rate (its median above), each router in
 # turn at each rate, ROUNDS times, the order rotating. One run's p99 rests
-# on its worst 50 ms or so, and on this machine a run now and then has a
-# stall of 10-50 ms (in those traced, both virtual CPUs idle or in a kernel
-# thread while connections waited): medians over the rounds, and the
-# range, are what can be compared.
+# on its worst 50 ms or so, and on this machine any router's run now and
+# then meets a stall of 10-50 ms that is the machine's (docs/benchmarks.md,
+# "Stalls"): medians over the rounds, and the range, are what can be
+# compared.
 slowest=$(python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
