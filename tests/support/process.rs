@@ -188,25 +188,24 @@ impl Process {
 
     /// Resident memory of the router process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        self.status("VmRSS")
     }
 
     /// How many descriptors the router's descriptor table holds now
     /// (`FDSize`), whatever is open.
     pub fn fd_table_size(&self) -> u64 {
+        self.status("FDSize")
+    }
+
+    /// A number from `/proc/PID/status` (its unit dropped), or 0.
+    fn status(&self, key: &str) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("FDSize:"))
-            .and_then(|v| v.trim().parse().ok())
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
 
