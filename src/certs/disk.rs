@@ -56,6 +56,8 @@ impl CertInfo {
 pub enum CertError {
     #[error("reading {0}: {1}")]
     Read(PathBuf, std::io::Error),
+    #[error("reading {0}: {1}")]
+    ReadKey(PathBuf, std::io::Error),
     #[error("{0}: no PEM certificate found")]
     NoCertificate(String),
     #[error("{0}: no usable PEM private key found ({1})")]
@@ -68,18 +70,37 @@ pub enum CertError {
     Parse(String, String),
 }
 
+impl CertError {
+    /// Whether the key file is what to mend (unreadable, or no key in it);
+    /// a bad chain, or a key that does not match it, is the certificate's.
+    pub fn in_key_file(&self) -> bool {
+        matches!(self, Self::ReadKey(..) | Self::NoKey(..))
+    }
+}
+
 /// Reads a PEM chain (leaf first) and its key: RSA, ECDSA or Ed25519.
 pub fn load_files(cert_file: &Path, key_file: &Path) -> Result<Loaded, CertError> {
     let chain = std::fs::read(cert_file).map_err(|e| CertError::Read(cert_file.into(), e))?;
-    let key = std::fs::read(key_file).map_err(|e| CertError::Read(key_file.into(), e))?;
-    from_pem(&chain, &key, &cert_file.display().to_string()).map_err(|e| match e {
-        CertError::NoKey(_, why) => CertError::NoKey(key_file.display().to_string(), why),
-        e => e,
-    })
+    let key = std::fs::read(key_file).map_err(|e| CertError::ReadKey(key_file.into(), e))?;
+    let (cert_file, key_file) = (
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    );
+    parse_pem(&chain, &key, &cert_file, &key_file)
 }
 
 /// Parses a PEM chain and key; `source` names them in errors.
 pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], source: &str) -> Result<Loaded, CertError> {
+    parse_pem(chain_pem, key_pem, source, source)
+}
+
+/// `source` names the chain in errors, `key_source` the key.
+fn parse_pem(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    source: &str,
+    key_source: &str,
+) -> Result<Loaded, CertError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| CertError::Parse(source.into(), e.to_string()))?;
@@ -88,7 +109,7 @@ pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], source: &str) -> Result<Loaded
     };
     let info = describe(leaf).map_err(|e| CertError::Parse(source.into(), e))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| CertError::NoKey(source.into(), e.to_string()))?;
+        .map_err(|e| CertError::NoKey(key_source.into(), e.to_string()))?;
     let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
         rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
             CertError::KeyMismatch(source.into())
@@ -193,14 +214,10 @@ pub fn check_files(config: &crate::config::Config, now: SystemTime) -> Vec<crate
         let loaded = match load_files(&files.cert, &files.key) {
             Ok(loaded) => loaded,
             Err(e) => {
-                // A key that cannot be read or parsed is key_file's to mend;
-                // a mismatch or a bad chain is cert_file's.
-                let which = match &e {
-                    CertError::Read(path, _) if *path == files.key && *path != files.cert => {
-                        "key_file"
-                    }
-                    CertError::NoKey(..) => "key_file",
-                    _ => "cert_file",
+                let which = if e.in_key_file() {
+                    "key_file"
+                } else {
+                    "cert_file"
                 };
                 problems.push(Problem {
                     field: field(which),
