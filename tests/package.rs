@@ -84,14 +84,18 @@ fn main_pid(container: &Container) -> String {
     .to_string()
 }
 
-/// Asks the router on the host's port 443 for `app.localhost`, trusting
-/// the internal CA the installed router made.
+/// Asks the router on the container's port 443 for `app.localhost`,
+/// trusting the internal CA the installed router made.
 async fn served(container: &Container, dir: &Path) -> Result<String, String> {
     let root = must(container, &["cat", "/var/lib/sni-router/ca/root.pem"]);
     let file = dir.join("root.pem");
     std::fs::write(&file, root).unwrap();
-    let port_443 = "127.0.0.1:443".parse().unwrap();
-    let (ok, out) = curl_https(&file, "app.localhost", port_443).await;
+    let (ok, out) = sh(container.in_network(&format!(
+        "curl -sS --max-time 10 --cacert {} --resolve app.localhost:443:127.0.0.1 \
+         https://app.localhost/",
+        file.display()
+    )))
+    .await;
     if ok && out.contains("upstream saw") {
         Ok(out)
     } else {
@@ -108,13 +112,20 @@ async fn the_package_installs_serves_upgrades_in_place_and_purges() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let upstream = Backend::http("127.0.0.1").await;
+    // The host's own 443, 80 and 9100 taken (by a web server, say, or by a
+    // client's ephemeral port): the container on its own network must not
+    // care. One already taken is as good.
+    let _host_ports: Vec<_> = [443, 80, 9100]
+        .iter()
+        .filter_map(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).ok())
+        .collect();
     let log = dir.path().join("container.log");
     let binds = [(Path::new(DEBS), "/srv/debs")];
     let container = Container::boot_writable(Path::new(ROOT), &binds, "basic.target", &log).await;
     let booted =
         wait_until(|| async { container.run(&["systemctl", "is-system-running"]).0 }).await;
     let _ = booted; // "degraded" is fine: the minimal root lacks some units.
+    let upstream = Backend::http_on(container.listen()).await;
     // The root was built with the user and with empty unit files as mount
     // points for the other tests (which systemd reads as masked): the
     // package must do without both.
@@ -142,6 +153,10 @@ async fn the_package_installs_serves_upgrades_in_place_and_purges() {
     must(&container, &["id", "sni-router"]);
     let state = must(&container, &["stat", "-c", "%U %a", "/var/lib/sni-router"]);
     assert_eq!(state.trim(), "sni-router 700");
+    let config_dir = must(&container, &["stat", "-c", "%U:%G %a", "/etc/sni-router"]);
+    assert_eq!(config_dir.trim(), "root:sni-router 750");
+    let journal = container.journal("sni-router");
+    assert!(!journal.contains("mode is different"), "{journal}");
     must(
         &container,
         &["test", "-f", "/usr/share/man/man8/sni-router.8.gz"],
@@ -151,10 +166,9 @@ async fn the_package_installs_serves_upgrades_in_place_and_purges() {
         &["test", "-f", "/usr/share/sni-router/dashboard.json"],
     );
     // As shipped it refuses every name: a TLS alert, not a route.
-    let (_, refused) = sh(
-        "curl -sS --max-time 10 -k --resolve nope.localhost:443:127.0.0.1 https://nope.localhost/"
-            .into(),
-    )
+    let (_, refused) = sh(container.in_network(
+        "curl -sS --max-time 10 -k --resolve nope.localhost:443:127.0.0.1 https://nope.localhost/",
+    ))
     .await;
     assert!(refused.contains("unrecognized name"), "{refused}");
 

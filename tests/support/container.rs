@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use super::wait_until;
 
-/// systemd booted in a container on the host's network (`systemd-nspawn`
-/// on a read-only Debian root, `/var` in memory), with host files bound
-/// in read-only; powered off when dropped.
+/// systemd booted in a container (`systemd-nspawn` on a read-only Debian
+/// root, `/var` in memory), with host files bound in read-only; powered
+/// off when dropped.
 pub struct Container {
     nspawn: Child,
     /// The container's systemd, as the host sees it.
@@ -18,21 +18,25 @@ pub struct Container {
 }
 
 impl Container {
-    /// Boots `root` with each (host path, container path) of `binds`, and
-    /// `unit` started.
+    /// Boots `root` on the host's network with each (host path, container
+    /// path) of `binds`, and `unit` started.
     pub async fn boot(root: &Path, binds: &[(&Path, &str)], unit: &str, log: &Path) -> Container {
-        Container::start(root, binds, unit, log, "state").await
+        Container::start(root, binds, unit, log, "state", Network::Host).await
     }
 
     /// Like [`Container::boot`] with the whole root writable (an overlay
-    /// in memory, gone at power-off): for installing packages.
+    /// in memory, gone at power-off), for installing packages, and with a
+    /// network of its own (loopback only): a package's fixed ports (443,
+    /// 80, 9100) then meet nothing of the host's, not even a client's
+    /// ephemeral port, which this kernel may hand out from 1024 up. Reach
+    /// it with [`Container::listen`] and [`Container::in_network`].
     pub async fn boot_writable(
         root: &Path,
         binds: &[(&Path, &str)],
         unit: &str,
         log: &Path,
     ) -> Container {
-        Container::start(root, binds, unit, log, "overlay").await
+        Container::start(root, binds, unit, log, "overlay", Network::Own).await
     }
 
     async fn start(
@@ -41,6 +45,7 @@ impl Container {
         unit: &str,
         log: &Path,
         volatile: &str,
+        network: Network,
     ) -> Container {
         let mut nspawn = Command::new("systemd-nspawn");
         nspawn
@@ -48,6 +53,9 @@ impl Container {
             .arg(format!("--volatile={volatile}"))
             .arg("-D")
             .arg(root);
+        if network == Network::Own {
+            nspawn.arg("--private-network");
+        }
         for (from, to) in binds {
             nspawn.arg(format!("--bind-ro={}:{to}", from.display()));
         }
@@ -94,6 +102,31 @@ impl Container {
         self.init
     }
 
+    /// A listener on 127.0.0.1 in the container's network, served from
+    /// this process: a thread joins that network just to make the socket,
+    /// which stays there.
+    pub fn listen(&self) -> tokio::net::TcpListener {
+        let netns = format!("/proc/{}/ns/net", self.init);
+        let listener = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let netns = std::fs::File::open(&netns).expect("the container's network");
+            // SAFETY: a valid descriptor; only this short-lived thread moves.
+            let joined = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind")
+        })
+        .join()
+        .expect("a listener in the container's network");
+        listener.set_nonblocking(true).expect("nonblocking");
+        tokio::net::TcpListener::from_std(listener).expect("tokio listener")
+    }
+
+    /// `command`, a host program, to be run in the container's network
+    /// (and the host's everything else).
+    pub fn in_network(&self, command: &str) -> String {
+        format!("nsenter -t {} -n {command}", self.init)
+    }
+
     /// The journal of `unit`.
     pub fn journal(&self, unit: &str) -> String {
         self.run(&["journalctl", "-u", unit, "--no-pager"]).1
@@ -119,6 +152,13 @@ impl Drop for Container {
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
     }
+}
+
+/// Whose network a container is on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Network {
+    Host,
+    Own,
 }
 
 /// Whether this test runs as root (its real uid).

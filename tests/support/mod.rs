@@ -367,7 +367,12 @@ impl Backend {
     /// A plaintext HTTP upstream: answers one request with what it saw
     /// (the PROXY line, if any) in the body.
     pub async fn http(ip: &str) -> Backend {
-        Backend::spawn(ip, |mut stream, mut seen: Seen| async move {
+        Backend::http_on(listen_fresh(ip).await).await
+    }
+
+    /// [`Backend::http`] on a given listener.
+    pub async fn http_on(listener: TcpListener) -> Backend {
+        Backend::spawn_on(listener, |mut stream, mut seen: Seen| async move {
             let mut buf = vec![0u8; 8192];
             while !seen.bytes.windows(4).any(|w| w == b"\r\n\r\n") {
                 match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
