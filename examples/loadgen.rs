@@ -4,7 +4,8 @@
 //! loadgen backend ADDR reply1k|sink          serve until killed
 //! loadgen connrate TARGET SECS CONCURRENCY   new connections/s, p50/p99 ms
 //! loadgen openloop TARGET SECS RATE          Poisson arrivals at RATE/s, p50/p99/p99.9 ms
-//!                                            (LOADGEN_TIMELINE=FILE: one line per connection)
+//!                                            (LOADGEN_TIMELINE=FILE: one line per connection;
+//!                                            LOADGEN_PRECISE=1: the kernel's timer, not tokio's)
 //! loadgen bulk TARGET SECS STREAMS           MiB/s client -> sink (SNI bulk.test)
 //! loadgen idle TARGET COUNT SECS             hold COUNT routed connections (SNI bulk.test)
 //! loadgen tls TARGET SECS CONCURRENCY full|resume [aes128]   TLS 1.3 handshakes/s
@@ -291,6 +292,9 @@ async fn open_loop(target: SocketAddr, secs: u64, rate: u64) {
         tokio::sync::mpsc::unbounded_channel::<(Duration, Duration, Option<Duration>)>();
     let mut at = Duration::ZERO;
     let (mut n, mut skipped) = (0u64, 0u64);
+    // LOADGEN_PRECISE=1: sleep on the kernel's timer (microseconds, one
+    // wake-up per connection) instead of tokio's (whole milliseconds).
+    let precise = std::env::var_os("LOADGEN_PRECISE").is_some();
     loop {
         // Exponential gaps: -ln(U) / rate, U in (0, 1].
         at += Duration::from_secs_f64(-(1.0 - fastrand::f64()).ln() / rate);
@@ -298,7 +302,12 @@ async fn open_loop(target: SocketAddr, secs: u64, rate: u64) {
             break;
         }
         let due = started + at;
-        tokio::time::sleep_until(due.into()).await;
+        if precise {
+            // This task runs on the runtime's main thread; the connections on its worker.
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        } else {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let late = due.elapsed();
         if in_flight.load(Ordering::Relaxed) as usize >= OPEN_LOOP_MAX_IN_FLIGHT {
             skipped += 1;
