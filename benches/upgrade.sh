@@ -30,7 +30,6 @@ command -v haproxy >/dev/null || {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends haproxy
 }
 ulimit -n "$(ulimit -Hn)"
-port=19543
 . benches/loopback.sh
 
 cargo build --release --quiet --bin sni-router --example loadgen
@@ -43,19 +42,9 @@ $gen backend $backend reply1k & pids+=($!)
 sleep 0.3
 secs=$(( upgrades * 3 / 2 + 3 ))
 
-cat > "$work/sni-router.toml" <<CFG
-this_node = "bench"
-workers = 1
-[timeouts]
-drain = "5s"
-[[nodes]]
-name = "bench"
-tls = "127.0.0.2:$port"
-http = "127.0.0.2:19580"
-[[sites]]
-names = ["pass.test"]
-passthrough = "$backend"
-CFG
+. benches/routers.sh
+sni_router_config "$work/sni-router.toml"
+printf '[timeouts]\ndrain = "5s"\n' >> "$work/sni-router.toml"
 cat > "$work/haproxy.cfg" <<CFG
 global
   nbthread 1
@@ -67,7 +56,7 @@ defaults
   timeout client 5m
   timeout server 5m
 frontend fe
-  bind 127.0.0.3:$port
+  bind ${addr[haproxy]}
   tcp-request inspect-delay 5s
   tcp-request content accept if { req_ssl_hello_type 1 }
   use_backend be if { req_ssl_sni -i pass.test }
@@ -75,7 +64,10 @@ backend be
   server s1 $backend
 CFG
 
-listening() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return; sleep 0.05; done; }
+# Every process is stopped by what this script started it from ($bin, a
+# copy in $work, and $work's HAProxy config), never by a bare name: nothing
+# else on the machine is touched.
+stop_haproxy() { pkill -f -- "-f $work/haproxy.cfg" 2>/dev/null || true; }
 # The pid of the newest sni-router started from $bin.
 newest() { pgrep -n -f "^$bin run"; }
 
@@ -84,11 +76,11 @@ for round in $(seq "$rounds"); do
   for mode in sni-router-steady sni-router-usr2 sni-router-by-hand haproxy-steady haproxy-x; do
     case $mode in
       haproxy-*)
-        target=127.0.0.3:$port
+        target=${addr[haproxy]}
         haproxy -f "$work/haproxy.cfg" -D -p "$work/haproxy.pid"
         ;;
       *)
-        target=127.0.0.2:$port
+        target=${addr[sni-router]}
         "$bin" run --config "$work/sni-router.toml" 2>>"$work/router.log" &
         ;;
     esac
@@ -127,7 +119,8 @@ for round in $(seq "$rounds"); do
       *) pkill -f "^$bin run" || true ;;
     esac
     sleep 1
-    pkill -f "^$bin run" 2>/dev/null || true; pkill -x haproxy 2>/dev/null || true
+    # What outlived that: old processes still draining.
+    pkill -f "^$bin run" 2>/dev/null || true; stop_haproxy
   done
 done
 
