@@ -244,6 +244,39 @@ async fn descriptor_table_is_sized_for_max_connections_at_start() {
     assert!(size >= 2 * 3000, "FDSize {size}");
 }
 
+/// A listener's backlog, by default, is as deep as the kernel allows
+/// (`net.core.somaxconn`, 4096 unless changed), as `ss` shows it (the
+/// listening socket's Send-Q): a burst that overflows it costs each
+/// dropped client a one-second SYN retry.
+#[tokio::test]
+async fn listeners_queue_as_many_connections_as_the_kernel_allows() {
+    if !have("ss") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let echo = Backend::echo("127.0.0.1").await;
+    let (config, node) = one_node(dir.path(), "", |_| passthrough_site("pass.test", echo.addr));
+    let _router = Process::start(&config, dir.path());
+    wait_listening(node).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (ok, out) = sh(format!(
+        "ss -Hltn 'src {} and sport = :{}'",
+        node.ip(),
+        node.port()
+    ))
+    .await;
+    assert!(ok, "{out}");
+    let backlog: Vec<u32> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    assert_eq!(backlog, vec![somaxconn.min(4096)], "{out}");
+}
+
 /// The connection line, which the router writes itself rather than
 /// through `tracing`, is one JSON object in tracing's layout under
 /// `--log-format json`, and plain `key=value` text by default.

@@ -305,6 +305,10 @@ impl Default for Timeouts {
 
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// listen(2)'s backlog; the kernel caps it at `net.core.somaxconn`.
+    /// 4096 (that cap's default since Linux 5.4, and HAProxy's backlog at
+    /// its usual `maxconn`): a burst past it drops SYNs, which clients
+    /// retry only after a second.
     pub backlog: u32,
     pub max_connections: usize,
     /// Connections still sending a ClientHello or request head; past this
@@ -322,7 +326,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            backlog: 1024,
+            backlog: 4096,
             max_connections: 20_000,
             max_pending_hellos: 4096,
             max_per_source: 0,
