@@ -90,12 +90,9 @@ async fn served(container: &Container, dir: &Path) -> Result<String, String> {
     let root = must(container, &["cat", "/var/lib/sni-router/ca/root.pem"]);
     let file = dir.join("root.pem");
     std::fs::write(&file, root).unwrap();
-    let (ok, out) = sh(container.in_network(&format!(
-        "curl -sS --max-time 10 --cacert {} --resolve app.localhost:443:127.0.0.1 \
-         https://app.localhost/",
-        file.display()
-    )))
-    .await;
+    let port_443 = "127.0.0.1:443".parse().unwrap();
+    let curl = curl_https_command(&file, "app.localhost", port_443);
+    let (ok, out) = sh(container.in_network(&curl)).await;
     if ok && out.contains("upstream saw") {
         Ok(out)
     } else {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::container::{Container, proc_status, root};
+use support::container::{Container, root};
 use support::pebble::{Options, Pebble};
 use support::process::{BIN, Process, wait_listening};
 use support::*;

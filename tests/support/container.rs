@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::wait_until;
+use super::{proc_status, wait_until};
 
 /// systemd booted in a container (`systemd-nspawn` on a read-only Debian
 /// root, `/var` in memory), with host files bound in read-only; powered
@@ -164,13 +164,4 @@ enum Network {
 /// Whether this test runs as root (its real uid).
 pub fn root() -> bool {
     proc_status("self", "Uid") == "0"
-}
-
-/// The `status` line `name` of a process, as /proc shows it.
-pub fn proc_status(pid: &str, name: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let line = status.lines().find(|l| l.starts_with(&format!("{name}:")));
-    line.and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_default()
-        .to_string()
 }

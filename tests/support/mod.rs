@@ -624,16 +624,31 @@ pub async fn http_get(
     (status, head.to_string(), body.to_string())
 }
 
+/// The first value of the `status` line `name` of a process, as /proc
+/// shows it (a size without its unit), or "".
+pub fn proc_status(pid: &str, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with(&format!("{name}:")));
+    line.and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// `curl https://NAME/` at `addr` (the name resolved there), trusting only
 /// the roots in `ca`: success and combined output.
 pub async fn curl_https(ca: &std::path::Path, name: &str, addr: SocketAddr) -> (bool, String) {
-    sh(format!(
+    sh(curl_https_command(ca, name, addr)).await
+}
+
+/// The command [`curl_https`] runs, to be run elsewhere (in a container's
+/// network, say).
+pub fn curl_https_command(ca: &std::path::Path, name: &str, addr: SocketAddr) -> String {
+    format!(
         "curl -sS --max-time 10 --cacert {ca} --resolve {name}:{port}:{ip} https://{name}:{port}/",
         ca = ca.display(),
         port = addr.port(),
         ip = addr.ip()
-    ))
-    .await
+    )
 }
 
 /// Runs a shell command off the async runtime (the routers under test share

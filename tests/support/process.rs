@@ -199,13 +199,8 @@ impl Process {
 
     /// A number from `/proc/PID/status` (its unit dropped), or 0.
     fn status(&self, key: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
+        super::proc_status(&self.pid().to_string(), key)
+            .parse()
             .unwrap_or(0)
     }
 
