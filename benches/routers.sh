@@ -1,9 +1,10 @@
 # Sourced by the bench scripts that load sni-router and its peers alike
-# (compare.sh, where-cpu-goes.sh, workers.sh): one sni-router and one
-# sniproxy config for all of them, and how a router is started, awaited,
-# measured and stopped. Expects $work, $bin and $backend; with $sink set the
-# configs route bulk.test to it, and with $work/tls-cert.pem and
-# $work/tls-key.pem present sni-router terminates tls.test.
+# (compare.sh, where-cpu-goes.sh, workers.sh, cpu-per-conn.sh): one
+# sni-router and one sniproxy config for all of them, and how a router is
+# started, awaited, measured and stopped. Expects $work, $bin and
+# $backend; with $sink set the configs route bulk.test to it, and with
+# $work/tls-cert.pem and $work/tls-key.pem present sni-router terminates
+# tls.test.
 
 port=19443
 # Where each router listens: a 127.0.0.x of its own, so no two share a
