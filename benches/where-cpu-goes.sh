@@ -4,12 +4,14 @@
 # benches/compare.sh (32 clients, a captured ClientHello, a 1 KiB reply),
 # sampled with `perf record -e cpu-clock -g` and attributed to the system
 # call each sample was in, or to user space. Prints microseconds per
-# connection by call, side by side, medians of the rounds.
+# connection by call, side by side, medians of the rounds. With RATE, the
+# load is open loop instead: Poisson arrivals at RATE a second (4000 is
+# about a quarter of this machine's capacity).
 #
-#   benches/where-cpu-goes.sh [ROUNDS] [SECONDS]
+#   benches/where-cpu-goes.sh [ROUNDS] [SECONDS] [RATE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-3}; secs=${2:-4}
+rounds=${1:-3}; secs=${2:-4}; rate=${3:-}
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 need=()
 command -v perf >/dev/null || need+=(linux-perf)
@@ -41,7 +43,11 @@ for round in $(seq "$rounds"); do
     perf record -q -e cpu-clock -F 4999 -g -p "$pid" -o "$work/$r-$round.data" -- sleep $((secs + 1)) 2>/dev/null &
     perf_pid=$!
     sleep 0.2
-    load=$($gen connrate "${addr[$r]}" "$secs" 32)
+    if [ -n "$rate" ]; then
+      load=$($gen openloop "${addr[$r]}" "$secs" "$rate")
+    else
+      load=$($gen connrate "${addr[$r]}" "$secs" 32)
+    fi
     wait $perf_pid || true
     echo "$r $round $load"
     perf script -i "$work/$r-$round.data" -F ip,sym > "$work/$r-$round.txt" 2>/dev/null
