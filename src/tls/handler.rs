@@ -163,18 +163,19 @@ pub async fn handle(accepted: Accepted, stream: TcpStream) {
         }
         Routed::Joined(pair, route) => {
             let tasks = report.shared.tasks.clone();
+            // Boxed for the reason the handler's task is (server.rs).
             match pair {
                 Join::Spliced(join) => {
-                    tasks.spawn(ConnectionTask {
+                    tasks.spawn(Box::pin(ConnectionTask {
                         join,
                         ending: Some((report, route)),
-                    });
+                    }));
                 }
                 Join::Terminated(join) => {
-                    tasks.spawn(ConnectionTask {
+                    tasks.spawn(Box::pin(ConnectionTask {
                         join: *join,
                         ending: Some((report, route)),
-                    });
+                    }));
                 }
             };
         }
