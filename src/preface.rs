@@ -142,10 +142,10 @@ pub async fn read_in_slot<T: Preface, S: AsyncRead + Unpin>(
     deadline: Duration,
     slots: &Arc<HelloSlots>,
 ) -> Result<Preamble<T>, PrefaceError<T::Invalid>> {
-    let slot = slots.enter();
+    let mut slot = slots.enter();
     tokio::select! {
         read = read(stream, allow_proxy, deadline) => read,
-        () = slot.evicted.cancelled() => Err(PrefaceError::Evicted),
+        () = slot.evicted() => Err(PrefaceError::Evicted),
     }
 }
 
