@@ -65,18 +65,39 @@ struct Node {
     pid: u32,
     /// Upgrades seen in the current log.
     upgrades: usize,
+    /// Processes started so far; each earlier one's log is kept beside the
+    /// current one, so a request that failed through a node killed later
+    /// can still be read about.
+    lives: usize,
 }
 
 impl Node {
     fn start(&mut self) {
+        if self.lives > 0 {
+            let current = self.dir.join("router.log");
+            let _ = std::fs::rename(
+                &current,
+                self.dir.join(format!("router.{}.log", self.lives)),
+            );
+        }
+        self.lives += 1;
         let process = Process::start(&self.config, &self.dir);
         self.pid = process.pid();
         self.process = Some(process);
         self.upgrades = 0;
     }
 
+    /// The current process's log.
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("router.log")).unwrap_or_default()
+    }
+
+    /// Every process's log, oldest first.
+    fn all_logs(&self) -> String {
+        let earlier = (1..self.lives).map(|n| {
+            std::fs::read_to_string(self.dir.join(format!("router.{n}.log"))).unwrap_or_default()
+        });
+        earlier.chain([self.log()]).collect()
     }
 }
 
@@ -227,6 +248,7 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
                 process: None,
                 pid: 0,
                 upgrades: 0,
+                lives: 0,
             }
         })
         .collect();
@@ -267,7 +289,12 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
     // Clients: random sites through random nodes, from a non-node address
     // and from node addresses.
     let requests = Arc::new(Mutex::new(Vec::<Request>::new()));
-    let stop_at = Instant::now() + FAULT_PHASE;
+    // Times below are printed from here, beside the wall clock the
+    // routers' log lines carry.
+    let began = Instant::now();
+    let began_wall = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    let at = |t: Instant| format!("+{:.3}s", t.saturating_duration_since(began).as_secs_f64());
+    let stop_at = began + FAULT_PHASE;
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let (client, requests, tls) = (client.clone(), requests.clone(), tls.clone());
@@ -316,32 +343,41 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
                 if let Some(process) = &nodes[i].process {
                     process.wait_log("listening addr=", 1).await;
                 }
+                let end = Instant::now();
                 faults.push(Fault {
                     node: i,
                     start,
-                    end: Instant::now(),
+                    end,
                 });
-                events.push(format!("kill {}", node_name(i)));
+                events.push(format!("kill {} {}..{}", node_name(i), at(start), at(end)));
             }
             1 => {
                 let start = Instant::now();
                 signal_pid(nodes[i].pid, "STOP");
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 signal_pid(nodes[i].pid, "CONT");
+                let end = Instant::now();
                 faults.push(Fault {
                     node: i,
                     start,
-                    end: Instant::now(),
+                    end,
                 });
-                events.push(format!("freeze {}", node_name(i)));
+                events.push(format!(
+                    "freeze {} {}..{}",
+                    node_name(i),
+                    at(start),
+                    at(end)
+                ));
             }
             2 => {
-                changes.push(Instant::now());
+                let changed = Instant::now();
+                changes.push(changed);
                 signal_pid(nodes[i].pid, "HUP");
-                events.push(format!("reload {}", node_name(i)));
+                events.push(format!("reload {} {}", node_name(i), at(changed)));
             }
             _ => {
-                changes.push(Instant::now());
+                let changed = Instant::now();
+                changes.push(changed);
                 signal_pid(nodes[i].pid, "USR2");
                 nodes[i].upgrades += 1;
                 let deadline = Instant::now() + WAIT;
@@ -365,7 +401,7 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
                 // The test's own child, if it was this one, exits after its
                 // drain; the successor is killed when the test ends.
                 nodes[i].pid = new_pid;
-                events.push(format!("upgrade {}", node_name(i)));
+                events.push(format!("upgrade {} {}", node_name(i), at(changed)));
             }
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -404,9 +440,11 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
         match &r.result {
             Ok(holder) if SITES[r.site].contains(holder) => latencies.push(r.end - r.start),
             other => failures.push(format!(
-                "{} via {}: {other:?}",
+                "{} via {} {}..{}: {other:?}",
                 site_name(r.site),
-                node_name(r.entry)
+                node_name(r.entry),
+                at(r.start),
+                at(r.end)
             )),
         }
     }
@@ -418,7 +456,7 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
     };
     eprintln!(
         "fleet: {} requests, {} servable, {} excused by a fault ({} failed after their holder's handshake, as it died); \
-         p50 {:.1} ms, p99 {:.1} ms; faults: {}",
+         p50 {:.1} ms, p99 {:.1} ms; from {began_wall} (+0s), faults: {}",
         requests.len(),
         latencies.len() + failures.len(),
         excused,
@@ -431,7 +469,7 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
         // What the routers said that was not a clean end: the line to read
         // when a servable request failed.
         for (i, node) in nodes.iter().enumerate() {
-            for line in node.log().lines().filter(|l| {
+            for line in node.all_logs().lines().filter(|l| {
                 (l.contains("connection finished") && !l.contains("end=closed"))
                     && !l.contains("close_notify")
                     || l.contains(" WARN ")
