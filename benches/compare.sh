@@ -22,11 +22,8 @@ command -v haproxy >/dev/null || need+=(haproxy)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(nginx libnginx-mod-stream)
 command -v sniproxy >/dev/null || need+=(sniproxy)
 command -v gnuplot >/dev/null || need+=(gnuplot-nox)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. benches/apt.sh
+apt_install ${need[@]+"${need[@]}"}
 ulimit -n "$(ulimit -Hn)"  # this machine caps it at 20000: size the peers to fit
 . benches/loopback.sh
 

@@ -16,11 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-4}; secs=${2:-5}; rate=${3:-4000}; shift $(($# < 3 ? $# : 3))
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-command -v sniproxy >/dev/null || {
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends sniproxy
-}
+. benches/apt.sh
+command -v sniproxy >/dev/null || apt_install sniproxy
 ulimit -n "$(ulimit -Hn)"
 . benches/loopback.sh
 cargo build --release --quiet --bin sni-router --example loadgen

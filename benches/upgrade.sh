@@ -24,11 +24,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-command -v haproxy >/dev/null || {
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends haproxy
-}
+. benches/apt.sh
+command -v haproxy >/dev/null || apt_install haproxy
 ulimit -n "$(ulimit -Hn)"
 . benches/loopback.sh
 

@@ -16,11 +16,8 @@ work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EX
 need=()
 command -v perf >/dev/null || need+=(linux-perf)
 command -v sniproxy >/dev/null || need+=(sniproxy)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. benches/apt.sh
+apt_install ${need[@]+"${need[@]}"}
 ulimit -n "$(ulimit -Hn)"
 . benches/loopback.sh
 cargo build --release --quiet --bin sni-router --example loadgen
