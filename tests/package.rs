@@ -87,7 +87,12 @@ fn main_pid(container: &Container) -> String {
 /// Asks the router on the container's port 443 for `app.localhost`,
 /// trusting the internal CA the installed router made.
 async fn served(container: &Container, dir: &Path) -> Result<String, String> {
-    let root = must(container, &["cat", "/var/lib/sni-router/ca/root.pem"]);
+    // The reload that asks for the CA returns before the router has made
+    // it: until then there is no root to trust, which is "not yet".
+    let (made, root) = container.run(&["cat", "/var/lib/sni-router/ca/root.pem"]);
+    if !made {
+        return Err(root);
+    }
     let file = dir.join("root.pem");
     std::fs::write(&file, root).unwrap();
     let port_443 = "127.0.0.1:443".parse().unwrap();
