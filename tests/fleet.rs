@@ -71,6 +71,20 @@ struct Node {
     lives: usize,
 }
 
+/// A successor started by an upgrade is not the test's child, so nothing
+/// else ends it: the node does, also when an assertion fails first.
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.pid != 0 {
+            // Not `signal_pid`: its assertion would abort a test already
+            // unwinding, and the process may have ended on its own.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
+        }
+    }
+}
+
 impl Node {
     fn start(&mut self) {
         if self.lives > 0 {
@@ -503,9 +517,5 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
                 node.log()
             );
         }
-    }
-    // Successors of upgrades are not the test's children: end them.
-    for node in &nodes {
-        signal_pid(node.pid, "KILL");
     }
 }
