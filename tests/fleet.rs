@@ -413,7 +413,7 @@ async fn a_fleet_under_kills_freezes_reloads_and_upgrades_serves_every_servable_
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 };
                 // The test's own child, if it was this one, exits after its
-                // drain; the successor is killed when the test ends.
+                // drain; the node ends the successor when dropped.
                 nodes[i].pid = new_pid;
                 events.push(format!("upgrade {} {}", node_name(i), at(changed)));
             }
