@@ -39,7 +39,8 @@ impl HelloSlot {
     }
 
     /// Whether the slot has been evicted.
-    pub fn is_evicted(&mut self) -> bool {
+    #[cfg(test)]
+    fn is_evicted(&mut self) -> bool {
         matches!(
             self.evicted.try_recv(),
             Err(oneshot::error::TryRecvError::Closed) | Ok(())

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use support::pebble::{Options, Pebble};
-use support::process::{Process, running, signal_pid, wait_listening};
+use support::process::{Process, running, signal_pid, try_signal_pid, wait_listening};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -76,11 +76,8 @@ struct Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if self.pid != 0 {
-            // Not `signal_pid`: its assertion would abort a test already
-            // unwinding, and the process may have ended on its own.
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &self.pid.to_string()])
-                .status();
+            // The process may have ended on its own.
+            try_signal_pid(self.pid, "KILL");
         }
     }
 }

@@ -212,11 +212,16 @@ impl Process {
 
 /// Sends signal `name` (`TERM`, `USR2`, ...) to `pid`.
 pub fn signal_pid(pid: u32, name: &str) {
-    let status = Command::new("kill")
+    assert!(try_signal_pid(pid, name), "kill -{name} {pid}");
+}
+
+/// Sends signal `name` to `pid` if it still runs; whether it was sent. For
+/// `Drop` impls, which may run while a test is already unwinding.
+pub fn try_signal_pid(pid: u32, name: &str) -> bool {
+    Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{name} {pid}");
+        .is_ok_and(|status| status.success())
 }
 
 /// Whether `pid` runs (exists and is not a zombie).
