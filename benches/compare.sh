@@ -86,19 +86,6 @@ sniproxy_config "$work/sniproxy.conf"
 
 # Where each TLS terminator listens (sni-router terminates on its one port by SNI).
 declare -A tls_addr=([sni-router]=127.0.0.2:$port [nginx]=127.0.0.4:$tls_port)
-# Each router starts in a process group of its own (setsid execs it, so
-# $! is the router and its group) and is stopped by that group.
-start() {
-  case $1 in
-    sni-router) setsid $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
-    sni-router-nolog) RUST_LOG=warn setsid $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
-    haproxy) setsid haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & ;;
-    nginx) setsid nginx -c "$work/nginx.conf" >"$work/nginx.log" 2>&1 & ;;
-    sniproxy) setsid sniproxy -f -c "$work/sniproxy.conf" >"$work/sniproxy.log" 2>&1 & ;;
-  esac
-  pid=$!
-  listening "${addr[$1]}"
-}
 stop() { stop_group "$pid"; }
 # User-space memory of a router: RSS of its process tree, in KiB.
 rss() { local total=0; for p in $(pgrep -P "$1") "$1"; do total=$((total + $(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $total; }
@@ -125,17 +112,17 @@ for round in $(seq "$rounds"); do
   # Rotate the order each round so no router always runs first or last.
   order=("${routers[@]:$((round % 4))}" "${routers[@]:0:$((round % 4))}")
   for r in "${order[@]}"; do
-    start "$r"
+    start_router "$r"
     c=$(measured $gen connrate "${addr[$r]}" "$secs" 32)
     b=$(measured $gen bulk "${addr[$r]}" "$secs" 4)
     echo "{\"router\":\"$r\",\"round\":$round,\"secs\":$secs,\"connrate\":$c,\"bulk\":$b}" >> "$results"
     echo "round $round $r: $c $b"
     if [ "$r" = sni-router ]; then
-      stop; start sni-router-nolog
+      stop; start_router sni-router-nolog
       q=$(measured $gen connrate "${addr[$r]}" "$secs" 32)
       echo "{\"router\":\"sni-router-nolog\",\"round\":$round,\"secs\":$secs,\"connrate\":$q}" >> "$results"
       echo "round $round sni-router without its log line: $q"
-      stop; start sni-router
+      stop; start_router sni-router
     fi
     if [ -n "${tls_addr[$r]:-}" ]; then
       f=$(measured $gen tls "${tls_addr[$r]}" "$secs" 32 full)
@@ -177,7 +164,7 @@ for pct in 25 50 75 90; do
   for round in $(seq "$rounds"); do
     order=("${routers[@]:$((i % 4))}" "${routers[@]:0:$((i % 4))}"); i=$((i + 1))
     for r in "${order[@]}"; do
-      start "$r"
+      start_router "$r"
       # Warm up as for the memory figures below: a router's first second
       # (pools, allocator arenas, the kernel's socket caches) is not its
       # steady state, and here every router gets the same second.
@@ -190,7 +177,7 @@ for pct in 25 50 75 90; do
   done
 done
 for r in "${routers[@]}"; do
-  start "$r"; sleep 0.5
+  start_router "$r"; sleep 0.5
   # Warm up first (pooled pipes, buffers), so only per-connection state counts.
   $gen connrate "${addr[$r]}" 1 8 > /dev/null
   held idle "$idle" 6 $gen idle "${addr[$r]}" "$idle" 8

@@ -10,7 +10,8 @@ port=19443
 # Where each router listens: a 127.0.0.x of its own, so no two share a
 # socket, and a leftover from one cannot take another's connections.
 declare -A addr=([sni-router]=127.0.0.2:$port [sni-router-nolog]=127.0.0.2:$port
-  [haproxy]=127.0.0.3:$port [nginx]=127.0.0.4:$port [sniproxy]=127.0.0.5:$port)
+  [haproxy]=127.0.0.3:$port [nginx]=127.0.0.4:$port [sniproxy]=127.0.0.5:$port
+  [floor-tokio]=127.0.0.6:$port [floor-mio]=127.0.0.7:$port)
 
 # sni_router_config FILE [WORKERS] [ACCEPT]: one node holding the bench
 # names, a log line per connection as shipped.
@@ -66,6 +67,27 @@ CFG
 # listening ADDR: waits (at most 5 s) until ADDR accepts connections.
 listening() {
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return; sleep 0.05; done
+}
+
+# start_router NAME [BIN]: starts router NAME (a key of addr; BIN is the
+# sni-router binary, $bin by default) in a process group of its own
+# (setsid execs it, so $! is the router and its group), sets $pid and
+# waits until it listens. sni-router runs as shipped: a log line per
+# connection, to a file; sni-router-nolog without that line.
+start_router() {
+  local b=${2:-${bin:-}}
+  case $1 in
+    sni-router) setsid "$b" run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
+    sni-router-nolog) RUST_LOG=warn setsid "$b" run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
+    haproxy) setsid haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & ;;
+    nginx) setsid nginx -c "$work/nginx.conf" >"$work/nginx.log" 2>&1 & ;;
+    sniproxy) setsid sniproxy -f -c "$work/sniproxy.conf" >"$work/sniproxy.log" 2>&1 & ;;
+    # The least a Rust program does per connection (examples/floor.rs).
+    floor-tokio|floor-mio) setsid target/release/examples/floor "${1#floor-}" "${addr[$1]}" "$backend" 2>"$work/$1.log" & ;;
+    *) echo "start_router: no router named $1" >&2; return 1 ;;
+  esac
+  pid=$!
+  listening "${addr[$1]}"
 }
 
 # stop_group PID: stops a router started with setsid (PID leads its process

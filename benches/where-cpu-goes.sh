@@ -29,13 +29,7 @@ sni_router_config "$work/sni-router.toml"
 sniproxy_config "$work/sniproxy.conf"
 for round in $(seq "$rounds"); do
   for r in sni-router sniproxy; do
-    case $r in
-      # As shipped: a log line per connection, to a file.
-      sni-router) setsid $bin run --config "$work/sni-router.toml" 2>"$work/sni-router.log" & ;;
-      sniproxy) setsid sniproxy -f -c "$work/sniproxy.conf" >/dev/null 2>&1 & ;;
-    esac
-    pid=$!
-    listening "${addr[$r]}"
+    start_router "$r"
     $gen connrate "${addr[$r]}" 1 8 > /dev/null  # warm-up, as in compare.sh
     perf record -q -e cpu-clock -F 4999 -g -p "$pid" -o "$work/$r-$round.data" -- sleep $((secs + 1)) 2>/dev/null &
     perf_pid=$!
