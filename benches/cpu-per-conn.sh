@@ -11,7 +11,10 @@
 #
 # With no BIN, the release build of this tree. Give two builds of different
 # sources to see what a change is worth: CPU time moves with the machine's
-# day-to-day speed, so only builds measured in the same run compare.
+# day-to-day speed, so only builds measured in the same run compare. A BIN
+# of floor-tokio, floor-mio or floor-mio-rw runs examples/floor.rs instead:
+# the least a Rust program does per connection, on tokio or on a bare mio
+# loop (-rw: with its sockets registered as tokio registers them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-4}; secs=${2:-5}; rate=${3:-4000}; shift $(($# < 3 ? $# : 3))
@@ -20,7 +23,7 @@ work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EX
 command -v sniproxy >/dev/null || apt_install sniproxy
 ulimit -n "$(ulimit -Hn)"
 . benches/loopback.sh
-cargo build --release --quiet --bin sni-router --example loadgen
+cargo build --release --quiet --bin sni-router --example loadgen --example floor
 builds=("$@"); [ ${#builds[@]} -gt 0 ] || builds=(target/release/sni-router)
 gen=target/release/examples/loadgen
 backend=127.0.0.1:19001
@@ -35,15 +38,9 @@ for round in $(seq "$rounds"); do
   order=("${runners[@]:$((round % ${#runners[@]}))}" "${runners[@]:0:$((round % ${#runners[@]}))}")
   for load in closed open; do
     for r in "${order[@]}"; do
-      if [ "$r" = sniproxy ]; then
-        setsid sniproxy -f -c "$work/sniproxy.conf" >/dev/null 2>&1 &
-        at=${addr[sniproxy]}
-      else
-        setsid "$r" run --config "$work/sni-router.toml" 2>"$work/sni-router.log" &
-        at=${addr[sni-router]}
-      fi
-      pid=$!
-      listening "$at"
+      if [ -n "${addr[$r]:-}" ]; then name=$r; else name=sni-router; fi
+      start_router "$name" "$r"
+      at=${addr[$name]}
       $gen connrate "$at" 1 8 > /dev/null  # warm-up, as in compare.sh
       t0=$(ticks "$pid")
       case $load in

@@ -11,7 +11,7 @@ port=19443
 # socket, and a leftover from one cannot take another's connections.
 declare -A addr=([sni-router]=127.0.0.2:$port [sni-router-nolog]=127.0.0.2:$port
   [haproxy]=127.0.0.3:$port [nginx]=127.0.0.4:$port [sniproxy]=127.0.0.5:$port
-  [floor-tokio]=127.0.0.6:$port [floor-mio]=127.0.0.7:$port)
+  [floor-tokio]=127.0.0.6:$port [floor-mio]=127.0.0.7:$port [floor-mio-rw]=127.0.0.8:$port)
 
 # sni_router_config FILE [WORKERS] [ACCEPT]: one node holding the bench
 # names, a log line per connection as shipped.
@@ -83,7 +83,7 @@ start_router() {
     nginx) setsid nginx -c "$work/nginx.conf" >"$work/nginx.log" 2>&1 & ;;
     sniproxy) setsid sniproxy -f -c "$work/sniproxy.conf" >"$work/sniproxy.log" 2>&1 & ;;
     # The least a Rust program does per connection (examples/floor.rs).
-    floor-tokio|floor-mio) setsid target/release/examples/floor "${1#floor-}" "${addr[$1]}" "$backend" 2>"$work/$1.log" & ;;
+    floor-tokio|floor-mio|floor-mio-rw) setsid target/release/examples/floor "${1#floor-}" "${addr[$1]}" "$backend" 2>"$work/$1.log" & ;;
     *) echo "start_router: no router named $1" >&2; return 1 ;;
   esac
   pid=$!
