@@ -123,8 +123,9 @@ fn on_mio(listen: SocketAddr, backend: SocketAddr, as_tokio: bool) -> io::Result
             let Some(relay) = relays.get_mut(key) else {
                 continue;
             };
-            if step(relay, key, &poll, backend, &mut buf).is_err() {
-                // Dropping closes both sockets, which takes them out of epoll.
+            // Done or failed: dropping closes both sockets, which takes
+            // them out of epoll.
+            if !matches!(step(relay, key, &poll, backend, &mut buf), Ok(false)) {
                 let mut relay = relays.remove(key);
                 if as_tokio {
                     let _ = poll.registry().deregister(&mut relay.client);
@@ -137,21 +138,22 @@ fn on_mio(listen: SocketAddr, backend: SocketAddr, as_tokio: bool) -> io::Result
     }
 }
 
-/// Moves relay `key` on as far as it goes; an error or both EOFs end it.
+/// Moves relay `key` on as far as it goes; whether it is done (both ends
+/// have sent their EOF).
 fn step(
     relay: &mut Relay,
     key: usize,
     poll: &mio::Poll,
     backend: SocketAddr,
     buf: &mut [u8],
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let Some(target) = relay.target.as_mut() else {
         match relay.client.read(buf) {
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(n) => relay
                 .hello
                 .extend_from_slice(buf.get(..n).unwrap_or_default()),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         }
         let mut target = mio::net::TcpStream::connect(backend)?;
@@ -160,7 +162,7 @@ fn step(
         poll.registry()
             .register(&mut target, mio::Token(key * 2 + 1), interest)?;
         relay.target = Some(target);
-        return Ok(());
+        return Ok(false);
     };
     if !relay.hello.is_empty() {
         match target.write(&relay.hello) {
@@ -168,7 +170,7 @@ fn step(
             Ok(_) => return Err(ErrorKind::WriteZero.into()),
             // Not connected yet: the target's writable event comes back here.
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::NotConnected => {
-                return Ok(());
+                return Ok(false);
             }
             Err(e) => return Err(e),
         }
@@ -179,10 +181,7 @@ fn step(
     if !relay.client_eof {
         relay.client_eof = pump(&mut relay.client, target, buf)?;
     }
-    if relay.client_eof && relay.target_eof {
-        return Err(ErrorKind::ConnectionAborted.into()); // done: close both
-    }
-    Ok(())
+    Ok(relay.client_eof && relay.target_eof)
 }
 
 /// Copies what `from` has to `to`; true at EOF, passed on as a half-close.
