@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use support::pebble::{Options, Pebble};
-use support::process::{Process, running, signal_pid, try_signal_pid, wait_listening};
+use support::process::{LOG_FILE, Process, running, signal_pid, try_signal_pid, wait_listening};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -85,11 +85,7 @@ impl Drop for Node {
 impl Node {
     fn start(&mut self) {
         if self.lives > 0 {
-            let current = self.dir.join("router.log");
-            let _ = std::fs::rename(
-                &current,
-                self.dir.join(format!("router.{}.log", self.lives)),
-            );
+            let _ = std::fs::rename(self.dir.join(LOG_FILE), self.kept_log(self.lives));
         }
         self.lives += 1;
         let process = Process::start(&self.config, &self.dir);
@@ -98,16 +94,21 @@ impl Node {
         self.upgrades = 0;
     }
 
+    /// Where the log of process `life` (counted from 1) is kept once a
+    /// later one has started.
+    fn kept_log(&self, life: usize) -> PathBuf {
+        self.dir.join(format!("router.{life}.log"))
+    }
+
     /// The current process's log.
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("router.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(LOG_FILE)).unwrap_or_default()
     }
 
     /// Every process's log, oldest first.
     fn all_logs(&self) -> String {
-        let earlier = (1..self.lives).map(|n| {
-            std::fs::read_to_string(self.dir.join(format!("router.{n}.log"))).unwrap_or_default()
-        });
+        let earlier = (1..self.lives)
+            .map(|life| std::fs::read_to_string(self.kept_log(life)).unwrap_or_default());
         earlier.chain([self.log()]).collect()
     }
 }

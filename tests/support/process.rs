@@ -55,7 +55,7 @@ impl Process {
         env: &[(&str, &Path)],
         traced: bool,
     ) -> Process {
-        let log = dir.join("router.log");
+        let log = dir.join(LOG_FILE);
         let child = command
             .args(["run", "--config"])
             .arg(config)
@@ -209,6 +209,9 @@ impl Process {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
+
+/// A started router's log, in the directory it was given.
+pub const LOG_FILE: &str = "router.log";
 
 /// Sends signal `name` (`TERM`, `USR2`, ...) to `pid`.
 pub fn signal_pid(pid: u32, name: &str) {
